@@ -1,0 +1,410 @@
+//! The `medmine` command line: one function per subcommand, no pipeline logic of its own.
+//! Subcommand names and flags are a contract that outside scripts use.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::{self, AugmentConfig, Dataset};
+use crate::device::{describe, DeviceChoice};
+use crate::metrics::Scores;
+use crate::models::unetpp::InferenceMode;
+use crate::predict::{self, Predictor};
+use crate::progress::{Progress, TrainEvent};
+use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
+
+#[derive(Parser)]
+#[command(
+    name = "medmine",
+    version,
+    about = "Semi-supervised medical image segmentation: U-Net++ + knowledge mined from SAM"
+)]
+struct Cli {
+    /// auto | cpu | cuda[:N] | metal
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a U-Net++ on the labelled part of a dataset.
+    Train(TrainArgs),
+    /// Predict binary masks (at each image's original size) with a trained checkpoint.
+    Predict(PredictArgs),
+    /// Compare predicted masks with ground truth: Dice, IoU, precision, recall.
+    Evaluate(EvaluateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Dataset folder with images/ and masks/.
+    #[arg(long)]
+    data: PathBuf,
+    /// Training split (one image file name per line); default: every labelled image.
+    #[arg(long)]
+    train_list: Option<PathBuf>,
+    /// Validation split; without it the best epoch is the one with the lowest training loss.
+    #[arg(long)]
+    val_list: Option<PathBuf>,
+    #[arg(long, default_value_t = 96)]
+    size: usize,
+    #[arg(long, default_value_t = 16)]
+    base: usize,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Seeded fraction of the training split used as labelled (the rest is the unlabelled pool).
+    #[arg(long, default_value_t = 1.0)]
+    labelled_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    warmup_epochs: f64,
+    /// Early stopping patience in epochs (0 = off).
+    #[arg(long, default_value_t = 10)]
+    patience: usize,
+    /// Turn augmentation off.
+    #[arg(long)]
+    no_augment: bool,
+    /// Start from this checkpoint's weights (fine-tuning).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Folder of images (or a dataset folder with images/).
+    #[arg(long)]
+    images: PathBuf,
+    /// Only the images named in this list.
+    #[arg(long)]
+    list: Option<PathBuf>,
+    /// Output folder for <stem>.png binary masks (0/255).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write 8-bit probability maps here.
+    #[arg(long)]
+    probs: Option<PathBuf>,
+    /// accurate (mean of the four heads) or fast:L (pruned to depth L = 1..4).
+    #[arg(long, default_value = "accurate")]
+    mode: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    /// Predicted masks (<stem>.png).
+    #[arg(long)]
+    pred: PathBuf,
+    /// Ground-truth masks (matched by file stem).
+    #[arg(long)]
+    gt: PathBuf,
+    /// Only the images named in this list.
+    #[arg(long)]
+    list: Option<PathBuf>,
+    /// Write per-image and mean scores as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Full U-Net++ training steps on random data; last line `images_per_s <float>`.
+    Train {
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        base: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
+}
+
+pub fn run() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let choice: DeviceChoice = cli.device.parse()?;
+    let device = choice.open()?;
+    println!("device: {}", describe(&device));
+    match cli.command {
+        Command::Train(a) => train_cmd(a, device),
+        Command::Predict(a) => predict_cmd(a, device),
+        Command::Evaluate(a) => evaluate_cmd(a),
+        Command::Bench(BenchCommand::Train {
+            size,
+            batch,
+            base,
+            steps,
+            warmup,
+        }) => {
+            let b = crate::bench::TrainBench {
+                size,
+                batch,
+                base,
+                steps,
+                warmup,
+                seed: 0,
+            };
+            println!("bench train: size {size} batch {batch} base {base} steps {steps}");
+            let ips =
+                crate::bench::bench_train(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
+            println!("images_per_s {ips:.4}");
+            Ok(())
+        }
+    }
+}
+
+fn select(ds: &Dataset, list: Option<&Path>) -> Result<Vec<data::Sample>> {
+    match list {
+        None => Ok(ds.labelled()),
+        Some(path) => Ok(ds.select(&data::read_split_list(path)?, path)?),
+    }
+}
+
+fn write_list(path: &Path, samples: &[data::Sample]) -> Result<()> {
+    let text: String = samples.iter().map(|s| format!("{}\n", s.name)).collect();
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn train_cmd(a: TrainArgs, device: candle_core::Device) -> Result<()> {
+    let ds = Dataset::scan(&a.data)?;
+    if let Some(report) = ds.skipped_report() {
+        eprintln!("{report}");
+    }
+    let train_all = select(&ds, a.train_list.as_deref())?;
+    let names: Vec<String> = train_all.iter().map(|s| s.name.clone()).collect();
+    let (labelled, unlabelled) = data::split_labelled(&names, a.labelled_fraction, a.seed)?;
+    let labelled_samples: Vec<_> = labelled.iter().filter_map(|n| ds.get(n).cloned()).collect();
+    let pool: Vec<_> = unlabelled
+        .iter()
+        .filter_map(|n| ds.get(n).cloned())
+        .collect();
+    let val_samples = match &a.val_list {
+        Some(p) => ds.select(&data::read_split_list(p)?, p)?,
+        None => Vec::new(),
+    };
+    println!(
+        "labelled: {} of {} training images (fraction {}, seed {}); unlabelled pool: {}; validation: {}",
+        labelled_samples.len(),
+        names.len(),
+        a.labelled_fraction,
+        a.seed,
+        pool.len(),
+        val_samples.len()
+    );
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    write_list(&a.out.join("labelled.txt"), &labelled_samples)?;
+    write_list(&a.out.join("unlabelled.txt"), &pool)?;
+    let train_set = data::prepare(&labelled_samples, a.size)?;
+    let val_set = data::prepare(&val_samples, a.size)?;
+    let cfg = TrainConfig {
+        size: a.size,
+        base: a.base,
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        warmup_epochs: a.warmup_epochs,
+        patience: a.patience,
+        seed: a.seed,
+        augment: if a.no_augment {
+            AugmentConfig::none()
+        } else {
+            AugmentConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    let run = TrainRun {
+        cfg,
+        train: &train_set,
+        val: &val_set,
+        out_dir: a.out.clone(),
+        device,
+        init: a.init,
+        resume: a.resume,
+        data_fingerprint: train::fingerprint(&labelled_samples, &val_samples, a.size),
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    // Ctrl-C asks for a clean stop: the current weights are saved before exiting.
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
+    let outcome = train::train(&run, &mut CliProgress::default(), &cancel)?;
+    let verdict = match outcome.status {
+        TrainStatus::Finished => "finished",
+        TrainStatus::EarlyStopped => "stopped early",
+        TrainStatus::Cancelled => "cancelled",
+    };
+    println!(
+        "{verdict} after {} epochs; best epoch {} (validation Dice {}); checkpoint {}",
+        outcome.epochs_done,
+        outcome.best_epoch,
+        outcome
+            .best_dice
+            .map_or("n/a".into(), |d| format!("{d:.4}")),
+        outcome.best.display()
+    );
+    Ok(())
+}
+
+/// Progress bar per epoch (loss, speed, ETA) and a summary line per epoch.
+#[derive(Default)]
+struct CliProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress for CliProgress {
+    fn event(&mut self, event: &TrainEvent) {
+        match event {
+            TrainEvent::Started {
+                first_epoch,
+                epochs,
+                steps_per_epoch,
+            } => println!("training epochs {first_epoch}..={epochs}, {steps_per_epoch} steps each"),
+            TrainEvent::Step {
+                epoch,
+                step,
+                steps_per_epoch,
+                loss,
+                lr,
+            } => {
+                let bar = self.bar.get_or_insert_with(|| {
+                    let bar = ProgressBar::new(*steps_per_epoch as u64);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    bar
+                });
+                bar.set_prefix(format!("epoch {epoch}"));
+                bar.set_position(*step as u64);
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+            }
+            TrainEvent::Epoch(r) => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                let val = match (r.val_dice, r.val_iou) {
+                    (Some(d), Some(i)) => format!("val Dice {d:.4} IoU {i:.4}"),
+                    _ => "no validation".into(),
+                };
+                println!(
+                    "epoch {:>3}  loss {:.4}  {val}  {:.2} img/s  {:.0} s{}",
+                    r.epoch,
+                    r.train_loss,
+                    r.images_per_s,
+                    r.seconds,
+                    if r.best { "  *best" } else { "" }
+                );
+            }
+            TrainEvent::Message(m) => {
+                if let Some(bar) = &self.bar {
+                    bar.println(m);
+                } else {
+                    println!("{m}");
+                }
+            }
+        }
+    }
+}
+
+fn predict_cmd(a: PredictArgs, device: candle_core::Device) -> Result<()> {
+    let mode: InferenceMode = a.mode.parse().map_err(anyhow::Error::msg)?;
+    let predictor = Predictor::load(&a.checkpoint, &device, mode)?;
+    let mut samples = predict::image_files(&a.images)?;
+    if let Some(list) = &a.list {
+        let names = data::read_split_list(list)?;
+        samples = predict::filter_by_list(samples, &names, list)?;
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    if let Some(p) = &a.probs {
+        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
+    let bar = ProgressBar::new(samples.len() as u64);
+    let mut failed = Vec::new();
+    for chunk in samples.chunks(a.batch.max(1)) {
+        let mut loaded = Vec::new();
+        for path in chunk {
+            match data::load_image(path) {
+                Ok(img) => loaded.push((path, img)),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        let refs: Vec<_> = loaded.iter().map(|(_, i)| i).collect();
+        let maps = predictor.predict(&refs)?;
+        for ((path, _), map) in loaded.iter().zip(maps) {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            data::save_mask_png(&a.out.join(format!("{stem}.png")), &map.to_mask())?;
+            if let Some(p) = &a.probs {
+                data::save_gray_png(
+                    &p.join(format!("{stem}.png")),
+                    map.width,
+                    map.height,
+                    &map.to_u8(),
+                )?;
+            }
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    println!(
+        "predicted {} masks into {} ({:?} mode, size {})",
+        samples.len() - failed.len(),
+        a.out.display(),
+        mode,
+        predictor.size()
+    );
+    if !failed.is_empty() {
+        bail!(
+            "{} images could not be read:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
+    Ok(())
+}
+
+fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
+    let names = a.list.as_deref().map(data::read_split_list).transpose()?;
+    let report = crate::evaluate::evaluate_dirs(&a.pred, &a.gt, names.as_deref())?;
+    let m: Scores = report.mean;
+    println!("images     {}", report.images.len());
+    println!("dice       {:.4}", m.dice);
+    println!("iou        {:.4}", m.iou);
+    println!("precision  {:.4}", m.precision);
+    println!("recall     {:.4}", m.recall);
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,519 @@
+//! Decoding, encoding, binarising and resizing images and masks.
+//!
+//! See the module docs of [`crate::data`] for the pixel and resize
+//! conventions.
+
+use std::path::Path;
+
+use image::{DynamicImage, ExtendedColorType, ImageError, ImageFormat, ImageReader};
+
+use super::{DataError, ImageF32, Mask};
+
+fn image_error(path: &Path, err: ImageError) -> DataError {
+    match err {
+        ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            DataError::Decode {
+                path: path.to_path_buf(),
+                msg: "file is truncated (unexpected end of file)".into(),
+            }
+        }
+        ImageError::IoError(source) => DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => DataError::Decode {
+            path: path.to_path_buf(),
+            msg: other.to_string(),
+        },
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> DataError {
+    DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>, DataError> {
+    ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| io_error(path, e))
+}
+
+fn decode(path: &Path) -> Result<DynamicImage, DataError> {
+    let img = reader(path)?.decode().map_err(|e| image_error(path, e))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(DataError::Decode {
+            path: path.to_path_buf(),
+            msg: "image has zero width or height".into(),
+        });
+    }
+    Ok(img)
+}
+
+/// Width and height from the file header, without decoding the pixels.
+pub fn image_size(path: &Path) -> Result<(usize, usize), DataError> {
+    let (w, h) = reader(path)?
+        .into_dimensions()
+        .map_err(|e| image_error(path, e))?;
+    Ok((w as usize, h as usize))
+}
+
+/// Builds planar RGB from interleaved samples with `stride` values per pixel
+/// (the first `channels` of them are colour: 1 = gray, 3 = RGB; the rest, if
+/// any, is alpha and dropped), mapping each sample with `f`.
+fn planar<T: Copy>(
+    raw: &[T],
+    width: usize,
+    height: usize,
+    stride: usize,
+    channels: usize,
+    f: impl Fn(T) -> f32,
+) -> ImageF32 {
+    let n = width * height;
+    let mut data = vec![0.0f32; 3 * n];
+    for (i, px) in raw.chunks_exact(stride).take(n).enumerate() {
+        for c in 0..3 {
+            data[c * n + i] = f(px[if channels == 1 { 0 } else { c }]);
+        }
+    }
+    ImageF32 {
+        width,
+        height,
+        data,
+    }
+}
+
+/// Linear min-max stretch over the colour samples (alpha excluded).
+fn stretch<T: Copy>(
+    raw: &[T],
+    width: usize,
+    height: usize,
+    stride: usize,
+    channels: usize,
+    to_f: impl Fn(T) -> f32,
+) -> ImageF32 {
+    let mut lo = f32::INFINITY;
+    let mut hi = f32::NEG_INFINITY;
+    for px in raw.chunks_exact(stride) {
+        for &v in &px[..channels] {
+            let v = to_f(v);
+            let v = if v.is_nan() { 0.0 } else { v };
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+    }
+    let range = hi - lo;
+    let ok = range.is_finite() && range > 0.0;
+    planar(raw, width, height, stride, channels, |v| {
+        let v = to_f(v);
+        if !ok || v.is_nan() {
+            0.0
+        } else {
+            ((v - lo) / range).clamp(0.0, 1.0)
+        }
+    })
+}
+
+fn float_image(raw: &[f32], width: usize, height: usize, stride: usize) -> ImageF32 {
+    let in_unit = raw
+        .chunks_exact(stride)
+        .all(|px| px[..3].iter().all(|v| (0.0..=1.0).contains(v)));
+    if in_unit {
+        planar(raw, width, height, stride, 3, |v| v)
+    } else {
+        stretch(raw, width, height, stride, 3, |v| v)
+    }
+}
+
+/// Converts a decoded image to the model-input convention (3 channels, CHW,
+/// `[0, 1]`; see the module docs for the 16-bit and float rules).
+pub fn to_image_f32(img: &DynamicImage) -> ImageF32 {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let u8f = |v: u8| f32::from(v) / 255.0;
+    let u16f = |v: u16| f32::from(v);
+    match img {
+        DynamicImage::ImageLuma8(b) => planar(b.as_raw(), w, h, 1, 1, u8f),
+        DynamicImage::ImageLumaA8(b) => planar(b.as_raw(), w, h, 2, 1, u8f),
+        DynamicImage::ImageRgb8(b) => planar(b.as_raw(), w, h, 3, 3, u8f),
+        DynamicImage::ImageRgba8(b) => planar(b.as_raw(), w, h, 4, 3, u8f),
+        DynamicImage::ImageLuma16(b) => stretch(b.as_raw(), w, h, 1, 1, u16f),
+        DynamicImage::ImageLumaA16(b) => stretch(b.as_raw(), w, h, 2, 1, u16f),
+        DynamicImage::ImageRgb16(b) => stretch(b.as_raw(), w, h, 3, 3, u16f),
+        DynamicImage::ImageRgba16(b) => stretch(b.as_raw(), w, h, 4, 3, u16f),
+        DynamicImage::ImageRgb32F(b) => float_image(b.as_raw(), w, h, 3),
+        DynamicImage::ImageRgba32F(b) => float_image(b.as_raw(), w, h, 4),
+        other => float_image(other.to_rgb32f().as_raw(), w, h, 3),
+    }
+}
+
+/// Converts a decoded image to a binary mask: gray, then foreground when the
+/// value is at least half of the range (8-bit `>= 128`, 16-bit `>= 32768`,
+/// float `>= 0.5`).
+pub fn to_mask(img: &DynamicImage) -> Mask {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = match img {
+        DynamicImage::ImageLuma8(b) => b.as_raw().iter().map(|&v| u8::from(v >= 128)).collect(),
+        DynamicImage::ImageLumaA8(_) | DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => {
+            img.to_luma8()
+                .as_raw()
+                .iter()
+                .map(|&v| u8::from(v >= 128))
+                .collect()
+        }
+        DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageLumaA16(_)
+        | DynamicImage::ImageRgb16(_)
+        | DynamicImage::ImageRgba16(_) => img
+            .to_luma16()
+            .as_raw()
+            .iter()
+            .map(|&v| u8::from(v >= 32768))
+            .collect(),
+        _ => img
+            .to_luma32f()
+            .as_raw()
+            .iter()
+            .map(|&v| u8::from(v >= 0.5))
+            .collect(),
+    };
+    Mask {
+        width,
+        height,
+        data,
+    }
+}
+
+/// Decodes an image file into 3-channel CHW `f32` in `[0, 1]`.
+pub fn load_image(path: &Path) -> Result<ImageF32, DataError> {
+    Ok(to_image_f32(&decode(path)?))
+}
+
+/// Decodes a mask file (any format, converted to gray) and binarises it:
+/// foreground = value `>=` half of the range.
+pub fn load_mask(path: &Path) -> Result<Mask, DataError> {
+    Ok(to_mask(&decode(path)?))
+}
+
+fn check_len(path: &Path, width: usize, height: usize, len: usize) -> Result<(), DataError> {
+    let expected = width * height;
+    if len != expected || width == 0 || height == 0 {
+        return Err(DataError::BufferSize {
+            path: path.to_path_buf(),
+            width,
+            height,
+            len,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// Writes 8-bit gray pixels as PNG (the format is PNG whatever the extension).
+pub fn save_gray_png(
+    path: &Path,
+    width: usize,
+    height: usize,
+    data: &[u8],
+) -> Result<(), DataError> {
+    check_len(path, width, height, data.len())?;
+    let (w, h) = match (u32::try_from(width), u32::try_from(height)) {
+        (Ok(w), Ok(h)) => (w, h),
+        _ => {
+            return Err(DataError::InvalidArgument(format!(
+                "{}: {width}x{height} is too large for PNG",
+                path.display()
+            )))
+        }
+    };
+    image::save_buffer_with_format(path, data, w, h, ExtendedColorType::L8, ImageFormat::Png)
+        .map_err(|e| match e {
+            ImageError::IoError(source) => io_error(path, source),
+            other => DataError::Encode {
+                path: path.to_path_buf(),
+                msg: other.to_string(),
+            },
+        })
+}
+
+/// Writes a mask as 8-bit gray PNG with values 0 (background) and 255
+/// (foreground; any non-zero mask value).
+pub fn save_mask_png(path: &Path, mask: &Mask) -> Result<(), DataError> {
+    check_len(path, mask.width, mask.height, mask.data.len())?;
+    let px: Vec<u8> = mask
+        .data
+        .iter()
+        .map(|&v| if v != 0 { 255 } else { 0 })
+        .collect();
+    save_gray_png(path, mask.width, mask.height, &px)
+}
+
+/// Source index pair and weight of the second one for each output position,
+/// half-pixel centres, PyTorch `align_corners=False` rule.
+fn axis_weights(src: usize, dst: usize) -> Vec<(usize, usize, f32)> {
+    let scale = src as f32 / dst as f32;
+    (0..dst)
+        .map(|d| {
+            let s = ((d as f32 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (s as usize).min(src - 1);
+            let i1 = (i0 + 1).min(src - 1);
+            (i0, i1, s - i0 as f32)
+        })
+        .collect()
+}
+
+/// Bilinear resize of one row-major plane from `w x h` to `new_w x new_h`
+/// with half-pixel centres (PyTorch `interpolate(mode="bilinear",
+/// align_corners=False, antialias=False)`).
+///
+/// An empty target gives an empty vector; an empty source gives zeros.
+///
+/// # Panics
+/// If `plane.len() != w * h` (a programming error, not a data error).
+pub fn resize_plane(plane: &[f32], w: usize, h: usize, new_w: usize, new_h: usize) -> Vec<f32> {
+    assert_eq!(plane.len(), w * h, "resize_plane: plane is not {w}x{h}");
+    if new_w == 0 || new_h == 0 {
+        return Vec::new();
+    }
+    if w == 0 || h == 0 {
+        return vec![0.0; new_w * new_h];
+    }
+    if w == new_w && h == new_h {
+        return plane.to_vec();
+    }
+    let xs = axis_weights(w, new_w);
+    let ys = axis_weights(h, new_h);
+    let mut out = Vec::with_capacity(new_w * new_h);
+    for &(y0, y1, ly) in &ys {
+        let r0 = &plane[y0 * w..(y0 + 1) * w];
+        let r1 = &plane[y1 * w..(y1 + 1) * w];
+        for &(x0, x1, lx) in &xs {
+            let top = r0[x0] * (1.0 - lx) + r0[x1] * lx;
+            let bot = r1[x0] * (1.0 - lx) + r1[x1] * lx;
+            out.push(top * (1.0 - ly) + bot * ly);
+        }
+    }
+    out
+}
+
+/// Bilinear resize of all three channels (same rule as [`resize_plane`]).
+pub fn resize_image(img: &ImageF32, width: usize, height: usize) -> ImageF32 {
+    let n = img.width * img.height;
+    let mut data = Vec::with_capacity(3 * width * height);
+    for c in 0..3 {
+        let plane = &img.data[c * n..(c + 1) * n];
+        data.extend(resize_plane(plane, img.width, img.height, width, height));
+    }
+    ImageF32 {
+        width,
+        height,
+        data,
+    }
+}
+
+/// The training target: the 0/1 mask resized bilinearly to `size x size`
+/// ([`resize_plane`]) and thresholded, `>= 0.5` -> 1.0, else 0.0.
+pub fn mask_to_training(mask: &Mask, size: usize) -> Vec<f32> {
+    let plane: Vec<f32> = mask.data.iter().map(|&v| f32::from(v != 0)).collect();
+    resize_plane(&plane, mask.width, mask.height, size, size)
+        .into_iter()
+        .map(|v| if v >= 0.5 { 1.0 } else { 0.0 })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, ImageBuffer, Luma, Rgb, RgbImage};
+
+    #[test]
+    fn binarise_8bit_threshold_is_128() {
+        let img = GrayImage::from_raw(5, 1, vec![0, 127, 128, 200, 255]).unwrap();
+        let m = to_mask(&DynamicImage::ImageLuma8(img));
+        assert_eq!(m.data, vec![0, 0, 1, 1, 1]);
+        assert_eq!((m.width, m.height), (5, 1));
+    }
+
+    #[test]
+    fn binarise_rgb_mask_with_equal_channels() {
+        let px = [0u8, 127, 128, 255];
+        let img = RgbImage::from_fn(4, 1, |x, _| Rgb([px[x as usize]; 3]));
+        let m = to_mask(&DynamicImage::ImageRgb8(img));
+        assert_eq!(m.data, vec![0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn binarise_16bit_threshold_is_32768() {
+        let img: ImageBuffer<Luma<u16>, Vec<u16>> =
+            ImageBuffer::from_raw(5, 1, vec![0, 200, 32767, 32768, 65535]).unwrap();
+        let m = to_mask(&DynamicImage::ImageLuma16(img));
+        // 200 would be foreground under an 8-bit rule; it is not here.
+        assert_eq!(m.data, vec![0, 0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn sixteen_bit_image_is_min_max_stretched() {
+        let img: ImageBuffer<Luma<u16>, Vec<u16>> =
+            ImageBuffer::from_raw(3, 1, vec![1000, 1500, 2000]).unwrap();
+        let f = to_image_f32(&DynamicImage::ImageLuma16(img));
+        assert_eq!(f.data.len(), 9);
+        for c in 0..3 {
+            assert_eq!(f.channel(c), &[0.0, 0.5, 1.0]);
+        }
+        let flat: ImageBuffer<Luma<u16>, Vec<u16>> =
+            ImageBuffer::from_raw(2, 1, vec![777, 777]).unwrap();
+        let f = to_image_f32(&DynamicImage::ImageLuma16(flat));
+        assert!(f.data.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn eight_bit_rgb_is_planar_over_255() {
+        let img = RgbImage::from_raw(2, 1, vec![255, 0, 51, 0, 102, 255]).unwrap();
+        let f = to_image_f32(&DynamicImage::ImageRgb8(img));
+        assert_eq!(f.channel(0), &[1.0, 0.0]);
+        assert_eq!(f.channel(1), &[0.0, 0.4]);
+        assert_eq!(f.channel(2), &[0.2, 1.0]);
+    }
+
+    #[test]
+    fn resize_constant_stays_constant() {
+        let plane = vec![0.3f32; 7 * 5];
+        for (nw, nh) in [(13, 11), (3, 2), (7, 5), (1, 1), (20, 3)] {
+            let out = resize_plane(&plane, 7, 5, nw, nh);
+            assert_eq!(out.len(), nw * nh);
+            assert!(out.iter().all(|&v| (v - 0.3).abs() < 1e-6), "{nw}x{nh}");
+        }
+    }
+
+    #[test]
+    fn resize_hand_computed_bilinear() {
+        // 2x2 -> 4x4, align_corners=False: source coords per output index are
+        // max((d + 0.5) * 0.5 - 0.5, 0) = [0, 0.25, 0.75, 1.25 -> clamp to 1].
+        let plane = [0.0f32, 1.0, 2.0, 3.0];
+        let out = resize_plane(&plane, 2, 2, 4, 4);
+        #[rustfmt::skip]
+        let expect = [
+            0.0, 0.25, 0.75, 1.0,
+            0.5, 0.75, 1.25, 1.5,
+            1.5, 1.75, 2.25, 2.5,
+            2.0, 2.25, 2.75, 3.0,
+        ];
+        for (a, b) in out.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-6, "{out:?}");
+        }
+        // 4x1 -> 2x1 downsample: coords (d + 0.5) * 2 - 0.5 = 0.5, 2.5.
+        let out = resize_plane(&[0.0, 1.0, 2.0, 3.0], 4, 1, 2, 1);
+        assert_eq!(out, vec![0.5, 2.5]);
+        // 3x1 -> 2x1: coords 0.25, 1.75.
+        let out = resize_plane(&[0.0, 4.0, 8.0], 3, 1, 2, 1);
+        assert!((out[0] - 1.0).abs() < 1e-6 && (out[1] - 7.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn resize_up_then_down_of_smooth_ramp() {
+        let (w, h) = (16, 12);
+        let plane: Vec<f32> = (0..w * h)
+            .map(|i| {
+                let (x, y) = ((i % w) as f32, (i / w) as f32);
+                0.5 + 0.3 * (x / w as f32) - 0.2 * (y / h as f32)
+            })
+            .collect();
+        let up = resize_plane(&plane, w, h, 2 * w, 2 * h);
+        let back = resize_plane(&up, 2 * w, 2 * h, w, h);
+        // Exact 2x factors: interior pixels are reproduced exactly by linear
+        // interpolation of a linear ramp; borders differ only by clamping.
+        let max_err = plane
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max_err < 0.01, "max error {max_err}");
+        for y in 1..h - 1 {
+            for x in 1..w - 1 {
+                assert!((plane[y * w + x] - back[y * w + x]).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn resize_image_resizes_each_channel() {
+        let img = ImageF32 {
+            width: 2,
+            height: 1,
+            data: vec![0.0, 1.0, 0.5, 0.5, 1.0, 0.0],
+        };
+        let r = resize_image(&img, 4, 1);
+        assert_eq!((r.width, r.height, r.data.len()), (4, 1, 12));
+        assert_eq!(r.channel(0), &[0.0, 0.25, 0.75, 1.0]);
+        assert_eq!(r.channel(1), &[0.5; 4]);
+        assert_eq!(r.channel(2), &[1.0, 0.75, 0.25, 0.0]);
+    }
+
+    #[test]
+    fn mask_to_training_thresholds_at_half() {
+        // 4x1 mask [0,1,1,0] -> 2x1: samples at 0.5 and 2.5 -> 0.5, 0.5 -> 1,1.
+        let m = Mask {
+            width: 4,
+            height: 1,
+            data: vec![0, 1, 1, 0],
+        };
+        // Rows: 1 -> 2 both sample row 0.
+        assert_eq!(mask_to_training(&m, 2), vec![1.0; 4]);
+        // 4x1 [1,0,0,0] -> 2x1 samples 0.5 (0.5 -> 1) and 2.5 (0.0 -> 0).
+        let m = Mask {
+            width: 4,
+            height: 1,
+            data: vec![1, 0, 0, 0],
+        };
+        assert_eq!(mask_to_training(&m, 2), vec![1.0, 0.0, 1.0, 0.0]);
+        // Upsampling a centred block keeps it centred and binary.
+        let m = Mask {
+            width: 4,
+            height: 4,
+            data: vec![0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+        };
+        let t = mask_to_training(&m, 8);
+        let ones: usize = t.iter().filter(|&&v| v == 1.0).count();
+        // Source coordinate of output d is (d + 0.5) / 2 - 0.5; the 0/1 edge
+        // is crossed at 1.5, so outputs 2..=5 are foreground in each axis.
+        assert_eq!(ones, 16);
+        for y in 0..8 {
+            for x in 0..8 {
+                let fg = (2..=5).contains(&x) && (2..=5).contains(&y);
+                assert_eq!(t[y * 8 + x], f32::from(u8::from(fg)), "({x},{y})");
+            }
+        }
+        // A full mask stays full, an empty one stays empty.
+        let full = Mask {
+            width: 3,
+            height: 5,
+            data: vec![1; 15],
+        };
+        assert!(mask_to_training(&full, 7).iter().all(|&v| v == 1.0));
+        let empty = Mask {
+            width: 3,
+            height: 5,
+            data: vec![0; 15],
+        };
+        assert!(mask_to_training(&empty, 7).iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn save_and_reload_mask() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.png");
+        let m = Mask {
+            width: 3,
+            height: 2,
+            data: vec![0, 1, 0, 1, 1, 0],
+        };
+        save_mask_png(&p, &m).unwrap();
+        assert_eq!(load_mask(&p).unwrap(), m);
+        assert_eq!(image_size(&p).unwrap(), (3, 2));
+        let raw = image::open(&p).unwrap().to_luma8().into_raw();
+        assert_eq!(raw, vec![0, 255, 0, 255, 255, 0]);
+        let bad = save_gray_png(&p, 4, 4, &[0; 3]).unwrap_err().to_string();
+        assert!(bad.contains("m.png") && bad.contains("4x4"), "{bad}");
+    }
+}

@@ -1,0 +1,16 @@
+//! medmine: semi-supervised medical image segmentation by knowledge mining from a large model.
+//!
+//! The library is the whole pipeline; the `medmine` CLI (and later the GUI) is a view onto it.
+//! Imports run downward: `cli` -> `train`/`predict`/`bench` -> `models` -> `ops`; `data`,
+//! `metrics`, `device`, `progress` are leaves.
+pub mod bench;
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod evaluate;
+pub mod metrics;
+pub mod models;
+pub mod ops;
+pub mod predict;
+pub mod progress;
+pub mod train;

@@ -1,0 +1,3 @@
+//! Neural network models: the U-Net++ student (and, later, SAM).
+pub mod batch_norm;
+pub mod unetpp;

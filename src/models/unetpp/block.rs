@@ -1,0 +1,42 @@
+//! The VGG block of U-Net++: conv3x3-BN-ReLU, twice (convolutions without bias).
+use candle_core::{Result, Tensor};
+use candle_nn::{conv2d_no_bias, Conv2d, Conv2dConfig, Module, VarBuilder};
+
+use crate::models::batch_norm::{BatchNorm2d, BatchNormConfig};
+
+#[derive(Debug, Clone)]
+pub struct VggBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+}
+
+impl VggBlock {
+    pub fn new(
+        in_channels: usize,
+        mid_channels: usize,
+        out_channels: usize,
+        bn: BatchNormConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        // no conv bias: the BatchNorm right after would cancel it (and it would only ever
+        // receive a zero gradient)
+        Ok(Self {
+            conv1: conv2d_no_bias(in_channels, mid_channels, 3, cfg, vb.pp("conv1"))?,
+            bn1: BatchNorm2d::new(mid_channels, bn, vb.pp("bn1"))?,
+            conv2: conv2d_no_bias(mid_channels, out_channels, 3, cfg, vb.pp("conv2"))?,
+            bn2: BatchNorm2d::new(out_channels, bn, vb.pp("bn2"))?,
+        })
+    }
+
+    /// `[N, C_in, H, W] -> [N, C_out, H, W]`
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        self.bn2.forward_t(&self.conv2.forward(&x)?, train)?.relu()
+    }
+}

@@ -1,0 +1,42 @@
+//! Finite-difference gradient checking for single ops (f64, central differences).
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+/// Checks the autograd gradient of `sum(op(x) * r)` (r a fixed random tensor, and `op`
+/// applied twice to exercise accumulation) against central differences, for every input
+/// element.
+pub(crate) fn check_op(shape: &[usize], op: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f64, 1., shape, &dev)?)?;
+    let out_shape = op(x.as_tensor())?.dims().to_vec();
+    let r1 = Tensor::randn(0f64, 1., out_shape.as_slice(), &dev)?;
+    let r2 = Tensor::randn(0f64, 1., out_shape.as_slice(), &dev)?;
+    // the input feeds two consumers: gradients must add up
+    let loss = |t: &Tensor| -> Result<Tensor> {
+        (op(t)?.mul(&r1)?.sum_all()? + op(t)?.mul(&r2)?.sum_all()?)?.to_dtype(DType::F64)
+    };
+    let grads = loss(x.as_tensor())?.backward()?;
+    let g = grads
+        .get(&x)
+        .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let base = x.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+    let eps = 1e-6;
+    for i in 0..base.len() {
+        let mut plus = base.clone();
+        plus[i] += eps;
+        let mut minus = base.clone();
+        minus[i] -= eps;
+        let lp = loss(&Tensor::from_vec(plus, shape, &dev)?)?.to_scalar::<f64>()?;
+        let lm = loss(&Tensor::from_vec(minus, shape, &dev)?)?.to_scalar::<f64>()?;
+        let numeric = (lp - lm) / (2. * eps);
+        let err = (numeric - g[i]).abs() / (1e-6 + numeric.abs().max(g[i].abs()));
+        assert!(
+            err < 1e-5,
+            "element {i}: autograd {} vs finite difference {numeric}",
+            g[i]
+        );
+    }
+    assert!(g.iter().any(|v| v.abs() > 0.), "gradient is all zero");
+    Ok(())
+}

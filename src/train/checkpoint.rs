@@ -1,0 +1,206 @@
+//! U-Net++ checkpoints: `NAME.safetensors` (weights and BatchNorm running statistics, keys as
+//! in PyTorch's `NestedUNet` state dict) plus a JSON sidecar `NAME.json` (model config, input
+//! size, epoch, metrics, data fingerprint, medmine version).
+//!
+//! Both files are written to a temporary name and renamed, weights first, so a killed process
+//! never leaves a half-written checkpoint under the final name.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::models::unetpp::{Config, UNetPlusPlus};
+use crate::progress::EpochRecord;
+
+pub const FORMAT: &str = "medmine-unetpp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a readable checkpoint sidecar: {message}", path.display())]
+    Meta { path: PathBuf, message: String },
+    #[error("{}: damaged or not a safetensors file: {message}", path.display())]
+    Weights { path: PathBuf, message: String },
+    #[error("{}: does not fit a U-Net++ (base {base}): {problem}", path.display())]
+    Mismatch {
+        path: PathBuf,
+        base: usize,
+        problem: String,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Always [`FORMAT`]; anything else is refused.
+    pub format: String,
+    pub medmine_version: String,
+    pub model: Config,
+    /// Square input size the model was trained at.
+    pub size: usize,
+    /// Completed epochs when saved.
+    pub epoch: usize,
+    pub metrics: Option<EpochRecord>,
+    /// SHA-256 over the training and validation image names, sizes and mask names.
+    pub data_fingerprint: String,
+    /// Free-form training settings (the `TrainConfig` as JSON).
+    #[serde(default)]
+    pub train: serde_json::Value,
+    /// Best validation Dice so far and its epoch (for resume and early stopping).
+    #[serde(default)]
+    pub best_dice: Option<f64>,
+    #[serde(default)]
+    pub best_epoch: usize,
+}
+
+impl CheckpointMeta {
+    pub fn new(model: Config, size: usize) -> Self {
+        Self {
+            format: FORMAT.into(),
+            medmine_version: env!("CARGO_PKG_VERSION").into(),
+            model,
+            size,
+            epoch: 0,
+            metrics: None,
+            data_fingerprint: String::new(),
+            train: serde_json::Value::Null,
+            best_dice: None,
+            best_epoch: 0,
+        }
+    }
+}
+
+/// `run/best.safetensors` -> `run/best.json`
+pub fn sidecar_path(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Saves named tensors as safetensors (atomically).
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Loads named tensors from a safetensors file, naming the file when it is damaged.
+pub fn load_tensors(
+    path: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    if !path.exists() {
+        return Err(CheckpointError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+        });
+    }
+    candle_core::safetensors::load(path, device).map_err(|e| CheckpointError::Weights {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Saves the weights of `map` to `path` and `meta` beside it.
+pub fn save(map: &VarMap, meta: &CheckpointMeta, path: &Path) -> Result<(), CheckpointError> {
+    let tensors: HashMap<String, Tensor> = {
+        let data = map.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    };
+    save_tensors(&tensors, path)?;
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| CheckpointError::Meta {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_atomic(&sidecar_path(path), &json)
+}
+
+pub fn load_meta(weights: &Path) -> Result<CheckpointMeta, CheckpointError> {
+    let path = sidecar_path(weights);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| CheckpointError::Meta {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    if meta.format != FORMAT {
+        return Err(CheckpointError::Meta {
+            path,
+            message: format!("format is {:?}, expected {FORMAT:?}", meta.format),
+        });
+    }
+    Ok(meta)
+}
+
+/// Copies the tensors of `path` into `map`, which must hold exactly the same names and
+/// shapes (a checkpoint of another model or size is refused with the first difference).
+pub fn load_into(map: &VarMap, path: &Path, base: usize) -> Result<(), CheckpointError> {
+    let data = map.data().lock().expect("varmap lock");
+    let first = data.values().next().map(|v| v.device().clone());
+    let device = first.unwrap_or(Device::Cpu);
+    let tensors = load_tensors(path, &device)?;
+    let mismatch = |problem: String| CheckpointError::Mismatch {
+        path: path.to_path_buf(),
+        base,
+        problem,
+    };
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| mismatch(format!("tensor {name} is missing")))?;
+        if t.dims() != var.dims() {
+            return Err(mismatch(format!(
+                "tensor {name} has shape {:?}, the model expects {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    if let Some(extra) = tensors.keys().find(|k| !data.contains_key(*k)) {
+        return Err(mismatch(format!("unexpected tensor {extra}")));
+    }
+    Ok(())
+}
+
+/// A U-Net++ restored from a checkpoint, with its variables and sidecar.
+pub struct LoadedModel {
+    pub model: UNetPlusPlus,
+    pub map: VarMap,
+    pub meta: CheckpointMeta,
+}
+
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, CheckpointError> {
+    let meta = load_meta(path)?;
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, device);
+    let model = UNetPlusPlus::new(&meta.model, vb)?;
+    load_into(&map, path, meta.model.base)?;
+    Ok(LoadedModel { model, map, meta })
+}
