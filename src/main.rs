@@ -1,3 +1,4 @@
 fn main() -> anyhow::Result<()> {
+    medmine::device::tune_allocator();
     medmine::cli::run()
 }

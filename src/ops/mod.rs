@@ -1,10 +1,12 @@
 //! Our own tensor ops where candle 0.11.1 is wrong or lacks a backward pass.
 //!
-//! Every op here is built only from candle primitives whose backward pass is correct
+//! Pooling and upsampling are built from candle primitives whose backward pass is correct
 //! (narrow, cat, reshape, broadcast, affine, add, max-reduce), so autograd through them
 //! accumulates gradients properly when a tensor feeds several consumers (every U-Net++
-//! node does). Each op has a finite-difference gradient test below, and the whole model
-//! has one in `tests/gradcheck.rs`.
+//! node does). `conv2d` is a custom op (cache-tiled im2col + gemm on CPU, with an input
+//! gradient computed as a convolution instead of candle's slow direct-loop
+//! `conv_transpose2d`; other devices use candle's conv). Each op has a finite-difference
+//! gradient test, and the whole model has one in `tests/gradcheck.rs`.
 //!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;
@@ -12,9 +14,11 @@
 //! - `max_pool2d` backward scales the gradient of the maximum by 1/(k*k) (it multiplies by
 //!   the window's average of the max-mask instead of dividing), so it is 4x too small for 2x2.
 
+mod conv;
 mod pool;
 mod upsample;
 
+pub use conv::conv2d;
 pub use pool::max_pool2x2;
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 

@@ -1,8 +1,9 @@
 //! The VGG block of U-Net++: conv3x3-BN-ReLU, twice (convolutions without bias).
 use candle_core::{Result, Tensor};
-use candle_nn::{conv2d_no_bias, Conv2d, Conv2dConfig, Module, VarBuilder};
+use candle_nn::{conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::models::batch_norm::{BatchNorm2d, BatchNormConfig};
+use crate::ops::conv2d;
 
 #[derive(Debug, Clone)]
 pub struct VggBlock {
@@ -36,7 +37,10 @@ impl VggBlock {
 
     /// `[N, C_in, H, W] -> [N, C_out, H, W]`
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        self.bn2.forward_t(&self.conv2.forward(&x)?, train)?.relu()
+        // our conv op: same weights as candle_nn's Conv2d, faster and gradient-checked
+        let x = conv2d(x, self.conv1.weight(), 1)?; // [N, C_in, H, W] -> [N, C_mid, H, W]
+        let x = self.bn1.forward_t(&x, train)?.relu()?;
+        let x = conv2d(&x, self.conv2.weight(), 1)?; // -> [N, C_out, H, W]
+        self.bn2.forward_t(&x, train)?.relu()
     }
 }

@@ -1,0 +1,592 @@
+//! KxK 2-D convolution (stride 1, dilation 1, one group, no bias) with fast CPU gradients.
+//!
+//! candle 0.11.1 computes conv2d's input gradient with `conv_transpose2d`, a direct loop on
+//! CPU, and its forward materialises im2col patches pixel by pixel with fresh buffers per
+//! tile. This op keeps candle's semantics but, on CPU for f32/f64:
+//! - forward: per (image, band of output rows) an im2col tile built with row copies into a
+//!   per-thread scratch buffer reused across calls, then one `gemm` writing straight into the
+//!   NCHW output (no output transpose, no full im2col matrix);
+//! - input gradient: the same forward kernel on `grad` with the kernel transposed to
+//!   `[Cin, Cout, K, K]` and flipped spatially, padding `K-1-p`;
+//! - weight gradient: `grad_tile @ im2col_tile^T`, accumulated per parallel chunk.
+//!
+//! Other devices and dtypes go to candle's own `Tensor::conv2d` (and its backward): candle's
+//! `ParamsConv2D` cannot be built outside candle, so a GPU `*_fwd` could not call the
+//! storage's conv2d; dispatching at the tensor level keeps GPU builds exactly as before.
+
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Stride-1 KxK convolution without bias, with a fast, accumulating backward on CPU.
+///
+/// `x: [N, Cin, H, W]`, `w: [Cout, Cin, K, K]` -> `[N, Cout, H + 2p - K + 1, W + 2p - K + 1]`
+/// (p = `padding`). Same result as `x.conv2d(w, padding, 1, 1, 1)`.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    Geom::new(x.dims(), w.dims(), padding)?;
+    if x.dtype() != w.dtype() {
+        bail!(
+            "conv2d: input is {:?} but kernel is {:?}",
+            x.dtype(),
+            w.dtype()
+        )
+    }
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.conv2d(w, padding, 1, 1, 1);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2d { padding })
+}
+
+/// Output bytes of one im2col tile aimed at (a few hundred KiB: fits L2 with gemm's packing).
+const TILE_BYTES: usize = 256 * 1024;
+
+/// Shapes of one convolution; `new` validates them.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    /// `x: [N, Cin, H, W]`, `w: [Cout, Cin, K, K]`.
+    fn new(x: &[usize], w: &[usize], pad: usize) -> Result<Self> {
+        let (&[n, cin, h, wd], &[cout, wcin, k, k2]) = (x, w) else {
+            bail!("conv2d: expected [N, Cin, H, W] and [Cout, Cin, K, K], got {x:?} and {w:?}")
+        };
+        if x.contains(&0) || w.contains(&0) {
+            bail!("conv2d: empty operand {x:?} or kernel {w:?}")
+        }
+        if wcin != cin || k != k2 {
+            bail!("conv2d: kernel {w:?} does not fit input {x:?} (square kernel, same Cin)")
+        }
+        if h + 2 * pad < k || wd + 2 * pad < k {
+            bail!("conv2d: {k}x{k} kernel larger than padded input {x:?} (padding {pad})")
+        }
+        let (ho, wo) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
+        Ok(Self {
+            n,
+            cin,
+            h,
+            w: wd,
+            cout,
+            k,
+            pad,
+            ho,
+            wo,
+        })
+    }
+
+    /// Rows of the im2col matrix: `Cin * K * K`.
+    fn ckk(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+
+    /// 1x1 without padding: the image itself is the im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.pad == 0
+    }
+
+    /// Output rows per work item: tiles of about `TILE_BYTES`, but at least ~4 items per
+    /// thread so rayon can balance the load.
+    fn rows_per_tile(&self, elem: usize) -> usize {
+        let pix = (TILE_BYTES / (self.ckk() * elem)).max(1);
+        let rows = (pix / self.wo).clamp(1, self.ho);
+        let want = 4 * rayon::current_num_threads();
+        rows.min((self.n * self.ho).div_ceil(want).max(1))
+    }
+}
+
+/// f32/f64 with a per-thread scratch buffer for im2col tiles.
+trait Elem: WithDType {
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+}
+
+/// Scratch kept per thread between calls is dropped beyond this many elements.
+const SCRATCH_KEEP: usize = 16 << 20;
+
+macro_rules! elem {
+    ($t:ty, $scratch:ident) => {
+        thread_local! {
+            static $scratch: RefCell<Vec<$t>> = const { RefCell::new(Vec::new()) };
+        }
+        impl Elem for $t {
+            fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                $scratch.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut v) => {
+                        if v.len() < len {
+                            v.resize(len, 0.);
+                        }
+                        let r = f(&mut v[..len]);
+                        if v.len() > SCRATCH_KEEP {
+                            *v = Vec::new();
+                        }
+                        r
+                    }
+                    // re-entered from a nested rayon task: use a one-off buffer
+                    Err(_) => f(&mut vec![0.; len]),
+                })
+            }
+        }
+    };
+}
+elem!(f32, SCRATCH_F32);
+elem!(f64, SCRATCH_F64);
+
+/// A raw pointer shared by rayon tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: only used for writes to disjoint regions (see the callers).
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// im2col of output rows `y0..y1` of one image.
+///
+/// `img: [Cin, H, W]` -> `col: [Cin*K*K, (y1-y0)*Wo]`, rows ordered `(ci, kh, kw)` like a
+/// flattened `[Cout, Cin, K, K]` kernel. Every element of `col` is written.
+fn im2col_rows<T: Elem>(g: &Geom, img: &[T], y0: usize, y1: usize, col: &mut [T]) {
+    let (k, p, h, w, wo) = (g.k, g.pad, g.h, g.w, g.wo);
+    let npix = (y1 - y0) * wo;
+    let zero = T::from_f64(0.);
+    for (ci, plane) in img.chunks_exact(h * w).enumerate() {
+        for kh in 0..k {
+            for kw in 0..k {
+                let row = (ci * k + kh) * k + kw;
+                // output columns ox whose input column ox + kw - p lies inside the image
+                let lo = p.saturating_sub(kw).min(wo);
+                let hi = (w + p).saturating_sub(kw).min(wo).max(lo);
+                let dst = &mut col[row * npix..(row + 1) * npix];
+                for (yy, seg) in dst.chunks_exact_mut(wo).enumerate() {
+                    let iy = (y0 + yy + kh).checked_sub(p).filter(|&iy| iy < h);
+                    let Some(iy) = iy else {
+                        seg.fill(zero);
+                        continue;
+                    };
+                    seg[..lo].fill(zero);
+                    seg[hi..].fill(zero);
+                    if hi > lo {
+                        let sx = iy * w + lo + kw - p;
+                        seg[lo..hi].copy_from_slice(&plane[sx..sx + hi - lo]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f(col_ptr, col_row_stride)` on the im2col tile of rows `y0..y1` of `img`.
+fn with_cols<T: Elem, R>(
+    g: &Geom,
+    img: &[T],
+    y0: usize,
+    y1: usize,
+    f: impl FnOnce(*const T, usize) -> R,
+) -> R {
+    if g.is_pointwise() {
+        return f(img[y0 * g.w..].as_ptr(), g.h * g.w);
+    }
+    let npix = (y1 - y0) * g.wo;
+    T::with_scratch(g.ckk() * npix, |col| {
+        im2col_rows(g, img, y0, y1, col);
+        f(col.as_ptr(), npix)
+    })
+}
+
+/// `(work items, rows per item, gemm parallelism)` for a pass over all (image, row band)s.
+fn plan<T>(g: &Geom) -> (usize, usize, Parallelism) {
+    let rows = g.rows_per_tile(std::mem::size_of::<T>());
+    let items = g.n * g.ho.div_ceil(rows);
+    // too few items to keep every thread busy: let gemm split them further
+    let par = if items < rayon::current_num_threads() {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    (items, rows, par)
+}
+
+/// Forward pass: `x: [N, Cin, H, W]`, `w: [Cout, Cin*K*K]` -> `[N, Cout, Ho, Wo]`.
+fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (img_len, out_len) = (g.cin * g.h * g.w, g.cout * g.ho * g.wo);
+    let mut out = vec![T::from_f64(0.); g.n * out_len];
+    let (items, rows, par) = plan::<T>(g);
+    let tiles = items / g.n;
+    let dst = SyncPtr(out.as_mut_ptr());
+    (0..items).into_par_iter().for_each(|item| {
+        let (b, y0) = (item / tiles, (item % tiles) * rows);
+        let y1 = (y0 + rows).min(g.ho);
+        let img = &x[b * img_len..(b + 1) * img_len];
+        with_cols(g, img, y0, y1, |col, col_rs| {
+            // SAFETY: out[b, :, y0..y1, :] is written by this item only; `col` holds
+            // ckk rows of (y1-y0)*Wo elements at stride col_rs; `w` is [Cout, ckk].
+            unsafe {
+                gemm::gemm(
+                    g.cout,
+                    (y1 - y0) * g.wo,
+                    g.ckk(),
+                    dst.get().add(b * out_len + y0 * g.wo),
+                    1,
+                    (g.ho * g.wo) as isize,
+                    false,
+                    w.as_ptr(),
+                    1,
+                    g.ckk() as isize,
+                    col,
+                    1,
+                    col_rs as isize,
+                    T::from_f64(0.),
+                    T::from_f64(1.),
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        })
+    });
+    out
+}
+
+/// Weight gradient: `x: [N, Cin, H, W]`, `grad: [N, Cout, Ho, Wo]` -> `[Cout, Cin*K*K]`.
+///
+/// Items are split into a fixed number of chunks per thread count, each summed in order, so
+/// the result is deterministic for a given thread count.
+fn weight_grad<T: Elem>(g: &Geom, x: &[T], grad: &[T]) -> Vec<T> {
+    let (img_len, out_len, wlen) = (g.cin * g.h * g.w, g.cout * g.ho * g.wo, g.cout * g.ckk());
+    let (items, rows, par) = plan::<T>(g);
+    let tiles = items / g.n;
+    let chunks = items.min(2 * rayon::current_num_threads()).max(1);
+    let partial: Vec<Vec<T>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![T::from_f64(0.); wlen];
+            for item in (c * items / chunks)..((c + 1) * items / chunks) {
+                let (b, y0) = (item / tiles, (item % tiles) * rows);
+                let y1 = (y0 + rows).min(g.ho);
+                let img = &x[b * img_len..(b + 1) * img_len];
+                let gt = &grad[b * out_len + y0 * g.wo..];
+                with_cols(g, img, y0, y1, |col, col_rs| {
+                    // SAFETY: acc is [Cout, ckk]; gt is [Cout, npix] at row stride Ho*Wo;
+                    // col^T is [npix, ckk] (col rows at stride col_rs).
+                    unsafe {
+                        gemm::gemm(
+                            g.cout,
+                            g.ckk(),
+                            (y1 - y0) * g.wo,
+                            acc.as_mut_ptr(),
+                            1,
+                            g.ckk() as isize,
+                            true,
+                            gt.as_ptr(),
+                            1,
+                            (g.ho * g.wo) as isize,
+                            col,
+                            col_rs as isize,
+                            1,
+                            T::from_f64(1.),
+                            T::from_f64(1.),
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    }
+                });
+            }
+            acc
+        })
+        .collect();
+    let mut parts = partial.into_iter();
+    let mut total = parts.next().unwrap_or_else(|| vec![T::from_f64(0.); wlen]);
+    for part in parts {
+        total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p);
+    }
+    total
+}
+
+/// The contiguous slice a layout covers.
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("conv2d: operands must be contiguous"),
+    }
+}
+
+/// Forward op: `(x: [N, Cin, H, W], w: [Cout, Cin, K, K]) -> [N, Cout, Ho, Wo]`.
+struct Conv2d {
+    padding: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "medmine-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.padding)?;
+        let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
+        let out = match s1.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(forward(
+                &g,
+                contiguous::<f32>(s1, l1)?,
+                contiguous::<f32>(s2, l2)?,
+            )),
+            DType::F64 => f64::to_cpu_storage_owned(forward(
+                &g,
+                contiguous::<f64>(s1, l1)?,
+                contiguous::<f64>(s2, l2)?,
+            )),
+            dt => bail!("conv2d: f32 or f64 expected, got {dt:?}"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, k, _) = w.dims4()?;
+        let p = self.padding;
+        let grad = grad.contiguous()?;
+        // a leaf constant (the network input) needs no gradient
+        let grad_x = if x.track_op() {
+            // [Cout, Cin, K, K] -> flipped, [Cin, Cout, K, K]
+            let wt = w.detach().flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+            let (g_in, pad) = if p < k {
+                (grad.clone(), k - 1 - p)
+            } else {
+                // padding beyond K-1: the outer rings of the output saw only zeros
+                let c = p + 1 - k;
+                let (_, _, ho, wo) = grad.dims4()?;
+                let g_in = grad.narrow(2, c, ho - 2 * c)?.narrow(3, c, wo - 2 * c)?;
+                (g_in.contiguous()?, 0)
+            };
+            // [N, Cout, Ho, Wo] -> [N, Cin, H, W]
+            Some(g_in.apply_op2_no_bwd(&wt, &Conv2d { padding: pad })?)
+        } else {
+            None
+        };
+        let grad_w = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &WeightGrad { k, padding: p })?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w))
+    }
+}
+
+/// Weight-gradient op: `(x: [N, Cin, H, W], grad: [N, Cout, Ho, Wo]) -> [Cout, Cin, K, K]`.
+struct WeightGrad {
+    k: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "medmine-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x_dims, g_dims) = (l1.dims(), l2.dims());
+        let (&[n, cin, ..], &[gn, cout, gh, gw]) = (x_dims, g_dims) else {
+            bail!("conv2d weight grad: bad shapes {x_dims:?} and {g_dims:?}")
+        };
+        let g = Geom::new(x_dims, &[cout, cin, self.k, self.k], self.padding)?;
+        if (gn, gh, gw) != (n, g.ho, g.wo) {
+            bail!("conv2d weight grad: gradient {g_dims:?} does not fit input {x_dims:?}")
+        }
+        let shape = Shape::from((cout, cin, self.k, self.k));
+        let out = match s1.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(weight_grad(
+                &g,
+                contiguous::<f32>(s1, l1)?,
+                contiguous::<f32>(s2, l2)?,
+            )),
+            DType::F64 => f64::to_cpu_storage_owned(weight_grad(
+                &g,
+                contiguous::<f64>(s1, l1)?,
+                contiguous::<f64>(s2, l2)?,
+            )),
+            dt => bail!("conv2d weight grad: f32 or f64 expected, got {dt:?}"),
+        };
+        Ok((out, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::check_op;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar()
+    }
+
+    /// (N, Cin, H, W, Cout, K, padding)
+    const SHAPES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+        (2, 3, 7, 9, 5, 3, 1),
+        (1, 4, 6, 5, 3, 3, 0),
+        (3, 16, 33, 31, 8, 3, 1),
+        (2, 6, 5, 5, 4, 1, 0),
+        (1, 3, 8, 7, 2, 1, 1),
+        (2, 5, 9, 8, 3, 5, 2),
+        (1, 2, 3, 3, 2, 3, 2),
+        (1, 3, 3, 4, 2, 3, 0),
+    ];
+
+    #[test]
+    fn forward_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(n, cin, h, w, cout, k, p) in SHAPES {
+            let x = Tensor::randn(0f32, 1., (n, cin, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev)?;
+            let d = max_diff(&conv2d(&x, &wt, p)?, &x.conv2d(&wt, p, 1, 1, 1)?)?;
+            assert!(d < 1e-4, "{:?}: max diff {d}", (n, cin, h, w, cout, k, p));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn strided_operands_and_bad_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 9, 6), &dev)?.transpose(2, 3)?;
+        let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?.transpose(2, 3)?;
+        assert!(max_diff(&conv2d(&x, &w, 1)?, &x.conv2d(&w, 1, 1, 1, 1)?)? < 1e-4);
+        assert!(conv2d(&x, &Tensor::zeros((4, 2, 3, 3), DType::F32, &dev)?, 1).is_err());
+        assert!(conv2d(&x, &Tensor::zeros((4, 3, 3, 2), DType::F32, &dev)?, 1).is_err());
+        assert!(conv2d(&x.narrow(2, 0, 1)?, &w, 0).is_err());
+        assert!(conv2d(&x.narrow(3, 0, 0)?, &w, 1).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn input_gradient_matches_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        for (x_shape, k, p, cout) in [
+            ([2, 3, 5, 6], 3, 1, 4),
+            ([1, 2, 6, 5], 3, 0, 3),
+            ([2, 3, 4, 5], 1, 0, 2),
+            ([1, 2, 4, 3], 1, 1, 2),
+        ] {
+            let w = Tensor::randn(0f64, 1., (cout, x_shape[1], k, k), &dev)?;
+            check_op(&x_shape, |x| conv2d(x, &w, p))?;
+        }
+        Ok(())
+    }
+
+    /// Like `check_op`, for the kernel: `sum(conv(x1, w) * r1) + sum(conv(x2, w) * r2)`.
+    fn check_kernel(x_shape: &[usize], w_shape: &[usize], p: usize) -> Result<()> {
+        let dev = Device::Cpu;
+        let x1 = Tensor::randn(0f64, 1., x_shape, &dev)?;
+        let x2 = Tensor::randn(0f64, 1., x_shape, &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f64, 1., w_shape, &dev)?)?;
+        let out_shape = conv2d(&x1, &w, p)?.dims().to_vec();
+        let r1 = Tensor::randn(0f64, 1., out_shape.as_slice(), &dev)?;
+        let r2 = Tensor::randn(0f64, 1., out_shape.as_slice(), &dev)?;
+        let loss = |w: &Tensor| -> Result<Tensor> {
+            conv2d(&x1, w, p)?.mul(&r1)?.sum_all()? + conv2d(&x2, w, p)?.mul(&r2)?.sum_all()?
+        };
+        let grads = loss(w.as_tensor())?.backward()?;
+        let g = grads.get(&w).expect("kernel gradient").flatten_all()?;
+        let g = g.to_vec1::<f64>()?;
+        let base = w.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        let eps = 1e-6;
+        for i in 0..base.len() {
+            let (mut plus, mut minus) = (base.clone(), base.clone());
+            plus[i] += eps;
+            minus[i] -= eps;
+            let lp = loss(&Tensor::from_vec(plus, w_shape, &dev)?)?.to_scalar::<f64>()?;
+            let lm = loss(&Tensor::from_vec(minus, w_shape, &dev)?)?.to_scalar::<f64>()?;
+            let numeric = (lp - lm) / (2. * eps);
+            let err = (numeric - g[i]).abs() / (1e-6 + numeric.abs().max(g[i].abs()));
+            assert!(err < 1e-5, "element {i}: autograd {} vs {numeric}", g[i]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn kernel_gradient_matches_finite_differences() -> Result<()> {
+        check_kernel(&[2, 3, 5, 6], &[4, 3, 3, 3], 1)?;
+        check_kernel(&[1, 2, 6, 5], &[3, 2, 3, 3], 0)?;
+        check_kernel(&[2, 3, 4, 5], &[2, 3, 1, 1], 0)?;
+        check_kernel(&[1, 2, 4, 3], &[2, 2, 1, 1], 1)
+    }
+
+    #[test]
+    fn input_feeding_two_convs_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 8, 19, 17), &dev)?)?;
+        let w1 = Var::from_tensor(&Tensor::randn(0f32, 0.3, (6, 8, 3, 3), &dev)?)?;
+        let w2 = Var::from_tensor(&Tensor::randn(0f32, 0.3, (6, 8, 3, 3), &dev)?)?;
+        let r1 = Tensor::randn(0f32, 1., (2, 6, 19, 17), &dev)?;
+        let r2 = Tensor::randn(0f32, 1., (2, 6, 17, 15), &dev)?;
+        let ours = (conv2d(&x, &w1, 1)?.mul(&r1)?.sum_all()?
+            + conv2d(&x, &w2, 0)?.mul(&r2)?.sum_all()?)?
+        .backward()?;
+        let theirs = (x.conv2d(&w1, 1, 1, 1, 1)?.mul(&r1)?.sum_all()?
+            + x.conv2d(&w2, 0, 1, 1, 1)?.mul(&r2)?.sum_all()?)?
+        .backward()?;
+        for v in [&x, &w1, &w2] {
+            let (a, b) = (ours.get(v).expect("ours"), theirs.get(v).expect("theirs"));
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = max_diff(a, b)?;
+            assert!(
+                d < 1e-4 * scale.max(1.),
+                "gradient differs by {d} (scale {scale})"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn constant_input_gets_no_gradient_but_kernel_does() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 3, 8, 8), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 3, 3), &dev)?)?;
+        let grads = conv2d(&x, &w, 1)?.sum_all()?.backward()?;
+        assert!(grads.get(&x).is_none());
+        let theirs = x.conv2d(&w, 1, 1, 1, 1)?.sum_all()?.backward()?;
+        let d = max_diff(
+            grads.get(&w).expect("ours"),
+            theirs.get(&w).expect("theirs"),
+        )?;
+        assert!(d < 1e-3, "kernel gradient differs by {d}");
+        Ok(())
+    }
+}

@@ -1,0 +1,239 @@
+//! The `medmine` command line as outside scripts use it: train -> predict -> evaluate on the
+//! demo data, the benchmark's output contract, and clear errors for bad input.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn medmine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_medmine"))
+        .args(args)
+        .args(["--device", "cpu"])
+        .output()
+        .expect("run medmine")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn train_predict_evaluate_on_the_demo() {
+    let demo = common::demo();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = medmine(&[
+        "train",
+        "--data",
+        s(&demo),
+        "--train-list",
+        s(&demo.join("train.txt")),
+        "--val-list",
+        s(&demo.join("val.txt")),
+        "--size",
+        "32",
+        "--base",
+        "4",
+        "--epochs",
+        "2",
+        "--batch",
+        "6",
+        "--labelled-fraction",
+        "0.5",
+        "--seed",
+        "3",
+        "--out",
+        s(&run),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("device: cpu"), "{out}");
+    assert!(out.contains("labelled: 9 of 18"), "{out}");
+    for f in [
+        "best.safetensors",
+        "best.json",
+        "metrics.jsonl",
+        "labelled.txt",
+        "unlabelled.txt",
+    ] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(first["val_dice"].as_f64().is_some());
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
+    assert_eq!(meta["model"]["base"], 4);
+    assert_eq!(meta["size"], 32);
+    assert_eq!(meta["medmine_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(meta["data_fingerprint"].as_str().unwrap().len(), 64);
+    let labelled = std::fs::read_to_string(run.join("labelled.txt")).unwrap();
+    let pool = std::fs::read_to_string(run.join("unlabelled.txt")).unwrap();
+    assert_eq!((labelled.lines().count(), pool.lines().count()), (9, 9));
+
+    let pred = tmp.path().join("pred");
+    let probs = tmp.path().join("probs");
+    let o = medmine(&[
+        "predict",
+        "--checkpoint",
+        s(&run.join("best.safetensors")),
+        "--images",
+        s(&demo),
+        "--list",
+        s(&demo.join("val.txt")),
+        "--out",
+        s(&pred),
+        "--probs",
+        s(&probs),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let masks: Vec<_> = std::fs::read_dir(&pred).unwrap().flatten().collect();
+    assert_eq!(masks.len(), 6);
+    for m in &masks {
+        let img = image::open(m.path()).unwrap().to_luma8();
+        assert_eq!(img.dimensions(), (256, 256), "original size");
+        assert!(img.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+    }
+    assert_eq!(std::fs::read_dir(&probs).unwrap().count(), 6);
+
+    let json = tmp.path().join("eval.json");
+    let o = medmine(&[
+        "evaluate",
+        "--pred",
+        s(&pred),
+        "--gt",
+        s(&demo.join("masks")),
+        "--list",
+        s(&demo.join("val.txt")),
+        "--json",
+        s(&json),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let dice_line = out
+        .lines()
+        .find(|l| l.starts_with("dice"))
+        .expect("dice line");
+    let dice: f64 = dice_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&dice));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["images"].as_array().unwrap().len(), 6);
+    assert!((report["mean"]["dice"].as_f64().unwrap() - dice).abs() < 1e-4);
+
+    // evaluating ground truth against itself is perfect
+    let o = medmine(&[
+        "evaluate",
+        "--pred",
+        s(&demo.join("masks")),
+        "--gt",
+        s(&demo.join("masks")),
+    ]);
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("dice       1.0000") && out.contains("images     24"),
+        "{out}"
+    );
+
+    // fast mode works from the same checkpoint
+    let o = medmine(&[
+        "predict",
+        "--checkpoint",
+        s(&run.join("best.safetensors")),
+        "--images",
+        s(&demo.join("images")),
+        "--out",
+        s(&tmp.path().join("fast")),
+        "--mode",
+        "fast:2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("fast")).unwrap().count(),
+        24
+    );
+}
+
+#[test]
+fn bench_train_prints_images_per_second_last() {
+    let o = medmine(&[
+        "bench", "train", "--size", "32", "--batch", "2", "--base", "2", "--steps", "1",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let last = out.lines().last().unwrap();
+    let (key, value) = last.split_once(' ').unwrap();
+    assert_eq!(key, "images_per_s");
+    assert!(value.parse::<f64>().unwrap() > 0.);
+}
+
+#[test]
+fn bad_input_gives_errors_that_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    // a dataset folder that does not exist
+    let missing = tmp.path().join("nope");
+    let o = medmine(&[
+        "train",
+        "--data",
+        s(&missing),
+        "--out",
+        s(&tmp.path().join("r")),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains(s(&missing)), "{}", text(&o).1);
+
+    // a damaged checkpoint
+    let ckpt = tmp.path().join("broken.safetensors");
+    std::fs::write(&ckpt, b"not a checkpoint").unwrap();
+    std::fs::write(
+        tmp.path().join("broken.json"),
+        br#"{"format":"medmine-unetpp","medmine_version":"0.1.0","model":{"in_channels":3,"base":4},"size":32,"epoch":1,"metrics":null,"data_fingerprint":""}"#,
+    )
+    .unwrap();
+    let o = medmine(&[
+        "predict",
+        "--checkpoint",
+        s(&ckpt),
+        "--images",
+        s(&common::demo()),
+        "--out",
+        s(&tmp.path().join("p")),
+    ]);
+    assert!(!o.status.success());
+    let err = text(&o).1;
+    assert!(
+        err.contains("broken.safetensors") && err.contains("damaged"),
+        "{err}"
+    );
+
+    // a prediction of the wrong size
+    let pred = tmp.path().join("pred");
+    let gt = tmp.path().join("gt");
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    image::GrayImage::new(8, 8)
+        .save(pred.join("a.png"))
+        .unwrap();
+    image::GrayImage::new(9, 8).save(gt.join("a.png")).unwrap();
+    let o = medmine(&["evaluate", "--pred", s(&pred), "--gt", s(&gt)]);
+    assert!(!o.status.success());
+    let err = text(&o).1;
+    assert!(
+        err.contains("a.png") && err.contains("8x8") && err.contains("9x8"),
+        "{err}"
+    );
+}
