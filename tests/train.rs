@@ -293,3 +293,27 @@ fn resume_continues_exactly_and_nan_keeps_the_last_good_checkpoint() {
         before_last
     );
 }
+
+#[test]
+fn early_stopping_ends_a_run_that_stopped_improving() {
+    let set = common::demo_set(32, "train.txt");
+    let val = common::demo_set(32, "val.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(32, 2, 40);
+    c.lr = 1e-12; // nothing is learnt: validation Dice stalls at once
+    c.patience = 2;
+    let mut rec = Recorder::default();
+    let out = train::train(
+        &run(c, &set, &val, dir.path()),
+        &mut rec,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(out.status, TrainStatus::EarlyStopped);
+    assert!(out.epochs_done < 40, "{}", out.epochs_done);
+    assert_eq!(out.epochs_done - out.best_epoch, 2);
+    assert!(rec
+        .0
+        .iter()
+        .any(|e| matches!(e, TrainEvent::Message(m) if m.contains("early stop"))));
+}

@@ -57,6 +57,10 @@ impl Default for TrainConfig {
     }
 }
 
+/// An epoch counts as better (for the best checkpoint and early stopping) only when it beats
+/// the best validation Dice by more than this; drift in the last decimals does not count.
+pub const MIN_DELTA: f64 = 1e-4;
+
 /// Everything one training run needs.
 pub struct TrainRun<'a> {
     pub cfg: TrainConfig,
@@ -343,7 +347,7 @@ pub fn train(
         let train_loss = loss_sum / seen.max(1) as f64;
         // without a validation set, the best epoch is the one with the lowest training loss
         let criterion = val.map(|s| s.dice).unwrap_or(-train_loss);
-        let improved = state.best_dice.is_none_or(|b| criterion > b);
+        let improved = state.best_dice.is_none_or(|b| criterion > b + MIN_DELTA);
         let record = EpochRecord {
             epoch,
             train_loss,
