@@ -11,7 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use super::DataError;
 
 /// File extensions (lower case) accepted for images and masks.
-pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+/// `dcm` and `dicom` are DICOM images (see [`crate::data::read_dicom`]).
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"];
 
 /// One image and, when labelled, its mask.
 #[derive(Clone, Debug, PartialEq, Eq)]

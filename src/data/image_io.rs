@@ -7,6 +7,7 @@ use std::path::Path;
 
 use image::{DynamicImage, ExtendedColorType, ImageError, ImageFormat, ImageReader};
 
+use super::dicom::{dicom_size, is_dicom_path, load_dicom};
 use super::{DataError, ImageF32, Mask};
 
 fn image_error(path: &Path, err: ImageError) -> DataError {
@@ -53,7 +54,11 @@ fn decode(path: &Path) -> Result<DynamicImage, DataError> {
 }
 
 /// Width and height from the file header, without decoding the pixels.
+/// DICOM files (`.dcm`, `.dicom`) are read with [`crate::data::dicom_size`].
 pub fn image_size(path: &Path) -> Result<(usize, usize), DataError> {
+    if is_dicom_path(path) {
+        return dicom_size(path);
+    }
     let (w, h) = reader(path)?
         .into_dimensions()
         .map_err(|e| image_error(path, e))?;
@@ -185,14 +190,27 @@ pub fn to_mask(img: &DynamicImage) -> Mask {
     }
 }
 
-/// Decodes an image file into 3-channel CHW `f32` in `[0, 1]`.
+/// Decodes an image file into 3-channel CHW `f32` in `[0, 1]`. DICOM files
+/// (`.dcm`, `.dicom`) go through [`crate::data::read_dicom`] and
+/// [`crate::data::DicomImage::to_image_f32`].
 pub fn load_image(path: &Path) -> Result<ImageF32, DataError> {
+    if is_dicom_path(path) {
+        return load_dicom(path);
+    }
     Ok(to_image_f32(&decode(path)?))
 }
 
 /// Decodes a mask file (any format, converted to gray) and binarises it:
-/// foreground = value `>=` half of the range.
+/// foreground = value `>=` half of the range. DICOM masks are refused.
 pub fn load_mask(path: &Path) -> Result<Mask, DataError> {
+    if is_dicom_path(path) {
+        return Err(DataError::Decode {
+            path: path.to_path_buf(),
+            msg: "DICOM masks are not supported; store the mask as PNG (0 = background, \
+                  255 = foreground) with the image's stem"
+                .into(),
+        });
+    }
     Ok(to_mask(&decode(path)?))
 }
 

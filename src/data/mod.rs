@@ -5,10 +5,12 @@
 //!
 //! A dataset is a folder `root/` with
 //!
-//! * `root/images/` (required): the images, PNG, JPEG, BMP or TIFF
-//!   (extensions `png`, `jpg`, `jpeg`, `bmp`, `tif`, `tiff`, any case);
+//! * `root/images/` (required): the images, PNG, JPEG, BMP, TIFF or DICOM
+//!   (extensions `png`, `jpg`, `jpeg`, `bmp`, `tif`, `tiff`, `dcm`, `dicom`,
+//!   any case);
 //! * `root/masks/` (optional): binary masks, matched to their image by file
 //!   **stem**, so `images/abc.jpg` may have its mask in `masks/abc.png`.
+//!   Masks may not be DICOM ([`load_mask`] refuses them with an error).
 //!
 //! Images without a mask are **unlabelled** (the unlabelled pool of the
 //! semi-supervised protocol). Files that cannot be used (unsupported
@@ -35,13 +37,44 @@
 //!     `[0, 1]`, and are min-max stretched like 16-bit images otherwise
 //!     (NaN counts as 0);
 //!   * grayscale is replicated to the 3 channels; alpha (RGBA, gray+alpha) is
-//!     dropped.
+//!     dropped;
+//!   * DICOM images (see below) get the same min-max stretch as 16-bit
+//!     images, whatever their bit depth.
 //! * **Masks** ([`Mask`]) are row-major `u8` with values 0 or 1. Any format is
 //!   first converted to gray (the `image` crate's luma conversion; masks with
 //!   identical channels, as in Kvasir-SEG, keep their value). A pixel is
 //!   foreground when its value is at least half of the range: `>= 128` for
 //!   8-bit, `>= 32768` for 16-bit, `>= 0.5` for float. Written masks
 //!   ([`save_mask_png`]) are 8-bit gray PNG with values 0 and 255.
+//!
+//! # DICOM
+//!
+//! [`read_dicom`] imports **single-frame monochrome** DICOM files (CR and DX
+//! X-rays; any single-frame `MONOCHROME1`/`MONOCHROME2` image with 8 or 16
+//! bits allocated works) whose transfer syntax is Implicit or Explicit VR
+//! Little Endian, RLE Lossless or JPEG baseline/extended/lossless. Multi-frame
+//! files, colour files, other transfer syntaxes (e.g. JPEG 2000) and files
+//! without pixel data are refused with an error naming the file and the
+//! problem. The pixel values go through these steps:
+//!
+//! 1. **stored values**: the `BitsStored` bits ending at `HighBit` of each
+//!    sample (other bits, such as overlays, ignored), two's complement when
+//!    `PixelRepresentation` is 1;
+//! 2. **modality values** ([`DicomImage::samples`]): `stored * RescaleSlope +
+//!    RescaleIntercept` (1 and 0 when the tags are absent);
+//! 3. **model input** ([`DicomImage::to_image_f32`], used by [`load_image`]):
+//!    a linear min-max stretch of the modality values of the image to
+//!    `[0, 1]` (a constant image becomes all 0), then for `MONOCHROME1`
+//!    (low values bright) `1 - v`, so that bone is bright in every image;
+//!    replicated to 3 channels. The window of the file is **not** applied:
+//!    the model sees the full original range.
+//!
+//! `WindowCenter`/`WindowWidth` (the first pair) are kept in
+//! [`DicomImage::window`] for **display only**: [`window_to_u8`] applies the
+//! linear VOI LUT function of PS3.3 C.11.2.1.2.1 (or a min-max stretch when
+//! the file has no window) and inverts `MONOCHROME1`. Not applied anywhere:
+//! Modality LUT and VOI LUT sequences, VOI LUT Function other than `LINEAR`,
+//! Pixel Padding Value, Presentation LUT Shape.
 //!
 //! # Resizing
 //!
@@ -66,6 +99,7 @@
 
 mod augment;
 mod dataset;
+mod dicom;
 mod image_io;
 mod prepare;
 
@@ -73,6 +107,9 @@ use std::path::PathBuf;
 
 pub use augment::{augment, AugmentConfig};
 pub use dataset::{read_split_list, split_labelled, Dataset, Sample, Skipped, IMAGE_EXTENSIONS};
+pub use dicom::{
+    dicom_size, is_dicom_path, read_dicom, window_to_u8, DicomImage, DICOM_EXTENSIONS,
+};
 pub use image_io::{
     image_size, load_image, load_mask, mask_to_training, resize_image, resize_plane, save_gray_png,
     save_mask_png, to_image_f32, to_mask,
