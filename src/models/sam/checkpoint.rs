@@ -1,0 +1,147 @@
+//! Reading SAM checkpoints: the variant (and every size) from the tensor shapes, then the
+//! weights through candle's `.pth` reader or a memory-mapped `.safetensors`.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::{Config, EncoderConfig, Result, Sam, SamError, Variant, EMBED_SIZE};
+
+/// Tensor name -> shape, from either format, without loading the data.
+pub fn read_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    let unreadable = |e: candle_core::Error| SamError::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if is_safetensors(path) {
+        // SAFETY: the mapped file is only read; a file changed underneath is a user error.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+            .map_err(unreadable)?;
+        Ok(st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.shape().to_vec()))
+            .collect())
+    } else {
+        let infos =
+            candle_core::pickle::read_pth_tensor_info(path, false, None).map_err(unreadable)?;
+        Ok(infos
+            .into_iter()
+            .map(|i| (i.name, i.layout.shape().dims().to_vec()))
+            .collect())
+    }
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
+
+/// What a non-SAM file looks like, for the error message.
+fn describe(shapes: &HashMap<String, Vec<usize>>) -> String {
+    let mut names: Vec<&String> = shapes.keys().collect();
+    names.sort();
+    if names.is_empty() {
+        return "no tensors".to_string();
+    }
+    let kind = if names.iter().any(|n| n.starts_with("conv0_0.")) {
+        "a medmine U-Net++ checkpoint: "
+    } else {
+        ""
+    };
+    let first: Vec<&str> = names.iter().take(3).map(|s| s.as_str()).collect();
+    format!("{kind}{} tensors such as {}", names.len(), first.join(", "))
+}
+
+/// Reads every size of the model from the tensor shapes (official variants and small custom
+/// configs alike). Decoder heads cannot be seen in the shapes: 8, as in every official model.
+pub fn detect_config(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Result<Config> {
+    let not_sam = || SamError::NotSam {
+        path: path.to_path_buf(),
+        found: describe(shapes),
+    };
+    let dim = |key: &str, axis: usize| -> Result<usize> {
+        shapes
+            .get(key)
+            .and_then(|s| s.get(axis).copied())
+            .ok_or_else(not_sam)
+    };
+    let prompt_embed_dim = dim("mask_decoder.iou_token.weight", 1)?;
+    let mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0)?;
+    let decoder_mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
+    let iou_head_hidden_dim = dim("mask_decoder.iou_prediction_head.layers.0.weight", 0)?;
+    let encoder = if shapes.contains_key("image_encoder.patch_embed.seq.0.c.weight") {
+        EncoderConfig::TinyVit5m
+    } else {
+        let embed_dim = dim("image_encoder.patch_embed.proj.weight", 0)?;
+        let mut depth = 0;
+        let (mut global, mut window_size, mut head_dim) = (Vec::new(), 0, 0);
+        while let Some(rel) = shapes.get(&format!("image_encoder.blocks.{depth}.attn.rel_pos_h")) {
+            let side = rel[0].div_ceil(2); // rel_pos is [2 * side - 1, head_dim]
+            head_dim = rel[1];
+            if side == EMBED_SIZE {
+                global.push(depth);
+            } else {
+                window_size = side;
+            }
+            depth += 1;
+        }
+        if depth == 0 || head_dim == 0 || embed_dim % head_dim != 0 {
+            return Err(not_sam());
+        }
+        EncoderConfig::Vit {
+            embed_dim,
+            depth,
+            num_heads: embed_dim / head_dim,
+            global_attn_indexes: global,
+            window_size: if window_size == 0 { 14 } else { window_size },
+        }
+    };
+    Ok(Config {
+        encoder,
+        prompt_embed_dim,
+        mask_in_chans,
+        decoder_mlp_dim,
+        decoder_num_heads: 8,
+        iou_head_hidden_dim,
+    })
+}
+
+/// Loads a SAM checkpoint (`.pth`/`.pt` state dict or `.safetensors`) in f32 on `device`.
+/// `variant: None` detects it from the keys; `Some(v)` forces the official sizes of `v`.
+pub fn load_sam(path: &Path, variant: Option<Variant>, device: &Device) -> Result<Sam> {
+    let shapes = read_shapes(path)?;
+    let cfg = match variant {
+        Some(v) => {
+            if !shapes.keys().any(|k| k.starts_with("mask_decoder.")) {
+                return Err(SamError::NotSam {
+                    path: path.to_path_buf(),
+                    found: describe(&shapes),
+                });
+            }
+            Config::of_variant(v)
+        }
+        None => detect_config(path, &shapes)?,
+    };
+    let vb = var_builder(path, device)?;
+    Sam::new(&cfg, vb).map_err(|source| SamError::Mismatch {
+        path: PathBuf::from(path),
+        variant: cfg.name().to_string(),
+        source: Box::new(source),
+    })
+}
+
+fn var_builder<'a>(path: &Path, device: &Device) -> Result<VarBuilder<'a>> {
+    let unreadable = |e: candle_core::Error| SamError::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if is_safetensors(path) {
+        // SAFETY: as in `read_shapes`.
+        unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
+            .map_err(unreadable)
+    } else {
+        VarBuilder::from_pth(path, DType::F32, device).map_err(unreadable)
+    }
+}

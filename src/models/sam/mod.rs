@@ -1,0 +1,260 @@
+//! Segment Anything (SAM, Kirillov et al. 2023) and MobileSAM in candle, loading the official
+//! checkpoints (`.pth` state dicts or `.safetensors`, keys exactly as Meta's / MobileSAM's).
+//!
+//! The image encoders (ViT-B/L/H and TinyViT-5M) are candle-transformers' `segment_anything`
+//! modules; the prompt encoder (points, boxes, mask input) and the mask decoder are our own
+//! (candle's crash on boxes and use the tanh GELU where SAM uses the exact one).
+//! `tests/sam_parity.rs` checks all of it against the official PyTorch code.
+pub mod checkpoint;
+pub mod mask_decoder;
+pub mod predictor;
+pub mod preprocess;
+pub mod prompt_encoder;
+pub mod segment;
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::segment_anything::{image_encoder::ImageEncoderViT, tiny_vit};
+
+pub use checkpoint::{detect_config, load_sam};
+pub use mask_decoder::MaskDecoder;
+pub use predictor::{Embedding, Prediction, Prompt, SamPredictor};
+pub use prompt_encoder::PromptEncoder;
+pub use segment::{segment, SegmentReport, SegmentRequest};
+
+/// Side of the square the encoder sees.
+pub const IMAGE_SIZE: usize = 1024;
+/// ViT patch size (the encoder output is `IMAGE_SIZE / PATCH_SIZE` square).
+pub const PATCH_SIZE: usize = 16;
+/// Side of the image embedding grid.
+pub const EMBED_SIZE: usize = IMAGE_SIZE / PATCH_SIZE;
+/// Side of the decoder's low-resolution masks (and of `mask_input`).
+pub const LOW_RES_SIZE: usize = 4 * EMBED_SIZE;
+
+/// Errors of SAM loading and prediction; each names the file or the prompt at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SamError {
+    #[error("{path}: cannot read the checkpoint ({reason}); is it a complete download?")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{path}: expected a SAM checkpoint (image_encoder.*, prompt_encoder.*, mask_decoder.* tensors), found {found}")]
+    NotSam { path: PathBuf, found: String },
+    #[error("{path}: the checkpoint does not match SAM {variant}: {source}")]
+    Mismatch {
+        path: PathBuf,
+        variant: String,
+        source: Box<candle_core::Error>,
+    },
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("unknown SAM variant `{0}` (expected auto, vit_b, vit_l, vit_h or vit_t)")]
+    UnknownVariant(String),
+    #[error("invalid prompt: {0}")]
+    Prompt(String),
+    #[error(transparent)]
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for SamError {
+    fn from(e: candle_core::Error) -> Self {
+        SamError::Candle(Box::new(e))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SamError>;
+
+/// The official model variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    VitB,
+    VitL,
+    VitH,
+    /// MobileSAM (TinyViT-5M encoder).
+    VitT,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::VitB => "vit_b",
+            Variant::VitL => "vit_l",
+            Variant::VitH => "vit_h",
+            Variant::VitT => "vit_t",
+        }
+    }
+
+    /// `auto` gives `None` (detect from the checkpoint's keys).
+    pub fn parse(s: &str) -> Result<Option<Variant>> {
+        Ok(Some(match s {
+            "auto" => return Ok(None),
+            "vit_b" => Variant::VitB,
+            "vit_l" => Variant::VitL,
+            "vit_h" => Variant::VitH,
+            "vit_t" => Variant::VitT,
+            other => return Err(SamError::UnknownVariant(other.to_string())),
+        }))
+    }
+}
+
+/// The image encoder's architecture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EncoderConfig {
+    /// SAM's ViT (`ImageEncoderViT`, patch 16, relative positions, absolute `pos_embed`).
+    Vit {
+        embed_dim: usize,
+        depth: usize,
+        num_heads: usize,
+        global_attn_indexes: Vec<usize>,
+        window_size: usize,
+    },
+    /// MobileSAM's TinyViT-5M.
+    TinyVit5m,
+}
+
+/// Every size of a SAM; the official variants are presets, and [`detect_config`] reads any
+/// (e.g. the small parity fixtures) from a checkpoint's tensor shapes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub encoder: EncoderConfig,
+    /// Channels of the image embedding and the prompt tokens (256 in the official models).
+    pub prompt_embed_dim: usize,
+    pub mask_in_chans: usize,
+    pub decoder_mlp_dim: usize,
+    pub decoder_num_heads: usize,
+    pub iou_head_hidden_dim: usize,
+}
+
+impl Config {
+    fn vit(embed_dim: usize, depth: usize, num_heads: usize, global: [usize; 4]) -> Config {
+        Config {
+            encoder: EncoderConfig::Vit {
+                embed_dim,
+                depth,
+                num_heads,
+                global_attn_indexes: global.to_vec(),
+                window_size: 14,
+            },
+            ..Config::vit_t()
+        }
+    }
+
+    pub fn vit_b() -> Config {
+        Config::vit(768, 12, 12, [2, 5, 8, 11])
+    }
+
+    pub fn vit_l() -> Config {
+        Config::vit(1024, 24, 16, [5, 11, 17, 23])
+    }
+
+    pub fn vit_h() -> Config {
+        Config::vit(1280, 32, 16, [7, 15, 23, 31])
+    }
+
+    pub fn vit_t() -> Config {
+        Config {
+            encoder: EncoderConfig::TinyVit5m,
+            prompt_embed_dim: 256,
+            mask_in_chans: 16,
+            decoder_mlp_dim: 2048,
+            decoder_num_heads: 8,
+            iou_head_hidden_dim: 256,
+        }
+    }
+
+    pub fn of_variant(v: Variant) -> Config {
+        match v {
+            Variant::VitB => Config::vit_b(),
+            Variant::VitL => Config::vit_l(),
+            Variant::VitH => Config::vit_h(),
+            Variant::VitT => Config::vit_t(),
+        }
+    }
+
+    /// The official variant with exactly these sizes, if any.
+    pub fn variant(&self) -> Option<Variant> {
+        [Variant::VitB, Variant::VitL, Variant::VitH, Variant::VitT]
+            .into_iter()
+            .find(|v| Config::of_variant(*v) == *self)
+    }
+
+    /// `vit_b` … or `custom` (e.g. the test fixtures).
+    pub fn name(&self) -> &'static str {
+        self.variant().map_or("custom", Variant::name)
+    }
+}
+
+enum ImageEncoder {
+    Vit(Box<ImageEncoderViT>),
+    Tiny(Box<tiny_vit::TinyViT>),
+}
+
+/// A whole SAM: image encoder, prompt encoder, mask decoder (`Sam` in the official code).
+pub struct Sam {
+    cfg: Config,
+    image_encoder: ImageEncoder,
+    pub prompt_encoder: PromptEncoder,
+    pub mask_decoder: MaskDecoder,
+    device: Device,
+}
+
+impl Sam {
+    /// Builds the model from `vb` with the official key names (`image_encoder.*`, …).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Sam> {
+        let vb_e = vb.pp("image_encoder");
+        let image_encoder = match &cfg.encoder {
+            EncoderConfig::Vit {
+                embed_dim,
+                depth,
+                num_heads,
+                global_attn_indexes,
+                window_size,
+            } => ImageEncoder::Vit(Box::new(ImageEncoderViT::new(
+                IMAGE_SIZE,
+                PATCH_SIZE,
+                3,
+                *embed_dim,
+                *depth,
+                *num_heads,
+                cfg.prompt_embed_dim,
+                true,
+                true,
+                true,
+                *window_size,
+                global_attn_indexes,
+                vb_e,
+            )?)),
+            EncoderConfig::TinyVit5m => ImageEncoder::Tiny(Box::new(tiny_vit::tiny_vit_5m(vb_e)?)),
+        };
+        let prompt_encoder = PromptEncoder::new(
+            cfg.prompt_embed_dim,
+            cfg.mask_in_chans,
+            vb.pp("prompt_encoder"),
+        )?;
+        let mask_decoder = MaskDecoder::new(cfg, vb.pp("mask_decoder"))?;
+        Ok(Sam {
+            cfg: cfg.clone(),
+            image_encoder,
+            prompt_encoder,
+            mask_decoder,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The image encoder on a preprocessed input.
+    /// `[1, 3, 1024, 1024]` (normalised, padded) -> `[1, C, 64, 64]`.
+    pub fn embed(&self, input: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.image_encoder {
+            ImageEncoder::Vit(e) => e.forward(input),
+            ImageEncoder::Tiny(e) => e.forward(input),
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! SAM parity with Meta's official PyTorch code (fixtures: `scripts/sam_fixtures.py`, a small
+//! seeded SAM saved as `torch.save(state_dict)` and `.safetensors`; see
+//! tests/fixtures/sam/manifest.json).
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use medmine::models::sam::{
+    self, preprocess, Embedding, Prediction, Prompt, SamError, SamPredictor, Variant,
+};
+use sha2::{Digest, Sha256};
+
+/// Absolute tolerance on embeddings, logits and IoU predictions (f32 on both sides; only the
+/// order of accumulation differs). The fixture's outputs have a spread of about 1 (std of the
+/// embedding 1.03, of the low-res logits 1.2-1.5), so this is ~1e-3 relative; the observed
+/// differences are ~1e-6.
+const TOL: f32 = 1e-3;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam")
+}
+
+fn manifest() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
+}
+
+fn npy(name: &str) -> Tensor {
+    Tensor::read_npy(dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn predictor(file: &str) -> SamPredictor {
+    SamPredictor::new(sam::load_sam(&dir().join(file), None, &Device::Cpu).unwrap())
+}
+
+fn image() -> image::RgbImage {
+    image::open(dir().join("image.png")).unwrap().to_rgb8()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The official embedding (the decoder tests then run on identical inputs).
+fn official_embedding() -> Embedding {
+    let m = manifest();
+    let (h, w) = (
+        m["image"]["height"].as_u64().unwrap() as usize,
+        m["image"]["width"].as_u64().unwrap() as usize,
+    );
+    let r = &m["resized"]["shape"];
+    Embedding {
+        features: npy("embedding.npy"),
+        original_size: (h, w),
+        input_size: (
+            r[0].as_u64().unwrap() as usize,
+            r[1].as_u64().unwrap() as usize,
+        ),
+    }
+}
+
+const PROMPTS: [&str; 4] = ["box", "points", "box_points", "mask_points"];
+
+fn prompt(name: &str) -> Prompt {
+    let m = manifest();
+    let p = &m["prompts"][name];
+    let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
+    let mut out = Prompt::default();
+    if let Some(b) = p["box"].as_array() {
+        out.bbox = Some([f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]);
+    }
+    if let Some(c) = p["point_coords"].as_array() {
+        let labels = p["point_labels"].as_array().unwrap();
+        for (xy, l) in c.iter().zip(labels) {
+            out.points
+                .push((f(&xy[0]), f(&xy[1]), l.as_u64().unwrap() as u8));
+        }
+    }
+    if p.get("mask_input").is_some() {
+        out.mask_input = Some(npy("box_single_low.npy"));
+    }
+    out
+}
+
+fn official_masks(name: &str, tag: &str, n: usize) -> Vec<Vec<bool>> {
+    (0..n)
+        .map(|i| {
+            let file = dir().join(format!("{name}_{tag}_mask{i}.png"));
+            let img = image::open(&file).unwrap().to_luma8();
+            img.pixels().map(|p| p.0[0] > 127).collect()
+        })
+        .collect()
+}
+
+fn mask_iou(a: &[bool], b: &[bool]) -> f64 {
+    let inter = a.iter().zip(b).filter(|(x, y)| **x && **y).count();
+    let union = a.iter().zip(b).filter(|(x, y)| **x || **y).count();
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
+}
+
+/// Compares one prediction with the official outputs; returns the max abs logit/IoU diff.
+fn check_prediction(name: &str, multimask: bool, pred: &Prediction, check_low: bool) -> f32 {
+    let tag = if multimask { "multi" } else { "single" };
+    let m = if multimask { 3 } else { 1 };
+    let iou = Tensor::new(pred.iou_predictions.as_slice(), &Device::Cpu).unwrap();
+    let mut worst = max_abs_diff(&iou, &npy(&format!("{name}_{tag}_iou.npy")));
+    if check_low {
+        let step = if multimask { 8 } else { 4 };
+        let ours = subsample(&pred.low_res_logits, step);
+        let d = max_abs_diff(&ours, &npy(&format!("{name}_{tag}_low_sub{step}.npy")));
+        worst = worst.max(d);
+        if name == "box" && !multimask {
+            let d = max_abs_diff(&pred.low_res_logits, &npy("box_single_low.npy"));
+            worst = worst.max(d);
+        }
+    }
+    let ours: Vec<u8> = pred.masks.flatten_all().unwrap().to_vec1().unwrap();
+    let per = ours.len() / m;
+    for (i, theirs) in official_masks(name, tag, m).iter().enumerate() {
+        let ours: Vec<bool> = ours[i * per..(i + 1) * per]
+            .iter()
+            .map(|v| *v > 0)
+            .collect();
+        let iou = mask_iou(&ours, theirs);
+        eprintln!("{name}/{tag} mask {i}: IoU with official {iou:.5}");
+        assert!(iou >= 0.99, "{name}/{tag} mask {i}: IoU {iou}");
+    }
+    worst
+}
+
+/// `x[:, ::step, ::step]` of `[M, 256, 256]`.
+fn subsample(x: &Tensor, step: usize) -> Tensor {
+    let (m, h, w) = x.dims3().unwrap();
+    let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let mut out = Vec::new();
+    for k in 0..m {
+        for y in (0..h).step_by(step) {
+            for xx in (0..w).step_by(step) {
+                out.push(v[k * h * w + y * w + xx]);
+            }
+        }
+    }
+    Tensor::from_vec(out, (m, h.div_ceil(step), w.div_ceil(step)), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn resize_is_pillow_bilinear_bit_for_bit() {
+    let m = manifest();
+    let resized = preprocess::resize_longest_side(&image());
+    let shape = &m["resized"]["shape"];
+    assert_eq!(resized.height() as u64, shape[0].as_u64().unwrap());
+    assert_eq!(resized.width() as u64, shape[1].as_u64().unwrap());
+    let sub = npy("resized_sub8.npy"); // [h'/8, w'/8, 3] u8
+    let (sh, sw, _) = sub.dims3().unwrap();
+    let theirs: Vec<u8> = sub.flatten_all().unwrap().to_vec1().unwrap();
+    let mut ours = Vec::new();
+    for y in 0..sh {
+        for x in 0..sw {
+            ours.extend(resized.get_pixel(8 * x as u32, 8 * y as u32).0);
+        }
+    }
+    let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        differing, 0,
+        "{differing} sub-sampled bytes differ from Pillow"
+    );
+    let hash = format!("{:x}", Sha256::digest(resized.as_raw()));
+    assert_eq!(hash, m["resized"]["sha256"].as_str().unwrap());
+}
+
+#[test]
+fn input_tensor_matches_sam_preprocess() {
+    let p = predictor("sam_tiny.pth");
+    let (input, _) = p.preprocess(&image()).unwrap(); // [1, 3, 1024, 1024]
+    let sum = input
+        .to_dtype(DType::F64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let want = manifest()["input_sum"].as_f64().unwrap();
+    assert!(
+        (sum - want).abs() < 1e-3 * want.abs().max(1.0),
+        "{sum} vs {want}"
+    );
+    let v: Vec<f32> = input.flatten_all().unwrap().to_vec1().unwrap();
+    let sub: Vec<f32> = (0..3)
+        .flat_map(|c| {
+            let v = &v;
+            (0..64).flat_map(move |y| (0..64).map(move |x| v[(c * 1024 + 16 * y) * 1024 + 16 * x]))
+        })
+        .collect();
+    let sub = Tensor::from_vec(sub, (3, 64, 64), &Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&sub, &npy("input_sub16.npy")), 0.0);
+}
+
+#[test]
+fn embedding_matches_official() {
+    let p = predictor("sam_tiny.pth");
+    let emb = p.set_image(&image()).unwrap();
+    let theirs = npy("embedding.npy");
+    let d = max_abs_diff(&emb.features, &theirs);
+    eprintln!("embedding max |diff| {d:e}");
+    assert!(d < TOL, "embedding max |diff| {d}");
+}
+
+#[test]
+fn decoder_matches_official_on_identical_embedding() {
+    let p = predictor("sam_tiny.pth");
+    let emb = official_embedding();
+    for name in PROMPTS {
+        for multimask in [false, true] {
+            let pred = p.predict(&emb, &prompt(name), multimask).unwrap();
+            let d = check_prediction(name, multimask, &pred, true);
+            eprintln!("{name} multimask={multimask}: logits/IoU max |diff| {d:e}");
+            assert!(d < TOL, "{name} multimask={multimask}: max |diff| {d}");
+        }
+    }
+}
+
+#[test]
+fn end_to_end_from_image_file() {
+    let p = predictor("sam_tiny.safetensors");
+    let img = image::open(dir().join("image.png")).unwrap().to_rgb8();
+    let emb = p.set_image(&img).unwrap();
+    for name in PROMPTS {
+        for multimask in [false, true] {
+            let pred = p.predict(&emb, &prompt(name), multimask).unwrap();
+            let (m, h, w) = pred.masks.dims3().unwrap();
+            assert_eq!((m, h, w), (if multimask { 3 } else { 1 }, 136, 160));
+            let d = check_prediction(name, multimask, &pred, true);
+            eprintln!("end-to-end {name} multimask={multimask}: max |diff| {d:e}");
+            assert!(d < TOL, "{name} multimask={multimask}: max |diff| {d}");
+        }
+    }
+}
+
+#[test]
+fn pth_and_safetensors_give_identical_outputs() {
+    let a = predictor("sam_tiny.pth");
+    let b = predictor("sam_tiny.safetensors");
+    let ea = a.set_image(&image()).unwrap();
+    let eb = b.set_image(&image()).unwrap();
+    assert_eq!(max_abs_diff(&ea.features, &eb.features), 0.0);
+    let pa = a.predict(&ea, &prompt("box_points"), true).unwrap();
+    let pb = b.predict(&ea, &prompt("box_points"), true).unwrap();
+    assert_eq!(max_abs_diff(&pa.low_res_logits, &pb.low_res_logits), 0.0);
+    assert_eq!(pa.iou_predictions, pb.iou_predictions);
+}
+
+#[test]
+fn detects_the_fixture_config_from_keys() {
+    let path = dir().join("sam_tiny.pth");
+    let shapes = sam::checkpoint::read_shapes(&path).unwrap();
+    let cfg = sam::detect_config(&path, &shapes).unwrap();
+    assert_eq!(
+        cfg.encoder,
+        sam::EncoderConfig::Vit {
+            embed_dim: 32,
+            depth: 2,
+            num_heads: 2,
+            global_attn_indexes: vec![1],
+            window_size: 14
+        }
+    );
+    assert_eq!((cfg.prompt_embed_dim, cfg.decoder_mlp_dim), (32, 64));
+    assert_eq!(cfg.name(), "custom");
+    assert_eq!(sam::Config::vit_b().name(), "vit_b");
+    assert_eq!(sam::Config::vit_t().variant(), Some(Variant::VitT));
+}
+
+fn load_err(path: &Path, variant: Option<Variant>) -> String {
+    match sam::load_sam(path, variant, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn wrong_or_damaged_checkpoints_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    // a medmine U-Net++ checkpoint (keys as NestedUNet's state dict)
+    let unet = tmp.path().join("best.safetensors");
+    let w = Tensor::zeros((16, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("conv0_0.conv1.weight".to_string(), w)]),
+        &unet,
+    )
+    .unwrap();
+    let e = load_err(&unet, None);
+    assert!(
+        e.contains("expected a SAM checkpoint") && e.contains("U-Net++"),
+        "{e}"
+    );
+    assert!(e.contains("best.safetensors"), "{e}");
+    let e = load_err(&unet, Some(Variant::VitB));
+    assert!(e.contains("expected a SAM checkpoint"), "{e}");
+
+    // truncated downloads, both formats
+    for name in ["sam_tiny.pth", "sam_tiny.safetensors"] {
+        let bytes = std::fs::read(dir().join(name)).unwrap();
+        let cut = tmp.path().join(name);
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let e = load_err(&cut, None);
+        assert!(
+            e.contains("cannot read the checkpoint") && e.contains(name),
+            "{e}"
+        );
+    }
+    // a forced variant that does not fit
+    let e = load_err(&dir().join("sam_tiny.pth"), Some(Variant::VitB));
+    assert!(e.contains("does not match SAM vit_b"), "{e}");
+    let e = load_err(&dir().join("sam_tiny.pth"), Some(Variant::VitT));
+    assert!(e.contains("does not match SAM vit_t"), "{e}");
+    assert!(matches!(
+        Variant::parse("vit_x"),
+        Err(SamError::UnknownVariant(_))
+    ));
+}
