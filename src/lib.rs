@@ -13,4 +13,5 @@ pub mod models;
 pub mod ops;
 pub mod predict;
 pub mod progress;
+pub mod store;
 pub mod train;

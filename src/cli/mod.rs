@@ -16,6 +16,8 @@ use crate::predict::{self, Predictor};
 use crate::progress::{Progress, TrainEvent};
 use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
 
+mod project;
+
 #[derive(Parser)]
 #[command(
     name = "medmine",
@@ -41,6 +43,11 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Project store: create, import a dataset, status, relink, export.
+    #[command(subcommand)]
+    Project(project::ProjectCommand),
+    /// Review pseudo-labels: accept, reject, reset to pending, edit, undo, redo.
+    Review(project::ReviewArgs),
 }
 
 #[derive(Args)]
@@ -151,10 +158,16 @@ pub fn run() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Project commands use no compute device (and `status --json` must print only JSON).
+    let command = match cli.command {
+        Command::Project(c) => return project::project_cmd(c),
+        Command::Review(a) => return project::review_cmd(a),
+        other => other,
+    };
     let choice: DeviceChoice = cli.device.parse()?;
     let device = choice.open()?;
     println!("device: {}", describe(&device));
-    match cli.command {
+    match command {
         Command::Train(a) => train_cmd(a, device),
         Command::Predict(a) => predict_cmd(a, device),
         Command::Evaluate(a) => evaluate_cmd(a),
@@ -179,6 +192,8 @@ pub fn run() -> Result<()> {
             println!("images_per_s {ips:.4}");
             Ok(())
         }
+        Command::Project(c) => project::project_cmd(c),
+        Command::Review(a) => project::review_cmd(a),
     }
 }
 

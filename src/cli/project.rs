@@ -1,0 +1,506 @@
+//! `medmine project …` and `medmine review …`: thin wrappers over [`crate::store`].
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::data;
+use crate::store::{
+    Actor, ExportFormat, ImportOptions, NewPseudoLabel, Project, Prompts, ReviewEvent, ReviewState,
+};
+
+#[derive(Subcommand)]
+pub enum ProjectCommand {
+    /// Create a project folder (medmine.db, masks/, cache/, runs/).
+    Init { dir: PathBuf },
+    /// Import a dataset (images/, optional masks/); all or nothing.
+    Import(ImportArgs),
+    /// Counts per role and review state; with --json every image's name, role and review.
+    Status {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find moved image files again by content hash.
+    Relink {
+        dir: PathBuf,
+        /// The dataset's new folder (with images/, or the images themselves).
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Export ground truth + accepted pseudo-labels as PNG (dataset layout) or COCO JSON.
+    Export {
+        dir: PathBuf,
+        /// png | coco
+        #[arg(long, default_value = "png")]
+        format: String,
+        /// A new folder (png, coco) or a .json file (coco).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Review report as CSV: who did what to which image, and when.
+    Report {
+        dir: PathBuf,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check that every image and mask file the project references is there.
+    Verify {
+        dir: PathBuf,
+        /// Also check that image files still have their imported content.
+        #[arg(long)]
+        hashes: bool,
+    },
+    /// Store a folder of masks (<stem>.png) as pseudo-labels of one round, pending review.
+    AddPseudo(AddPseudoArgs),
+    /// Test helper: review actions one by one, printing `ack N IMAGE STATE` after each commit.
+    #[command(hide = true)]
+    StressReview {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Written into each action's note as `TAG:N`.
+        #[arg(long, default_value = "stress")]
+        tag: String,
+    },
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    dir: PathBuf,
+    /// Dataset folder with images/ and optional masks/.
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder with train.txt and optional val.txt, test.txt.
+    #[arg(long)]
+    split_dir: Option<PathBuf>,
+    /// Seeded fraction of the training images that is labelled (the rest is unlabelled).
+    #[arg(long, default_value_t = 1.0)]
+    labelled_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Import the usable files and list the unusable ones instead of refusing.
+    #[arg(long)]
+    skip_unusable: bool,
+}
+
+#[derive(Args)]
+pub struct AddPseudoArgs {
+    dir: PathBuf,
+    /// Folder of binary masks named <image stem>.png.
+    #[arg(long)]
+    masks: PathBuf,
+    /// Mining round.
+    #[arg(long, default_value_t = 0)]
+    round: i64,
+    /// CSV with header `image,sam_iou,stability,agreement` (empty cells allowed).
+    #[arg(long)]
+    scores: Option<PathBuf>,
+    #[arg(long)]
+    sam_checkpoint: Option<String>,
+    #[arg(long)]
+    unet_checkpoint: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReviewAction {
+    Accept,
+    Reject,
+    Pending,
+    /// Save --mask as the image's corrected mask.
+    Edit,
+    Undo,
+    Redo,
+}
+
+#[derive(Args)]
+pub struct ReviewArgs {
+    /// Project folder.
+    dir: PathBuf,
+    action: ReviewAction,
+    /// Image names (file name or stem).
+    images: Vec<String>,
+    /// accept only: every pending image whose pseudo-label quality
+    /// (sam_iou × stability × agreement) is at least this.
+    #[arg(long)]
+    min_score: Option<f64>,
+    /// Reviewer name (default: $USER).
+    #[arg(long)]
+    reviewer: Option<String>,
+    #[arg(long)]
+    note: Option<String>,
+    /// edit only: the corrected mask file.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+}
+
+/// A size limit (`ulimit -f`) should give a clear "disk full" error, not kill the process.
+fn ignore_file_size_signal() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: setting a signal to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+pub fn project_cmd(c: ProjectCommand) -> Result<()> {
+    ignore_file_size_signal();
+    match c {
+        ProjectCommand::Init { dir } => {
+            Project::init(&dir)?;
+            println!("created project {}", dir.display());
+            Ok(())
+        }
+        ProjectCommand::Import(a) => import_cmd(a),
+        ProjectCommand::Status { dir, json } => status_cmd(&dir, json),
+        ProjectCommand::Relink { dir, data } => {
+            let mut p = Project::open(&dir)?;
+            let r = p.relink(&data)?;
+            println!(
+                "relinked {} images, {} already in place, {} not found",
+                r.relinked,
+                r.unchanged,
+                r.not_found.len()
+            );
+            if !r.not_found.is_empty() {
+                let lines: Vec<String> = r
+                    .not_found
+                    .iter()
+                    .map(|(n, p)| format!("  {n} (was {})", p.display()))
+                    .collect();
+                bail!(
+                    "{}: {} images not found by content:\n{}",
+                    data.display(),
+                    r.not_found.len(),
+                    lines.join("\n")
+                );
+            }
+            Ok(())
+        }
+        ProjectCommand::Export { dir, format, out } => {
+            let format: ExportFormat = format.parse().map_err(anyhow::Error::msg)?;
+            let p = Project::open(&dir)?;
+            let r = p.export(format, &out)?;
+            for n in &r.notes {
+                eprintln!("{n}");
+            }
+            println!(
+                "exported {} ground-truth masks and {} accepted pseudo-labels to {}",
+                r.ground_truth,
+                r.pseudo_labels,
+                r.out.display()
+            );
+            Ok(())
+        }
+        ProjectCommand::Report { dir, out } => {
+            let csv = Project::open(&dir)?.review_report_csv()?;
+            match out {
+                Some(path) => std::fs::write(&path, csv)
+                    .with_context(|| format!("writing {}", path.display())),
+                None => {
+                    print!("{csv}");
+                    Ok(())
+                }
+            }
+        }
+        ProjectCommand::Verify { dir, hashes } => {
+            let problems = Project::open(&dir)?.verify(hashes)?;
+            if problems.is_empty() {
+                println!("{}: all referenced files present", dir.display());
+                return Ok(());
+            }
+            bail!(
+                "{}: {} problems:\n  {}",
+                dir.display(),
+                problems.len(),
+                problems.join("\n  ")
+            )
+        }
+        ProjectCommand::AddPseudo(a) => add_pseudo_cmd(a),
+        ProjectCommand::StressReview {
+            dir,
+            count,
+            seed,
+            tag,
+        } => stress_review(&dir, count, seed, &tag),
+    }
+}
+
+fn import_cmd(a: ImportArgs) -> Result<()> {
+    let mut p = Project::open(&a.dir)?;
+    let opts = ImportOptions {
+        data: a.data.clone(),
+        split_dir: a.split_dir,
+        labelled_fraction: a.labelled_fraction,
+        seed: a.seed,
+        skip_unusable: a.skip_unusable,
+    };
+    let r = p.import(&opts)?;
+    for n in &r.notes {
+        eprintln!("{n}");
+    }
+    let roles: Vec<String> = r.by_role.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "imported {} images ({}) with {} ground-truth masks from {}",
+        r.imported,
+        roles.join(", "),
+        r.ground_truth,
+        a.data.display()
+    );
+    Ok(())
+}
+
+fn status_cmd(dir: &Path, json: bool) -> Result<()> {
+    let s = Project::open(dir)?.status()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("project {} (schema v{})", s.project, s.schema_version);
+    println!("images {}", s.total);
+    for (role, n) in &s.roles {
+        println!("  {role:<10} {n}");
+    }
+    println!("review");
+    for (state, n) in &s.review {
+        println!("  {state:<10} {n}");
+    }
+    println!("pseudo-labelled images {}", s.pseudo_labels);
+    if s.missing_files > 0 {
+        println!(
+            "missing image files {} (run `medmine project verify` / `relink`)",
+            s.missing_files
+        );
+    }
+    Ok(())
+}
+
+fn parse_score(cell: Option<&str>, path: &Path, line: usize) -> Result<Option<f64>> {
+    match cell.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse::<f64>()
+            .map(Some)
+            .with_context(|| format!("{}: line {line}: {v:?} is not a number", path.display())),
+    }
+}
+
+type Scores = std::collections::HashMap<String, [Option<f64>; 3]>;
+
+fn read_scores(path: &Path) -> Result<Scores> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Scores::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut cells = line.split(',');
+        let name = cells.next().unwrap_or("").trim().to_string();
+        let mut v = [None; 3];
+        for slot in &mut v {
+            *slot = parse_score(cells.next(), path, i + 1)?;
+        }
+        let stem = Path::new(&name)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(&name)
+            .to_string();
+        out.insert(stem, v);
+    }
+    Ok(out)
+}
+
+fn add_pseudo_cmd(a: AddPseudoArgs) -> Result<()> {
+    let mut p = Project::open(&a.dir)?;
+    let scores = a.scores.as_deref().map(read_scores).transpose()?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&a.masks)
+        .with_context(|| format!("reading {}", a.masks.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    // Check every mask first, so nothing is stored when one is bad.
+    let mut labels = Vec::new();
+    for f in &files {
+        let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let rec = p
+            .image(stem)
+            .with_context(|| format!("{}: mask for an unknown image", f.display()))?;
+        let mask = data::load_mask(f)?;
+        if (mask.width, mask.height) != (rec.width, rec.height) {
+            bail!(
+                "{}: mask is {}x{} but image {} is {}x{}",
+                f.display(),
+                mask.width,
+                mask.height,
+                rec.name,
+                rec.width,
+                rec.height
+            );
+        }
+        let [sam_iou, stability, agreement] = scores
+            .as_ref()
+            .and_then(|s| s.get(rec.stem()).copied())
+            .unwrap_or([None; 3]);
+        labels.push((
+            rec.name,
+            NewPseudoLabel {
+                round: a.round,
+                mask,
+                prompts: Prompts::default(),
+                sam_iou,
+                stability,
+                agreement,
+                sam_checkpoint: a.sam_checkpoint.clone(),
+                unet_checkpoint: a.unet_checkpoint.clone(),
+            },
+        ));
+    }
+    for (name, label) in &labels {
+        p.add_pseudo_label(name, label)?;
+    }
+    println!(
+        "stored {} pseudo-labels of round {} (pending review)",
+        labels.len(),
+        a.round
+    );
+    Ok(())
+}
+
+fn print_events(events: &[ReviewEvent]) {
+    for e in events {
+        println!(
+            "{} {} by {} at {}",
+            e.image,
+            e.state,
+            e.reviewer.as_deref().unwrap_or("-"),
+            e.at
+        );
+    }
+}
+
+pub fn review_cmd(a: ReviewArgs) -> Result<()> {
+    ignore_file_size_signal();
+    let reviewer = a
+        .reviewer
+        .clone()
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()));
+    let actor = Actor {
+        reviewer: reviewer.as_deref(),
+        note: a.note.as_deref(),
+    };
+    let mut p = Project::open(&a.dir)?;
+    if a.min_score.is_some() && a.action != ReviewAction::Accept {
+        bail!("--min-score works with `accept` only");
+    }
+    if a.mask.is_some() && a.action != ReviewAction::Edit {
+        bail!("--mask works with `edit` only");
+    }
+    if let Some(min) = a.min_score {
+        if !a.images.is_empty() {
+            bail!("give either image names or --min-score, not both");
+        }
+        let events = p.accept_by_quality(min, actor)?;
+        print_events(&events);
+        println!(
+            "accepted {} pending images with quality >= {min}",
+            events.len()
+        );
+        return Ok(());
+    }
+    if a.images.is_empty() {
+        bail!("name at least one image (or use `accept --min-score S`)");
+    }
+    let names: Vec<&str> = a.images.iter().map(String::as_str).collect();
+    match a.action {
+        ReviewAction::Accept | ReviewAction::Reject | ReviewAction::Pending => {
+            let state = match a.action {
+                ReviewAction::Accept => ReviewState::Accepted,
+                ReviewAction::Reject => ReviewState::Rejected,
+                _ => ReviewState::Pending,
+            };
+            print_events(&p.set_review(&names, state, actor)?);
+        }
+        ReviewAction::Edit => {
+            let Some(mask_path) = &a.mask else {
+                bail!("edit needs --mask FILE");
+            };
+            if names.len() != 1 {
+                bail!("edit takes exactly one image");
+            }
+            let mask = data::load_mask(mask_path)?;
+            let v = p.save_edit(names[0], &mask, actor)?;
+            println!("{} edited (version {}, {})", v.image, v.seq, v.mask_file);
+        }
+        ReviewAction::Undo | ReviewAction::Redo => {
+            for n in names {
+                let e = if a.action == ReviewAction::Undo {
+                    p.undo_edit(n, actor)?
+                } else {
+                    p.redo_edit(n, actor)?
+                };
+                match e {
+                    Some(e) => print_events(&[e]),
+                    None => println!("{n}: nothing to {}", action_name(a.action)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn action_name(a: ReviewAction) -> &'static str {
+    match a {
+        ReviewAction::Undo => "undo",
+        ReviewAction::Redo => "redo",
+        _ => "do",
+    }
+}
+
+/// Review actions one at a time (accept, reject, pending, edit with a random mask), each
+/// acknowledged on stdout (flushed) only after its commit: the crash-safety tests kill this
+/// process at random moments and check that every acknowledged action survived.
+fn stress_review(dir: &Path, count: usize, seed: u64, tag: &str) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let mut p = Project::open(dir)?;
+    let images = p.images()?;
+    if images.is_empty() {
+        bail!("{}: project has no images", dir.display());
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let stdout = std::io::stdout();
+    for n in 0..count {
+        let rec = &images[rng.gen_range(0..images.len())];
+        let note = format!("{tag}:{n}");
+        let actor = Actor {
+            reviewer: Some("stress"),
+            note: Some(&note),
+        };
+        let state = match n % 4 {
+            0 => p.set_review(&[&rec.name], ReviewState::Accepted, actor)?[0].state,
+            1 => p.set_review(&[&rec.name], ReviewState::Rejected, actor)?[0].state,
+            2 => {
+                let data = (0..rec.width * rec.height)
+                    .map(|_| u8::from(rng.gen_bool(0.3)))
+                    .collect();
+                let mask = data::Mask {
+                    width: rec.width,
+                    height: rec.height,
+                    data,
+                };
+                p.save_edit(&rec.name, &mask, actor)?;
+                ReviewState::Edited
+            }
+            _ => p.set_review(&[&rec.name], ReviewState::Pending, actor)?[0].state,
+        };
+        let mut out = stdout.lock();
+        writeln!(out, "ack {n} {} {state}", rec.name)?;
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! The project store: the single source of truth for images, ground truth, predictions,
+//! pseudo-labels, review state, mask edit history and training runs.
+//!
+//! # A project on disk
+//!
+//! A project is a folder:
+//!
+//! * `medmine.db`: SQLite (bundled library) in WAL mode with foreign keys on, a 5 s busy
+//!   timeout and `synchronous=FULL`; the schema version is `PRAGMA user_version` and the
+//!   [`schema`] module holds the list of migrations. A database whose version is newer than
+//!   this medmine knows is refused without being touched; an older one is first copied to
+//!   `medmine.db.bak-v{old}` and then migrated in one transaction.
+//! * `masks/`: every mask the project references (ground truth copied at import,
+//!   pseudo-labels, edits, predictions) as an 8-bit PNG (0/255) named by the SHA-256 of its
+//!   bytes (`masks/<sha256>.png`), so identical masks are stored once and a file name never
+//!   changes meaning.
+//! * `cache/` (SAM embeddings) and `runs/` (checkpoints and metrics).
+//!
+//! Images stay where they are: a project references each by path and by the SHA-256 of its
+//! file, so a moved dataset can be found again ([`Project::relink`]).
+//!
+//! # Durability
+//!
+//! * Every review action is one `BEGIN IMMEDIATE` transaction; a call returns only after the
+//!   commit, so whatever a caller reported as done survives a `kill -9` or a power cut.
+//! * A mask file is written to a temporary file in `masks/`, fsynced, renamed to its final
+//!   name and the folder fsynced; only then is the row that points to it committed. No row
+//!   ever points to a missing or half-written file (a crash can at worst leave an unreferenced
+//!   file behind).
+//! * Several processes (GUI, CLI) may use one project at once: writers wait on each other
+//!   through the busy timeout instead of failing with "database is locked".
+//!
+//! # Review states and the quality score
+//!
+//! Every image has one review state ([`ReviewState`]): `pending` until someone acts on it,
+//! then `accepted`, `rejected` or `edited` (the reviewer saved a corrected mask). Every action
+//! is also appended to a review log (who, what, when, note) that
+//! [`Project::review_report_csv`] turns into a CSV report.
+//!
+//! The quality score of a pseudo-label ([`quality_score`]) is
+//! `sam_iou × stability × agreement`, where a factor that was not recorded counts as 1 and a
+//! label with none of the three has no score (batch accepting by score never picks it).
+mod export;
+mod fsutil;
+mod import;
+mod records;
+mod review;
+pub mod rle;
+mod runs;
+pub mod schema;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::data::DataError;
+
+pub use export::{ExportFormat, ExportReport};
+pub use fsutil::{is_disk_full, sha256_file, sha256_hex};
+pub use import::{ImportOptions, ImportReport, RelinkReport};
+pub use records::{
+    quality_score, BoxPrompt, ImageRecord, MaskVersion, NewPseudoLabel, PointPrompt, Prediction,
+    Prompts, PseudoLabel, Review, ReviewEvent, ReviewState, Role, RunStatus, TrainingRun,
+};
+pub use review::Actor;
+pub use status::{ImageStatus, ProjectStatus};
+
+/// File name of the project database inside the project folder.
+pub const DB_FILE: &str = "medmine.db";
+/// Sub-folders every project has.
+pub const SUBDIRS: &[&str] = &["masks", "cache", "runs"];
+
+/// Errors of the project store. Messages name the file, folder or image concerned and the
+/// problem.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file or folder could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A write failed because the disk is full or a file size limit was reached.
+    #[error(
+        "{}: no space left to write (disk full or file size limit reached): {source}; nothing was changed",
+        .path.display()
+    )]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The project folder cannot be written.
+    #[error(
+        "{}: project folder is read-only ({reason}); nothing was changed. Make it writable or copy the project elsewhere",
+        .path.display()
+    )]
+    ReadOnly { path: PathBuf, reason: String },
+    /// No project at this path.
+    #[error("{}: not a medmine project (no {DB_FILE}); create one with `medmine project init`", .path.display())]
+    NotAProject { path: PathBuf },
+    /// `init` on a folder that already holds a project.
+    #[error("{}: already a medmine project ({DB_FILE} exists)", .path.display())]
+    AlreadyAProject { path: PathBuf },
+    /// The database was written by a newer medmine.
+    #[error(
+        "{}: database schema version {found} is newer than this medmine supports (version {supported}); \
+         use a newer medmine. The file was not changed",
+        .path.display()
+    )]
+    FutureSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// The file is an SQLite database but not a medmine project.
+    #[error("{}: not a medmine database: {reason}", .path.display())]
+    ForeignDatabase { path: PathBuf, reason: String },
+    /// An SQLite error.
+    #[error("{}: database error: {source}{}", .path.display(), db_hint(.source))]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// An image or mask could not be read or written.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// An image name that the project does not hold.
+    #[error("{}: no image named {name} in this project", .project.display())]
+    UnknownImage { project: PathBuf, name: String },
+    /// The image file a project row points to is gone.
+    #[error(
+        "image {name}: file {} is missing (moved or deleted?); if the dataset moved, run \
+         `medmine project relink PROJECT --data NEW_DATASET_DIR`",
+        .path.display()
+    )]
+    MissingImageFile { name: String, path: PathBuf },
+    /// A mask file a project row points to is gone (the project folder was damaged).
+    #[error("{}: mask file of image {name} is missing from the project", .path.display())]
+    MissingMaskFile { name: String, path: PathBuf },
+    /// A mask whose size differs from its image.
+    #[error("image {name}: mask is {mask_w}x{mask_h} but the image is {image_w}x{image_h}")]
+    MaskSize {
+        name: String,
+        mask_w: usize,
+        mask_h: usize,
+        image_w: usize,
+        image_h: usize,
+    },
+    /// An import found problems; nothing was imported.
+    #[error(
+        "{}: {} problem{} found, nothing was imported:\n  {}",
+        .data.display(),
+        .problems.len(),
+        if .problems.len() == 1 { "" } else { "s" },
+        .problems.join("\n  ")
+    )]
+    Import {
+        data: PathBuf,
+        problems: Vec<String>,
+    },
+    /// An export target that would be overwritten.
+    #[error("{}: already exists; export into a new folder or file", .path.display())]
+    ExportExists { path: PathBuf },
+    /// A stored JSON value could not be read.
+    #[error("{}: stored {what} is not valid JSON: {source}", .path.display())]
+    Json {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Any other invalid request.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn db_hint(e: &rusqlite::Error) -> &'static str {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::DiskFull) | Some(C::SystemIoFailure) => {
+            " (is the disk full or a file size limit reached?); the last action was rolled back"
+        }
+        Some(C::ReadOnly) | Some(C::CannotOpen) => {
+            " (is the project folder read-only?); nothing was changed"
+        }
+        Some(C::DatabaseBusy) | Some(C::DatabaseLocked) => {
+            " (another process held the project for more than the busy timeout)"
+        }
+        _ => "",
+    }
+}
+
+/// Result alias of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An open project: its folder and a connection to its database.
+pub struct Project {
+    root: PathBuf,
+    db_path: PathBuf,
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Project {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Project").field("root", &self.root).finish()
+    }
+}
+
+/// How long a writer waits for another one before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Project {
+    /// Creates a new project in `dir` (created with its parents if needed; an existing
+    /// folder is fine unless it already holds a project).
+    pub fn init(dir: &Path) -> Result<Project> {
+        std::fs::create_dir_all(dir).map_err(|e| fsutil::write_error(dir, e))?;
+        let db_path = dir.join(DB_FILE);
+        if db_path.exists() {
+            return Err(StoreError::AlreadyAProject {
+                path: dir.to_path_buf(),
+            });
+        }
+        fsutil::check_writable(dir)?;
+        for sub in SUBDIRS {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(|e| fsutil::write_error(&p, e))?;
+        }
+        let mut conn = connect(&db_path)?;
+        schema::migrate(&mut conn, &db_path, schema::LATEST)?;
+        Ok(Project {
+            root: dir.to_path_buf(),
+            db_path,
+            conn,
+        })
+    }
+
+    /// Opens an existing project: refuses a read-only folder and a database from a newer
+    /// medmine, migrates an older one (after a backup copy), and re-creates missing
+    /// sub-folders.
+    pub fn open(dir: &Path) -> Result<Project> {
+        let db_path = dir.join(DB_FILE);
+        if !db_path.is_file() {
+            return Err(StoreError::NotAProject {
+                path: dir.to_path_buf(),
+            });
+        }
+        fsutil::check_writable(dir)?;
+        for sub in SUBDIRS {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(|e| fsutil::write_error(&p, e))?;
+        }
+        let mut conn = connect(&db_path)?;
+        schema::upgrade(&mut conn, &db_path)?;
+        Ok(Project {
+            root: dir.to_path_buf(),
+            db_path,
+            conn,
+        })
+    }
+
+    /// The project folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `ROOT/medmine.db`.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// `ROOT/masks/`: content-addressed mask PNGs.
+    pub fn masks_dir(&self) -> PathBuf {
+        self.root.join("masks")
+    }
+
+    /// `ROOT/cache/`: SAM embeddings.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    /// `ROOT/runs/`: training runs.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    /// The database connection (read queries, tests, tools).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64> {
+        schema::user_version(&self.conn).map_err(|e| self.db(e))
+    }
+
+    /// `PRAGMA integrity_check`: `"ok"` for a sound database, else SQLite's findings.
+    pub fn integrity_check(&self) -> Result<String> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA integrity_check")
+            .map_err(|e| self.db(e))?;
+        let rows: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(|it| it.collect())
+            .map_err(|e| self.db(e))?;
+        Ok(rows.join("\n"))
+    }
+
+    /// Wraps an SQLite error with the database path.
+    fn db(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Db {
+            path: self.db_path.clone(),
+            source,
+        }
+    }
+
+    /// The image row with this name (or file stem).
+    pub fn image(&self, name: &str) -> Result<ImageRecord> {
+        self.find_image(name)?
+            .ok_or_else(|| StoreError::UnknownImage {
+                project: self.root.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    fn find_image(&self, name: &str) -> Result<Option<ImageRecord>> {
+        let sql = format!("{} WHERE name = ?1", records::IMAGE_SELECT);
+        if let Some(r) = self
+            .conn
+            .query_row(&sql, [name], records::image_from_row)
+            .optional()
+            .map_err(|e| self.db(e))?
+        {
+            return Ok(Some(r));
+        }
+        let all = self.images()?;
+        let mut by_stem = all.into_iter().filter(|r| r.stem() == name);
+        match (by_stem.next(), by_stem.next()) {
+            (Some(r), None) => Ok(Some(r)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every image, sorted by name.
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        let sql = format!("{} ORDER BY name", records::IMAGE_SELECT);
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.db(e))?;
+        let rows = stmt
+            .query_map([], records::image_from_row)
+            .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.db(e))?;
+        Ok(rows)
+    }
+
+    /// The image's file path, checked to exist: a clear error naming the image and the path
+    /// when the file has vanished.
+    pub fn image_file(&self, name: &str) -> Result<PathBuf> {
+        let rec = self.image(name)?;
+        if !rec.path.is_file() {
+            return Err(StoreError::MissingImageFile {
+                name: rec.name,
+                path: rec.path,
+            });
+        }
+        Ok(rec.path)
+    }
+
+    /// Decodes the image (see [`crate::data::load_image`] for the normalisation).
+    pub fn load_image(&self, name: &str) -> Result<crate::data::ImageF32> {
+        let path = self.image_file(name)?;
+        Ok(crate::data::load_image(&path)?)
+    }
+
+    /// The ground-truth mask of an image, if it has one.
+    pub fn ground_truth(&self, name: &str) -> Result<Option<PathBuf>> {
+        let rec = self.image(name)?;
+        let file: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT mask_file FROM gt_masks WHERE image_id = ?1",
+                [rec.id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.db(e))?;
+        Ok(file.map(|f| self.masks_dir().join(f)))
+    }
+
+    /// Every image whose file is missing: `(name, recorded path)`.
+    pub fn missing_images(&self) -> Result<Vec<(String, PathBuf)>> {
+        Ok(self
+            .images()?
+            .into_iter()
+            .filter(|r| !r.path.is_file())
+            .map(|r| (r.name, r.path))
+            .collect())
+    }
+
+    /// Checks every file the project references: image files exist (and, with
+    /// `hashes`, still have their recorded content) and every mask file exists. Returns
+    /// one line per problem (empty when all is well).
+    pub fn verify(&self, hashes: bool) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for rec in self.images()? {
+            if !rec.path.is_file() {
+                problems.push(
+                    StoreError::MissingImageFile {
+                        name: rec.name.clone(),
+                        path: rec.path.clone(),
+                    }
+                    .to_string(),
+                );
+            } else if hashes {
+                let h = sha256_file(&rec.path)?;
+                if h != rec.sha256 {
+                    problems.push(format!(
+                        "image {}: file {} has changed since import (content hash differs)",
+                        rec.name,
+                        rec.path.display()
+                    ));
+                }
+            }
+        }
+        for (name, file) in self.referenced_masks()? {
+            let path = self.masks_dir().join(&file);
+            if !path.is_file() {
+                problems.push(StoreError::MissingMaskFile { name, path }.to_string());
+            }
+        }
+        Ok(problems)
+    }
+
+    /// `(image name, mask file name)` for every mask file a row references.
+    pub fn referenced_masks(&self) -> Result<Vec<(String, String)>> {
+        let sql = "SELECT i.name, m.mask_file FROM gt_masks m JOIN images i ON i.id = m.image_id
+             UNION ALL SELECT i.name, p.mask_file FROM pseudo_labels p JOIN images i ON i.id = p.image_id
+             UNION ALL SELECT i.name, v.mask_file FROM mask_versions v JOIN images i ON i.id = v.image_id
+             UNION ALL SELECT i.name, p.mask_file FROM predictions p JOIN images i ON i.id = p.image_id";
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.db(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.db(e))?;
+        Ok(rows)
+    }
+
+    /// Reads a key of the project's `meta` table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.db(e))
+    }
+}
+
+/// Opens the database file with the project's connection settings (busy timeout, foreign
+/// keys, WAL, synchronous=FULL). Writes nothing but the journal mode.
+fn connect(db_path: &Path) -> Result<Connection> {
+    let db = |source| StoreError::Db {
+        path: db_path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(db_path).map_err(db)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+    Ok(conn)
+}
+
+/// Sets WAL mode and full synchronous commits (called once the schema version is known to
+/// be one this medmine can use, so a future database is never touched).
+fn set_journal(conn: &Connection, db_path: &Path) -> Result<()> {
+    let db = |source| StoreError::Db {
+        path: db_path.to_path_buf(),
+        source,
+    };
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(db)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Invalid(format!(
+            "{}: could not switch the database to WAL mode (journal mode is {mode})",
+            db_path.display()
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db)?;
+    Ok(())
+}
+
+/// The current time as an RFC 3339 UTC timestamp with milliseconds,
+/// e.g. `2026-11-26T16:13:56.123Z`.
+pub fn now_rfc3339() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_shape() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(
+            t.ends_with('Z') && &t[4..5] == "-" && &t[10..11] == "T",
+            "{t}"
+        );
+        assert!(t.as_str() > "2024-01-01", "{t}");
+    }
+
+    #[test]
+    fn init_then_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("proj");
+        let proj = Project::init(&p).unwrap();
+        assert_eq!(proj.schema_version().unwrap(), schema::LATEST);
+        for sub in SUBDIRS {
+            assert!(p.join(sub).is_dir());
+        }
+        drop(proj);
+        assert!(matches!(
+            Project::init(&p),
+            Err(StoreError::AlreadyAProject { .. })
+        ));
+        let proj = Project::open(&p).unwrap();
+        assert_eq!(proj.integrity_check().unwrap(), "ok");
+        let mode: String = proj
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = proj
+            .conn()
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk, 1);
+        let err = Project::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::NotAProject { .. }), "{err}");
+    }
+}
