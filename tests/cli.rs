@@ -237,3 +237,64 @@ fn bad_input_gives_errors_that_name_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn segment_with_sam_matches_the_official_predictor() {
+    let fx = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sam"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mask.png");
+    let logits = tmp.path().join("logits.npy");
+    let o = medmine(&[
+        "segment",
+        "--sam",
+        s(&fx.join("sam_tiny.pth")),
+        "--image",
+        s(&fx.join("image.png")),
+        "--box",
+        "30,25,110,100",
+        "--point",
+        "70,60,1",
+        "--point",
+        "140,20,0",
+        "--out",
+        s(&out),
+        "--logits",
+        s(&logits),
+    ]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{err}");
+    let iou_line = stdout.lines().last().unwrap();
+    assert!(iou_line.starts_with("predicted_iou "), "{stdout}");
+    let ours = image::open(&out).unwrap().to_luma8();
+    let official = image::open(fx.join("box_points_single_mask0.png"))
+        .unwrap()
+        .to_luma8();
+    assert_eq!(ours.dimensions(), (160, 136));
+    let (mut inter, mut union) = (0u32, 0u32);
+    for (a, b) in ours.pixels().zip(official.pixels()) {
+        let (a, b) = (a.0[0] > 127, b.0[0] > 127);
+        inter += u32::from(a && b);
+        union += u32::from(a || b);
+    }
+    assert!(
+        union > 0 && inter as f64 / union as f64 >= 0.99,
+        "{inter}/{union}"
+    );
+    let l = candle_core::Tensor::read_npy(&logits).unwrap();
+    assert_eq!(l.dims(), &[136, 160]);
+
+    // a label other than 0/1 is refused with the flag named
+    let o = medmine(&[
+        "segment",
+        "--sam",
+        s(&fx.join("sam_tiny.pth")),
+        "--image",
+        s(&fx.join("image.png")),
+        "--point",
+        "70,60,2",
+        "--out",
+        s(&out),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("--point"), "{}", text(&o).1);
+}

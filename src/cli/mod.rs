@@ -17,6 +17,7 @@ use crate::progress::{Progress, TrainEvent};
 use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
 
 mod project;
+mod segment;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +49,8 @@ enum Command {
     Project(project::ProjectCommand),
     /// Review pseudo-labels: accept, reject, reset to pending, edit, undo, redo.
     Review(project::ReviewArgs),
+    /// Segment one image with SAM from box / point / mask prompts.
+    Segment(segment::SegmentArgs),
 }
 
 #[derive(Args)]
@@ -171,6 +174,7 @@ pub fn run() -> Result<()> {
         Command::Train(a) => train_cmd(a, device),
         Command::Predict(a) => predict_cmd(a, device),
         Command::Evaluate(a) => evaluate_cmd(a),
+        Command::Segment(a) => segment::segment_cmd(a, device),
         Command::Bench(BenchCommand::Train {
             size,
             batch,
