@@ -13,5 +13,6 @@ pub mod models;
 pub mod ops;
 pub mod predict;
 pub mod progress;
+pub mod prompts;
 pub mod store;
 pub mod train;
