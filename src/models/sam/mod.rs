@@ -5,6 +5,8 @@
 //! modules; the prompt encoder (points, boxes, mask input) and the mask decoder are our own
 //! (candle's crash on boxes and use the tanh GELU where SAM uses the exact one).
 //! `tests/sam_parity.rs` checks all of it against the official PyTorch code.
+pub mod bench;
+pub mod cache;
 pub mod checkpoint;
 pub mod mask_decoder;
 pub mod predictor;
@@ -18,6 +20,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::segment_anything::{image_encoder::ImageEncoderViT, tiny_vit};
 
+pub use cache::{CacheStats, EmbeddingCache, PrecomputeReport};
 pub use checkpoint::{detect_config, load_sam};
 pub use mask_decoder::MaskDecoder;
 pub use predictor::{Embedding, Prediction, Prompt, SamPredictor};

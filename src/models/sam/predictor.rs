@@ -86,79 +86,169 @@ impl SamPredictor {
 
     /// Decodes one prompt against an embedding (the official `predict`).
     pub fn predict(&self, emb: &Embedding, prompt: &Prompt, multimask: bool) -> Result<Prediction> {
+        let mut out = self.predict_batch(emb, std::slice::from_ref(prompt), multimask)?;
+        Ok(out.pop().expect("one prediction per prompt"))
+    }
+
+    /// Decodes many prompts against one embedding, batched (the official `predict_torch` with
+    /// `B` prompts); the result `i` equals `predict(emb, &prompts[i], multimask)`.
+    ///
+    /// The official decoder only batches prompts of one shape (`[B, N, 2]` points, `[B, 4]`
+    /// boxes): every prompt's sparse tokens attend to each other in the two-way transformer, so
+    /// padding a shorter point set with "not a point" (label -1) tokens *changes* its masks
+    /// (on the parity fixture one extra -1 point moves the low-res logits by 0.56). The official
+    /// code pads only where it always does (one -1 point when there is no box). So prompts are
+    /// grouped by (number of points, box or not) and each group is ONE decoder call; mask inputs
+    /// may differ within a group (the dense embedding is per prompt). Uniform prompts, e.g. a
+    /// list of boxes from the mining loop, therefore run in a single call.
+    pub fn predict_batch(
+        &self,
+        emb: &Embedding,
+        prompts: &[Prompt],
+        multimask: bool,
+    ) -> Result<Vec<Prediction>> {
+        let mut groups: Vec<((usize, bool), Vec<usize>)> = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let key = (p.points.len(), p.bbox.is_some());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        let mut out: Vec<Option<Prediction>> = vec![None; prompts.len()];
+        for (_, idx) in groups {
+            let group: Vec<&Prompt> = idx.iter().map(|&i| &prompts[i]).collect();
+            for (i, pred) in idx
+                .into_iter()
+                .zip(self.decode_group(emb, &group, multimask)?)
+            {
+                out[i] = Some(pred);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|p| p.expect("every prompt decoded"))
+            .collect())
+    }
+
+    /// One decoder call for prompts with the same number of points and all or no boxes.
+    fn decode_group(
+        &self,
+        emb: &Embedding,
+        prompts: &[&Prompt],
+        multimask: bool,
+    ) -> Result<Vec<Prediction>> {
         let dev = self.sam.device();
         let pe = &self.sam.prompt_encoder;
-        let points = if prompt.points.is_empty() {
+        let b = prompts.len();
+        let n = prompts[0].points.len();
+        let points = if n == 0 {
             None
         } else {
-            let mut coords = Vec::with_capacity(2 * prompt.points.len());
-            let mut labels = Vec::with_capacity(prompt.points.len());
-            for &(x, y, l) in &prompt.points {
-                if l > 1 {
-                    return Err(SamError::Prompt(format!(
-                        "point ({x}, {y}) has label {l}; expected 1 (foreground) or 0 (background)"
-                    )));
+            let mut coords = Vec::with_capacity(2 * n * b);
+            let mut labels = Vec::with_capacity(n * b);
+            for p in prompts {
+                for &(x, y, l) in &p.points {
+                    if l > 1 {
+                        return Err(SamError::Prompt(format!(
+                            "point ({x}, {y}) has label {l}; expected 1 (foreground) or 0 (background)"
+                        )));
+                    }
+                    let (xi, yi) = input_from_image(x, y, emb.original_size);
+                    coords.extend([xi, yi]);
+                    labels.push(l as f32);
                 }
-                let (xi, yi) = input_from_image(x, y, emb.original_size);
-                coords.extend([xi, yi]);
-                labels.push(l as f32);
             }
-            let n = labels.len();
             Some((
-                Tensor::from_vec(coords, (1, n, 2), dev)?, // [1, N, 2]
-                Tensor::from_vec(labels, (1, n), dev)?,    // [1, N]
+                Tensor::from_vec(coords, (b, n, 2), dev)?, // [B, N, 2]
+                Tensor::from_vec(labels, (b, n), dev)?,    // [B, N]
             ))
         };
-        let boxes = match prompt.bbox {
-            Some([x0, y0, x1, y1]) => {
-                let (a, b) = input_from_image(x0, y0, emb.original_size);
+        let boxes = if prompts[0].bbox.is_some() {
+            let mut v = Vec::with_capacity(4 * b);
+            for p in prompts {
+                let [x0, y0, x1, y1] = p.bbox.expect("grouped by box presence");
+                let (a, bb) = input_from_image(x0, y0, emb.original_size);
                 let (c, d) = input_from_image(x1, y1, emb.original_size);
-                Some(Tensor::from_vec(vec![a, b, c, d], (1, 4), dev)?) // [1, 4]
+                v.extend([a, bb, c, d]);
             }
-            None => None,
+            Some(Tensor::from_vec(v, (b, 4), dev)?) // [B, 4]
+        } else {
+            None
         };
-        let masks = match &prompt.mask_input {
-            Some(m) => {
-                if m.elem_count() != LOW_RES_SIZE * LOW_RES_SIZE {
-                    return Err(SamError::Prompt(format!(
-                        "mask_input has shape {:?}; expected [1, 256, 256] low-res logits",
-                        m.dims()
-                    )));
-                }
-                let m = m.to_dtype(DType::F32)?.to_device(dev)?;
-                Some(m.reshape((1, 1, LOW_RES_SIZE, LOW_RES_SIZE))?)
-            }
-            None => None,
+        let masks = prompts
+            .iter()
+            .map(|p| {
+                p.mask_input
+                    .as_ref()
+                    .map(|m| mask_input(m, dev))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let all_masks = masks.iter().all(Option::is_some);
+        let stacked = if all_masks {
+            let m: Vec<Tensor> = masks.iter().flatten().cloned().collect();
+            Some(Tensor::cat(&m, 0)?) // [B, 1, 256, 256]
+        } else {
+            None
         };
-        let (sparse, dense) = pe.forward(
+        let (sparse, mut dense) = pe.forward(
             points.as_ref().map(|(c, l)| (c, l)),
             boxes.as_ref(),
-            masks.as_ref(),
-            1,
+            stacked.as_ref(),
+            b,
         )?;
+        if !all_masks && masks.iter().any(Option::is_some) {
+            // some prompts of the group have a mask input: their own dense embedding
+            let rows = masks
+                .iter()
+                .enumerate()
+                .map(|(i, m)| match m {
+                    Some(m) => Ok(pe.embed_masks(m)?),
+                    None => dense.narrow(0, i, 1),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            dense = Tensor::cat(&rows, 0)?;
+        }
         let (low, iou) = self.sam.mask_decoder.forward(
             &emb.features,
             &pe.dense_pe()?,
             &sparse,
             &dense,
             multimask,
-        )?; // [1, M, 256, 256], [1, M]
-        let low = low.squeeze(0)?; // [M, 256, 256]
-        let iou_predictions = iou.squeeze(0)?.to_vec1::<f32>()?;
-        let (h, w) = emb.original_size;
-        let m = low.dim(0)?;
+        )?; // [B, M, 256, 256], [B, M]
+        let m = low.dim(1)?;
+        let iou = iou.to_vec2::<f32>()?;
         let low_host = low.flatten_all()?.to_vec1::<f32>()?;
-        let mut logits = Vec::with_capacity(m * h * w);
-        for k in 0..m {
-            let plane = &low_host[k * LOW_RES_SIZE * LOW_RES_SIZE..][..LOW_RES_SIZE * LOW_RES_SIZE];
-            logits.extend(postprocess_mask(plane, emb.input_size, emb.original_size));
+        let (h, w) = emb.original_size;
+        let plane = LOW_RES_SIZE * LOW_RES_SIZE;
+        let mut preds = Vec::with_capacity(b);
+        for (j, iou_predictions) in iou.into_iter().enumerate() {
+            let mut logits = Vec::with_capacity(m * h * w);
+            for k in 0..m {
+                let low_k = &low_host[(j * m + k) * plane..][..plane];
+                logits.extend(postprocess_mask(low_k, emb.input_size, emb.original_size));
+            }
+            let masks: Vec<u8> = logits.iter().map(|&v| u8::from(v > 0.0)).collect();
+            preds.push(Prediction {
+                logits: Tensor::from_vec(logits, (m, h, w), dev)?,
+                masks: Tensor::from_vec(masks, (m, h, w), dev)?,
+                iou_predictions,
+                low_res_logits: low.get(j)?, // [M, 256, 256]
+            });
         }
-        let masks: Vec<u8> = logits.iter().map(|&v| u8::from(v > 0.0)).collect();
-        Ok(Prediction {
-            logits: Tensor::from_vec(logits, (m, h, w), dev)?,
-            masks: Tensor::from_vec(masks, (m, h, w), dev)?,
-            iou_predictions,
-            low_res_logits: low,
-        })
+        Ok(preds)
     }
+}
+
+/// A `mask_input` as `[1, 1, 256, 256]` f32 on `dev`.
+fn mask_input(m: &Tensor, dev: &candle_core::Device) -> Result<Tensor> {
+    if m.elem_count() != LOW_RES_SIZE * LOW_RES_SIZE {
+        return Err(SamError::Prompt(format!(
+            "mask_input has shape {:?}; expected [1, 256, 256] low-res logits",
+            m.dims()
+        )));
+    }
+    let m = m.to_dtype(DType::F32)?.to_device(dev)?;
+    Ok(m.reshape((1, 1, LOW_RES_SIZE, LOW_RES_SIZE))?)
 }
