@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod evaluate;
 pub mod metrics;
+pub mod mining;
 pub mod models;
 pub mod ops;
 pub mod predict;

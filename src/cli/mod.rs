@@ -16,6 +16,7 @@ use crate::predict::{self, Predictor};
 use crate::progress::{Progress, TrainEvent};
 use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
 
+mod mine;
 mod project;
 mod segment;
 
@@ -51,6 +52,8 @@ enum Command {
     Review(project::ReviewArgs),
     /// Segment one image with SAM from box / point / mask prompts.
     Segment(segment::SegmentArgs),
+    /// Mine pseudo-labels for the unlabelled images: U-Net++ prompts -> SAM -> pending review.
+    Mine(mine::MineArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +156,21 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         warmup: usize,
     },
+    /// SAM image encoder and per-prompt decoder timing; last line `encoder_ms <f> decoder_ms <f>`.
+    /// Without --sam, seeded random weights of the variant (runs anywhere).
+    Sam {
+        #[arg(long)]
+        sam: Option<PathBuf>,
+        /// vit_b | vit_l | vit_h | vit_t (with --sam: auto-detected unless given).
+        #[arg(long)]
+        variant: Option<String>,
+        /// An image (default: a synthetic 1024x1024 one).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Timed encoder runs.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
 }
 
 pub fn run() -> Result<()> {
@@ -175,6 +193,7 @@ pub fn run() -> Result<()> {
         Command::Predict(a) => predict_cmd(a, device),
         Command::Evaluate(a) => evaluate_cmd(a),
         Command::Segment(a) => segment::segment_cmd(a, device),
+        Command::Mine(a) => mine::mine_cmd(a, device),
         Command::Bench(BenchCommand::Train {
             size,
             batch,
@@ -194,6 +213,31 @@ pub fn run() -> Result<()> {
             let ips =
                 crate::bench::bench_train(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
             println!("images_per_s {ips:.4}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Sam {
+            sam,
+            variant,
+            image,
+            runs,
+        }) => {
+            use crate::models::sam::bench::{bench_sam, SamBenchOptions};
+            let variant = match variant.as_deref() {
+                Some(v) => crate::models::sam::Variant::parse(v)?,
+                None => None,
+            };
+            let opts = SamBenchOptions {
+                variant,
+                checkpoint: sam,
+                image,
+                runs: runs.max(1),
+                ..Default::default()
+            };
+            let report = bench_sam(&opts, &device, &mut |line| println!("{line}"))?;
+            for line in report.summary_lines() {
+                println!("{line}");
+            }
+            println!("{}", report.contract_line());
             Ok(())
         }
         Command::Project(c) => project::project_cmd(c),

@@ -1,0 +1,102 @@
+//! Quality of a pseudo-label (pure functions on flat masks and logits): SAM's stability
+//! score, Dice agreement and the IoU of successive rounds.
+
+/// Offset of SAM's stability score: masks thresholded at logits `+OFFSET` and `-OFFSET`.
+pub const STABILITY_OFFSET: f32 = 1.0;
+
+/// `|a ∧ b|` and `|a ∨ b|` / `|a| + |b|` counts of two equally long masks.
+fn counts(a: &[bool], b: &[bool]) -> (usize, usize, usize) {
+    debug_assert_eq!(a.len(), b.len());
+    let (mut inter, mut na, mut nb) = (0, 0, 0);
+    for (&x, &y) in a.iter().zip(b) {
+        inter += usize::from(x && y);
+        na += usize::from(x);
+        nb += usize::from(y);
+    }
+    (inter, na, nb)
+}
+
+/// Dice `2|a ∧ b| / (|a| + |b|)`; two empty masks agree fully (1).
+pub fn dice(a: &[bool], b: &[bool]) -> f64 {
+    let (inter, na, nb) = counts(a, b);
+    if na + nb == 0 {
+        1.0
+    } else {
+        2.0 * inter as f64 / (na + nb) as f64
+    }
+}
+
+/// IoU `|a ∧ b| / |a ∨ b|`; two empty masks are identical (1).
+pub fn iou(a: &[bool], b: &[bool]) -> f64 {
+    let (inter, na, nb) = counts(a, b);
+    let union = na + nb - inter;
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
+}
+
+/// SAM's stability score: IoU of the masks `logits > +offset` and `logits > -offset` (the
+/// first lies inside the second, so it is their count ratio). A mask that is empty even at
+/// `-offset` is perfectly stable (1); NaN logits count as background.
+pub fn stability_score(logits: &[f32], offset: f32) -> f64 {
+    let hi = logits.iter().filter(|&&v| v > offset).count();
+    let lo = logits.iter().filter(|&&v| v > -offset).count();
+    if lo == 0 {
+        1.0
+    } else {
+        hi as f64 / lo as f64
+    }
+}
+
+/// Mean of the values, `None` for none.
+pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for v in values {
+        sum += v;
+        n += 1;
+    }
+    (n > 0).then(|| sum / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask(s: &str) -> Vec<bool> {
+        s.chars().map(|c| c == '1').collect()
+    }
+
+    #[test]
+    fn dice_and_iou_exact() {
+        let a = mask("11110000");
+        let b = mask("00111100");
+        assert_eq!(dice(&a, &b), 0.5); // 2*2 / (4+4)
+        assert_eq!(iou(&a, &b), 2.0 / 6.0);
+        assert_eq!(dice(&a, &a), 1.0);
+        assert_eq!(iou(&a, &mask("00001111")), 0.0);
+        assert_eq!(dice(&mask("0000"), &mask("0000")), 1.0);
+        assert_eq!(iou(&mask("0000"), &mask("0000")), 1.0);
+        assert_eq!(dice(&mask("0000"), &mask("0100")), 0.0);
+    }
+
+    #[test]
+    fn stability_is_the_ratio_of_the_two_thresholded_masks() {
+        // > +1: 2 pixels; > -1: 4 pixels (0.5 and -0.5 are in the band)
+        let logits = [3.0, 1.5, 0.5, -0.5, -1.0, -4.0, f32::NAN];
+        assert_eq!(stability_score(&logits, 1.0), 0.5);
+        // a confident mask is fully stable
+        assert_eq!(stability_score(&[10.0, 10.0, -10.0], 1.0), 1.0);
+        // nothing above -1: empty and stable
+        assert_eq!(stability_score(&[-5.0, -2.0], 1.0), 1.0);
+        // only uncertain pixels: unstable
+        assert_eq!(stability_score(&[0.2, -0.2], 1.0), 0.0);
+    }
+
+    #[test]
+    fn mean_of_nothing_is_none() {
+        assert_eq!(mean([]), None);
+        assert_eq!(mean([0.5, 1.0]), Some(0.75));
+    }
+}
