@@ -16,6 +16,7 @@ use crate::predict::{self, Predictor};
 use crate::progress::{Progress, TrainEvent};
 use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
 
+mod finetune;
 mod mine;
 mod project;
 mod segment;
@@ -54,6 +55,8 @@ enum Command {
     Segment(segment::SegmentArgs),
     /// Mine pseudo-labels for the unlabelled images: U-Net++ prompts -> SAM -> pending review.
     Mine(mine::MineArgs),
+    /// Fine-tune the U-Net++ from a checkpoint on labelled images + accepted pseudo-labels.
+    Finetune(finetune::FinetuneArgs),
 }
 
 #[derive(Args)]
@@ -194,6 +197,7 @@ pub fn run() -> Result<()> {
         Command::Evaluate(a) => evaluate_cmd(a),
         Command::Segment(a) => segment::segment_cmd(a, device),
         Command::Mine(a) => mine::mine_cmd(a, device),
+        Command::Finetune(a) => finetune::finetune_cmd(a, device),
         Command::Bench(BenchCommand::Train {
             size,
             batch,
