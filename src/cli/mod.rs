@@ -49,7 +49,7 @@ enum Command {
     /// Project store: create, import a dataset, status, relink, export.
     #[command(subcommand)]
     Project(project::ProjectCommand),
-    /// Review pseudo-labels: accept, reject, reset to pending, edit, undo, redo.
+    /// Review pseudo-labels: accept, reject, reset to pending, edit, undo, redo; list the queue.
     Review(project::ReviewArgs),
     /// Segment one image with SAM from box / point / mask prompts.
     Segment(segment::SegmentArgs),

@@ -115,6 +115,8 @@ pub enum ReviewAction {
     Edit,
     Undo,
     Redo,
+    /// List the pending pseudo-labels, least confident first (no image names).
+    Queue,
 }
 
 #[derive(Args)]
@@ -136,6 +138,12 @@ pub struct ReviewArgs {
     /// edit only: the corrected mask file.
     #[arg(long)]
     mask: Option<PathBuf>,
+    /// queue only: print a JSON array instead of lines.
+    #[arg(long)]
+    json: bool,
+    /// queue only: show at most this many entries.
+    #[arg(long)]
+    limit: Option<usize>,
 }
 
 /// A size limit (`ulimit -f`) should give a clear "disk full" error, not kill the process.
@@ -401,6 +409,15 @@ pub fn review_cmd(a: ReviewArgs) -> Result<()> {
     if a.mask.is_some() && a.action != ReviewAction::Edit {
         bail!("--mask works with `edit` only");
     }
+    if (a.json || a.limit.is_some()) && a.action != ReviewAction::Queue {
+        bail!("--json and --limit work with `queue` only");
+    }
+    if a.action == ReviewAction::Queue {
+        if !a.images.is_empty() {
+            bail!("queue takes no image names");
+        }
+        return queue_cmd(&p, a.json, a.limit);
+    }
     if let Some(min) = a.min_score {
         if !a.images.is_empty() {
             bail!("give either image names or --min-score, not both");
@@ -437,6 +454,7 @@ pub fn review_cmd(a: ReviewArgs) -> Result<()> {
             let v = p.save_edit(names[0], &mask, actor)?;
             println!("{} edited (version {}, {})", v.image, v.seq, v.mask_file);
         }
+        ReviewAction::Queue => unreachable!("handled above"),
         ReviewAction::Undo | ReviewAction::Redo => {
             for n in names {
                 let e = if a.action == ReviewAction::Undo {
@@ -450,6 +468,33 @@ pub fn review_cmd(a: ReviewArgs) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `review PROJECT queue`: one line per entry
+/// (`name  quality  sam_iou  stability  agreement  round`, `-` for a score not recorded), or
+/// a JSON array with `json`.
+fn queue_cmd(p: &Project, json: bool, limit: Option<usize>) -> Result<()> {
+    let mut queue = p.review_queue()?;
+    if let Some(n) = limit {
+        queue.truncate(n);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&queue)?);
+        return Ok(());
+    }
+    let score = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+    for e in &queue {
+        println!(
+            "{}  {}  {}  {}  {}  {}",
+            e.name,
+            score(e.quality),
+            score(e.sam_iou),
+            score(e.stability),
+            score(e.agreement),
+            e.round
+        );
     }
     Ok(())
 }

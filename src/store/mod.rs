@@ -43,6 +43,7 @@
 mod export;
 mod fsutil;
 mod import;
+mod queue;
 mod records;
 mod review;
 pub mod rle;
@@ -60,6 +61,7 @@ use crate::data::DataError;
 pub use export::{ExportFormat, ExportReport};
 pub use fsutil::{is_disk_full, sha256_file, sha256_hex};
 pub use import::{ImportOptions, ImportReport, RelinkReport};
+pub use queue::QueueEntry;
 pub use records::{
     quality_score, BoxPrompt, ImageRecord, MaskVersion, NewPseudoLabel, PointPrompt, Prediction,
     Prompts, PseudoLabel, Review, ReviewEvent, ReviewState, Role, RunStatus, TrainingRun,
