@@ -1,7 +1,8 @@
 //! Fine-tuning rounds end to end: a tiny U-Net++ trained on the demo X-rays, a project with an
 //! unlabelled pool, two pseudo-labels (one accepted, one left pending), `medmine finetune`.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{field, medmine, ok, root, s};
 use std::sync::atomic::AtomicBool;
 
 use medmine::data::Mask;
@@ -10,38 +11,6 @@ use medmine::progress::{Recorder, TrainEvent};
 use medmine::store::{Actor, NewPseudoLabel, Project, Prompts, ReviewState, Role, RunStatus};
 use medmine::train::checkpoint::load_model;
 use medmine::train::TrainStatus;
-
-const BIN: &str = env!("CARGO_BIN_EXE_medmine");
-
-fn medmine(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run medmine")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = medmine(args);
-    assert!(
-        out.status.success(),
-        "medmine {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `name value` line of the summary.
-fn field(out: &str, name: &str) -> usize {
-    out.lines()
-        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap()))
-        .unwrap_or_else(|| panic!("no `{name}` line in:\n{out}"))
-}
 
 fn pseudo_label(width: usize, height: usize) -> NewPseudoLabel {
     // the left half is foreground

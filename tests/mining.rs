@@ -1,49 +1,19 @@
 //! Knowledge mining end to end: a tiny U-Net++ trained on the demo X-rays, a project with an
 //! unlabelled pool, `medmine mine` with the tiny random-weight SAM fixture (its masks mean
 //! nothing; the shapes, the flow and the store are real).
+mod common;
+
+use common::{field, medmine, ok, root, s};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use medmine::data;
 use medmine::mining::{mine_image, MiningConfig};
 use medmine::models::sam::{load_sam, SamPredictor};
 use medmine::store::{Project, PseudoLabel, ReviewState, Role};
 
-const BIN: &str = env!("CARGO_BIN_EXE_medmine");
-
-fn medmine(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run medmine")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = medmine(args);
-    assert!(
-        out.status.success(),
-        "medmine {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn sam_fixture() -> PathBuf {
     root().join("tests/fixtures/sam/sam_tiny.pth")
-}
-
-/// `name value` line of the mining summary.
-fn field(out: &str, name: &str) -> usize {
-    out.lines()
-        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap()))
-        .unwrap_or_else(|| panic!("no `{name}` line in:\n{out}"))
 }
 
 /// Every image's pseudo-labels and review state.

@@ -1,5 +1,8 @@
 //! The project store through the `medmine` binary: the project and review commands, crash
 //! safety under `kill -9`, concurrent writers, a read-only folder, a full disk.
+mod common;
+
+use common::{fails, ok, s, BIN};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -7,34 +10,6 @@ use std::time::Duration;
 
 use medmine::data::{self, Mask};
 use medmine::store::{Project, ReviewState};
-
-const BIN: &str = env!("CARGO_BIN_EXE_medmine");
-
-fn medmine(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run medmine")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = medmine(args);
-    assert!(
-        out.status.success(),
-        "medmine {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs and expects failure; returns stderr.
-fn fails(args: &[&str]) -> String {
-    let out = medmine(args);
-    assert!(!out.status.success(), "medmine {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn demo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo"))

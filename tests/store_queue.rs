@@ -1,32 +1,17 @@
 //! The review queue: pending pseudo-labels, least confident first, through the library and
 //! `medmine review PROJECT queue`.
+mod common;
+
+use common::{medmine, ok};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use medmine::data::Mask;
 use medmine::store::{
     Actor, ImportOptions, NewPseudoLabel, Project, Prompts, QueueEntry, ReviewState, Role,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_medmine");
-
 fn demo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo"))
-}
-
-fn medmine(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run medmine")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = medmine(args);
-    assert!(
-        out.status.success(),
-        "medmine {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn label(w: usize, h: usize, round: i64, scores: [Option<f64>; 3]) -> NewPseudoLabel {
