@@ -16,6 +16,7 @@ use crate::predict::{self, Predictor};
 use crate::progress::{Progress, TrainEvent};
 use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
 
+mod experiment;
 mod finetune;
 mod mine;
 mod project;
@@ -57,6 +58,8 @@ enum Command {
     Mine(mine::MineArgs),
     /// Fine-tune the U-Net++ from a checkpoint on labelled images + accepted pseudo-labels.
     Finetune(finetune::FinetuneArgs),
+    /// The paper's protocol: baseline vs mined U-Net++ per labelled fraction and seed.
+    Experiment(experiment::ExperimentArgs),
 }
 
 #[derive(Args)]
@@ -198,6 +201,7 @@ pub fn run() -> Result<()> {
         Command::Segment(a) => segment::segment_cmd(a, device),
         Command::Mine(a) => mine::mine_cmd(a, device),
         Command::Finetune(a) => finetune::finetune_cmd(a, device),
+        Command::Experiment(a) => experiment::experiment_cmd(a, device),
         Command::Bench(BenchCommand::Train {
             size,
             batch,

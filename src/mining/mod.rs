@@ -14,6 +14,7 @@
 //! skipped unless [`MiningConfig::remine`]; even then, an image a reviewer accepted or edited
 //! is never re-mined (its decision stands). An image whose prediction has no component of at
 //! least `min_area` pixels gets nothing and is counted.
+pub mod experiment;
 pub mod finetune;
 pub mod quality;
 pub mod refine;

@@ -1,0 +1,140 @@
+//! `medmine experiment`: the paper's protocol, baseline U-Net++ vs U-Net++ fine-tuned with
+//! mined pseudo-labels, per labelled fraction and seed.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use super::CliProgress;
+use crate::mining::experiment::{
+    markdown_table, run_experiment, write_results, ExperimentConfig, Labeler,
+};
+use crate::mining::finetune::FinetuneConfig;
+use crate::mining::MiningConfig;
+use crate::models::sam::Variant;
+use crate::prompts::{PromptConfig, Strategy};
+use crate::train::TrainConfig;
+
+#[derive(Args)]
+pub struct ExperimentArgs {
+    /// Dataset folder with images/ and masks/.
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder with train.txt, val.txt and test.txt.
+    #[arg(long)]
+    split_dir: PathBuf,
+    /// SAM checkpoint (required with --labeler sam).
+    #[arg(long)]
+    sam: Option<PathBuf>,
+    /// auto | vit_b | vit_l | vit_h | vit_t
+    #[arg(long, default_value = "auto")]
+    sam_variant: String,
+    /// sam, or oracle (the ground truth restricted to the prompted boxes).
+    #[arg(long, default_value = "sam")]
+    labeler: String,
+    /// Labelled fractions of train.txt, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,1.0")]
+    fractions: Vec<f64>,
+    /// Seeds 0..N per fraction.
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    #[arg(long, default_value_t = 96)]
+    size: usize,
+    #[arg(long, default_value_t = 16)]
+    base: usize,
+    /// Baseline training epochs.
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Early stopping patience of both trainings (0 = off).
+    #[arg(long, default_value_t = 10)]
+    patience: usize,
+    #[arg(long, default_value_t = 10)]
+    finetune_epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    finetune_lr: f64,
+    /// Loss weight of accepted pseudo-labels in fine-tuning, in [0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    pseudo_weight: f32,
+    /// Pseudo-labels with a quality score at least this are accepted automatically.
+    #[arg(long, default_value_t = 0.5)]
+    accept_threshold: f64,
+    /// box | points | box+points | box+points+mask (SAM labeler).
+    #[arg(long, default_value = "box+points")]
+    strategy: String,
+    /// SAM rounds per image (SAM labeler).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<()> {
+    let labeler = match a.labeler.as_str() {
+        "oracle" => Labeler::Oracle,
+        "sam" => match a.sam {
+            Some(p) => Labeler::Sam(p),
+            None => bail!(
+                "--labeler sam needs --sam FILE; {}",
+                crate::mining::SAM_DOWNLOAD_HINT
+            ),
+        },
+        other => bail!("unknown labeler {other:?} (sam or oracle)"),
+    };
+    let cfg = ExperimentConfig {
+        data: a.data,
+        split_dir: a.split_dir,
+        fractions: a.fractions,
+        seeds: a.seeds,
+        labeler,
+        train: TrainConfig {
+            size: a.size,
+            base: a.base,
+            epochs: a.epochs,
+            batch: a.batch,
+            lr: a.lr,
+            patience: a.patience,
+            ..TrainConfig::default()
+        },
+        finetune: FinetuneConfig {
+            epochs: a.finetune_epochs,
+            batch: a.batch,
+            lr: a.finetune_lr,
+            pseudo_weight: a.pseudo_weight,
+            patience: a.patience,
+            seed: 0,
+        },
+        mining: MiningConfig {
+            prompt: PromptConfig {
+                strategy: a.strategy.parse::<Strategy>()?,
+                ..PromptConfig::default()
+            },
+            rounds: a.rounds,
+            auto_accept: Some(a.accept_threshold),
+            sam_variant: Variant::parse(&a.sam_variant)?,
+            ..MiningConfig::default()
+        },
+        out: a.out,
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
+    let results = run_experiment(
+        &cfg,
+        &device,
+        &mut CliProgress::default(),
+        &mut |line| println!("{line}"),
+        &cancel,
+    )?;
+    let path = write_results(&cfg.out, &results)?;
+    println!();
+    print!("{}", markdown_table(&results));
+    println!();
+    println!("results: {}", path.display());
+    Ok(())
+}

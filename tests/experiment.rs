@@ -1,0 +1,109 @@
+//! `medmine experiment` end to end on the demo X-rays with the oracle labeler, and its refusal
+//! without SAM weights.
+mod common;
+
+use common::{demo, fails, ok, s};
+
+/// A split folder: the demo's train.txt; its val.txt halved into val.txt and test.txt (an
+/// image may be in one list only).
+fn split_dir(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(demo().join("train.txt"), dir.join("train.txt")).unwrap();
+    let val = std::fs::read_to_string(demo().join("val.txt")).unwrap();
+    let names: Vec<&str> = val.lines().filter(|l| !l.trim().is_empty()).collect();
+    let (v, t) = names.split_at(names.len() / 2);
+    std::fs::write(dir.join("val.txt"), v.join("\n")).unwrap();
+    std::fs::write(dir.join("test.txt"), t.join("\n")).unwrap();
+}
+
+#[test]
+fn oracle_experiment_writes_table_and_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let splits = tmp.path().join("splits");
+    split_dir(&splits);
+    let out = tmp.path().join("out");
+    let stdout = ok(&[
+        "experiment",
+        "--device",
+        "cpu",
+        "--data",
+        s(&demo()),
+        "--split-dir",
+        s(&splits),
+        "--labeler",
+        "oracle",
+        "--fractions",
+        "0.5,1.0",
+        "--seeds",
+        "1",
+        "--size",
+        "32",
+        "--base",
+        "2",
+        "--epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--batch",
+        "4",
+        "--out",
+        s(&out),
+    ]);
+    assert!(stdout.contains("| labelled |"), "{stdout}");
+    assert!(
+        stdout.contains("| 50% |") && stdout.contains("| 100% |"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let arr = json.as_array().expect("an array");
+    assert_eq!(arr.len(), 2);
+    for (r, f) in arr.iter().zip([0.5, 1.0]) {
+        assert_eq!(r["fraction"].as_f64(), Some(f));
+        for k in ["baseline_dice", "mined_dice", "baseline_iou", "mined_iou"] {
+            let v = r[k].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+        }
+        for k in ["baseline_dice_per_seed", "mined_dice_per_seed"] {
+            let v = r[k].as_array().expect(k);
+            assert_eq!(v.len(), 1, "{k}");
+            assert!((0.0..=1.0).contains(&v[0].as_f64().unwrap()));
+        }
+        assert_eq!(r["seeds"].as_array().unwrap().len(), 1);
+    }
+    // 50% of 18 training images labelled: the rest is the unlabelled pool.
+    assert!(arr[0]["seeds"][0]["unlabelled"].as_u64().unwrap() > 0);
+    assert_eq!(arr[1]["seeds"][0]["unlabelled"].as_u64(), Some(0));
+}
+
+#[test]
+fn sam_labeler_without_weights_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let splits = tmp.path().join("splits");
+    split_dir(&splits);
+    let missing = tmp.path().join("no_such_sam.pth");
+    let err = fails(&[
+        "experiment",
+        "--device",
+        "cpu",
+        "--data",
+        s(&demo()),
+        "--split-dir",
+        s(&splits),
+        "--sam",
+        s(&missing),
+        "--labeler",
+        "sam",
+        "--fractions",
+        "0.5",
+        "--seeds",
+        "1",
+        "--out",
+        s(&tmp.path().join("out")),
+    ]);
+    assert!(
+        err.contains("no_such_sam.pth") && err.contains("download"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("out").join("results.json").exists());
+}
