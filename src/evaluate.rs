@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::data::{load_mask, DataError, IMAGE_EXTENSIONS};
+use crate::data::{has_image_extension, load_mask, stem_of, DataError};
 use crate::metrics::{Confusion, Scores};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,24 +50,13 @@ fn files_by_stem(dir: &Path) -> Result<HashMap<String, PathBuf>, DataError> {
     let mut map = HashMap::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase());
-        if ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+        if has_image_extension(&path) {
             if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
                 map.insert(stem.to_string(), path.clone());
             }
         }
     }
     Ok(map)
-}
-
-fn stem_of(name: &str) -> &str {
-    Path::new(name)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(name)
 }
 
 /// Scores every ground-truth mask of `gt_dir` (or those named in `names`, image file names or

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod evaluate;
+pub mod fsutil;
 pub mod metrics;
 pub mod mining;
 pub mod models;

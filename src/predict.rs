@@ -106,12 +106,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, crate::data::D
         let mut files: Vec<_> = entries
             .flatten()
             .map(|e| e.path())
-            .filter(|p| {
-                p.is_file()
-                    && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                        crate::data::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
-                    })
-            })
+            .filter(|p| p.is_file() && crate::data::has_image_extension(p))
             .collect();
         files.sort();
         Ok(files)

@@ -47,7 +47,8 @@ pub struct Dataset {
     pub skipped: Vec<Skipped>,
 }
 
-fn stem_of(name: &str) -> &str {
+/// The file stem of a name (`abc.jpg` -> `abc`), or the name itself.
+pub fn stem_of(name: &str) -> &str {
     Path::new(name)
         .file_stem()
         .and_then(|s| s.to_str())
@@ -55,11 +56,14 @@ fn stem_of(name: &str) -> &str {
 }
 
 fn is_supported(name: &str) -> bool {
-    Path::new(name)
-        .extension()
+    has_image_extension(Path::new(name))
+}
+
+/// Whether `path` has one of [`IMAGE_EXTENSIONS`] (any case).
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
         .and_then(|e| e.to_str())
-        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        .unwrap_or(false)
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 struct Found {

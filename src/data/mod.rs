@@ -106,7 +106,10 @@ mod prepare;
 use std::path::PathBuf;
 
 pub use augment::{augment, AugmentConfig};
-pub use dataset::{read_split_list, split_labelled, Dataset, Sample, Skipped, IMAGE_EXTENSIONS};
+pub use dataset::{
+    has_image_extension, read_split_list, split_labelled, stem_of, Dataset, Sample, Skipped,
+    IMAGE_EXTENSIONS,
+};
 pub use dicom::{
     dicom_size, is_dicom_path, read_dicom, window_to_u8, DicomImage, DICOM_EXTENSIONS,
 };

@@ -1,41 +1,19 @@
-//! Durable file writes (temporary file, fsync, rename, fsync of the folder), content hashes
-//! and the mapping of I/O errors to clear store errors.
+//! The store's side of [`crate::fsutil`] (durable writes, content hashes): I/O errors mapped to
+//! clear store errors (disk full, read-only, which file), and content-addressed mask files.
 use std::fs::File;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use sha2::{Digest, Sha256};
+use std::path::Path;
 
 use super::{Result, StoreError};
 use crate::data::Mask;
 
-/// Lower-case hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::fsutil::sha256_hex;
 
 /// Lower-case hex SHA-256 of a file's content.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let io = |source| StoreError::Io {
+    crate::fsutil::sha256_file(path).map_err(|source| StoreError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = File::open(path).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
+    })
 }
 
 /// Whether an I/O error means "no space": a full disk (`ENOSPC`), a quota (`EDQUOT`) or a
@@ -94,56 +72,23 @@ pub fn check_writable(dir: &Path) -> Result<()> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    // Directories can be opened read-only and fsynced on Unix; elsewhere this is a no-op.
-    #[cfg(unix)]
-    {
-        let f = File::open(dir).map_err(|e| write_error(dir, e))?;
-        f.sync_all().map_err(|e| write_error(dir, e))?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
 /// Fsyncs a file and the folder that holds it.
 pub fn fsync_file_and_dir(path: &Path) -> Result<()> {
-    let f = File::open(path).map_err(|e| write_error(path, e))?;
-    f.sync_all().map_err(|e| write_error(path, e))?;
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| write_error(path, e))?;
     match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            crate::fsutil::sync_dir(dir).map_err(|e| write_error(dir, e))
+        }
         _ => Ok(()),
     }
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `bytes` to `path` durably: a temporary file beside it (`.tmp-<pid>-<n>-<name>`),
-/// fsync, rename over `path`, fsync of the folder. On any error the temporary file is
-/// removed and `path` is untouched.
+/// Writes `bytes` to `path` durably: a temporary file beside it, fsync, rename over `path`,
+/// fsync of the folder. On any error the temporary file is removed and `path` is untouched.
 pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}-{name}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| -> Result<()> {
-        let mut f = File::create(&tmp).map_err(|e| write_error(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| write_error(&tmp, e))?;
-        f.sync_all().map_err(|e| write_error(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| write_error(path, e))?;
-        sync_dir(&dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::fsutil::write_durable(path, bytes).map_err(|e| write_error(&e.path, e.source))
 }
 
 /// Encodes a mask as an 8-bit gray PNG (0 background, 255 foreground).

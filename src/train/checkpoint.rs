@@ -89,21 +89,26 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` durably (temporary file, fsync, rename; see [`crate::fsutil`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::fsutil::write_durable(path, bytes).map_err(write_err)
 }
 
-/// Saves named tensors as safetensors (atomically).
+fn write_err(e: crate::fsutil::WriteError) -> CheckpointError {
+    CheckpointError::Io {
+        path: e.path,
+        source: e.source,
+    }
+}
+
+/// Saves named tensors as safetensors, durably.
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), CheckpointError> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    let tmp = crate::fsutil::temp_path(path);
+    if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    crate::fsutil::rename_durable(&tmp, path).map_err(write_err)
 }
 
 /// Loads named tensors from a safetensors file, naming the file when it is damaged.

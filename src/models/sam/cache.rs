@@ -9,7 +9,6 @@
 //! system). An unreadable, truncated or mismatching entry is a miss: it is recomputed and
 //! replaced, never an error.
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -25,10 +24,7 @@ const FEATURES: &str = "features";
 
 /// Hex SHA-256 of a file's bytes (streamed; checkpoints are GBs).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| file_err(path, e))?;
-    Ok(format!("{:x}", h.finalize()))
+    crate::fsutil::sha256_file(path).map_err(|e| file_err(path, e))
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> SamError {
@@ -298,7 +294,7 @@ fn read_entry(
     })
 }
 
-/// Writes a disk entry atomically (temporary file in the same folder, then rename).
+/// Writes a disk entry durably (temporary file in the same folder, fsync, rename).
 fn write_entry(
     path: &Path,
     emb: &Embedding,
@@ -326,20 +322,5 @@ fn write_entry(
     ]);
     let bytes =
         safetensors::serialize([(FEATURES, view)], Some(meta)).map_err(|e| file_err(path, e))?;
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let tmp = path.with_extension(format!(
-        "tmp.{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        file_err(path, e)
-    })
+    crate::fsutil::write_durable(path, &bytes).map_err(|e| file_err(&e.path, e.source))
 }
