@@ -252,10 +252,7 @@ impl Project {
         }
         let now = now_rfc3339();
         let db_path = self.db_path.clone();
-        let err = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
+        let err = super::schema::db_err(&db_path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -347,10 +344,7 @@ impl Project {
             }
         }
         let db_path = self.db_path.clone();
-        let err = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
+        let err = super::schema::db_err(&db_path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)

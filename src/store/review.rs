@@ -174,10 +174,7 @@ impl Project {
             .collect::<Result<_>>()?;
         let at = now_rfc3339();
         let db = self.db_path.clone();
-        let err = |source| StoreError::Db {
-            path: db.clone(),
-            source,
-        };
+        let err = super::schema::db_err(&db);
         let tx = self.begin()?;
         let mut ids = Vec::new();
         for rec in &recs {
@@ -250,10 +247,7 @@ impl Project {
             .map_err(|e| StoreError::Invalid(format!("cannot serialise prompts: {e}")))?;
         let at = now_rfc3339();
         let db = self.db_path.clone();
-        let err = |source| StoreError::Db {
-            path: db.clone(),
-            source,
-        };
+        let err = super::schema::db_err(&db);
         let tx = self.begin()?;
         tx.execute(
             "INSERT INTO pseudo_labels (image_id, round, mask_file, prompts, sam_iou, stability,
@@ -342,10 +336,7 @@ impl Project {
         let file = fsutil::store_mask(&self.masks_dir(), mask)?;
         let at = now_rfc3339();
         let db = self.db_path.clone();
-        let err = |source| StoreError::Db {
-            path: db.clone(),
-            source,
-        };
+        let err = super::schema::db_err(&db);
         let tx = self.begin()?;
         let parent = current_version(&tx, rec.id).map_err(err)?;
         let seq: i64 = tx
@@ -417,10 +408,7 @@ impl Project {
         let rec = self.image(image)?;
         let at = now_rfc3339();
         let db = self.db_path.clone();
-        let err = |source| StoreError::Db {
-            path: db.clone(),
-            source,
-        };
+        let err = super::schema::db_err(&db);
         let tx = self.begin()?;
         let current = current_version(&tx, rec.id).map_err(err)?;
         let target: Option<Option<i64>> = if undo {

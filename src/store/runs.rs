@@ -41,10 +41,7 @@ impl Project {
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T> {
         let path = self.db_path.clone();
-        let err = |source| StoreError::Db {
-            path: path.clone(),
-            source,
-        };
+        let err = super::schema::db_err(&path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)

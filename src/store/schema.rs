@@ -132,7 +132,8 @@ pub fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA user_version", [], |r| r.get(0))
 }
 
-fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+/// Maps a SQLite error on the database `path` to [`StoreError::Db`].
+pub(crate) fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
     move |source| StoreError::Db {
         path: path.to_path_buf(),
         source,
