@@ -9,6 +9,8 @@ pub mod data;
 pub mod device;
 pub mod evaluate;
 pub mod fsutil;
+#[cfg(feature = "gui")]
+pub mod gui;
 pub mod metrics;
 pub mod mining;
 pub mod models;

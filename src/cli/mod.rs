@@ -32,8 +32,9 @@ struct Cli {
     /// auto | cpu | cuda[:N] | metal
     #[arg(long, global = true, default_value = "auto")]
     device: String,
+    /// Without a subcommand the desktop app opens (as `medmine gui`).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -60,6 +61,17 @@ enum Command {
     Finetune(finetune::FinetuneArgs),
     /// The paper's protocol: baseline vs mined U-Net++ per labelled fraction and seed.
     Experiment(experiment::ExperimentArgs),
+    /// Open the desktop app (review, correct, fine-tune); the default without a subcommand.
+    Gui(GuiArgs),
+}
+
+#[derive(Args, Default)]
+struct GuiArgs {
+    /// Project folder to open (default: the most recent one, else the demo project).
+    project: Option<PathBuf>,
+    /// SAM checkpoint to load at start (default: the one used last).
+    #[arg(long)]
+    sam: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -186,7 +198,7 @@ pub fn run() -> Result<()> {
         .init();
     let cli = Cli::parse();
     // Project commands use no compute device (and `status --json` must print only JSON).
-    let command = match cli.command {
+    let command = match cli.command.unwrap_or(Command::Gui(GuiArgs::default())) {
         Command::Project(c) => return project::project_cmd(c),
         Command::Review(a) => return project::review_cmd(a),
         other => other,
@@ -202,6 +214,7 @@ pub fn run() -> Result<()> {
         Command::Mine(a) => mine::mine_cmd(a, device),
         Command::Finetune(a) => finetune::finetune_cmd(a, device),
         Command::Experiment(a) => experiment::experiment_cmd(a, device),
+        Command::Gui(a) => gui_cmd(a, device),
         Command::Bench(BenchCommand::Train {
             size,
             batch,
@@ -251,6 +264,16 @@ pub fn run() -> Result<()> {
         Command::Project(c) => project::project_cmd(c),
         Command::Review(a) => project::review_cmd(a),
     }
+}
+
+#[cfg(feature = "gui")]
+fn gui_cmd(a: GuiArgs, device: candle_core::Device) -> Result<()> {
+    crate::gui::run(a.project, a.sam, device)
+}
+
+#[cfg(not(feature = "gui"))]
+fn gui_cmd(_: GuiArgs, _: candle_core::Device) -> Result<()> {
+    anyhow::bail!("this medmine was built without the `gui` feature; see `medmine --help`")
 }
 
 fn select(ds: &Dataset, list: Option<&Path>) -> Result<Vec<data::Sample>> {

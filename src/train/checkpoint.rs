@@ -144,6 +144,31 @@ pub fn save(map: &VarMap, meta: &CheckpointMeta, path: &Path) -> Result<(), Chec
     write_atomic(&sidecar_path(path), &json)
 }
 
+/// A freshly initialised U-Net++ (base `base`, input `size`) saved as `dir/init.safetensors`:
+/// the starting point of a first training round from the GUI (fine-tuning from it is training
+/// from scratch). `seed` seeds the initialisation where the device supports it.
+pub fn fresh_checkpoint(
+    dir: &Path,
+    base: usize,
+    size: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let _ = device.set_seed(seed);
+    let map = VarMap::new();
+    let cfg = Config::with_base(base);
+    let path = dir.join("init.safetensors");
+    UNetPlusPlus::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, device)).map_err(|e| {
+        CheckpointError::Weights {
+            path: path.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    save(&map, &CheckpointMeta::new(cfg, size), &path)?;
+    Ok(path)
+}
+
 pub fn load_meta(weights: &Path) -> Result<CheckpointMeta, CheckpointError> {
     let path = sidecar_path(weights);
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;

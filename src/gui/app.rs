@@ -1,0 +1,644 @@
+//! The app: state, layout, keyboard shortcuts, and the intents that the panels return and
+//! that are applied after the frame. Pipeline work goes to the worker threads.
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::canvas::{CanvasIntent, Pointer, Tool, View};
+use super::overlay::LAYER_PSEUDO;
+use super::overlay::{self, CanvasData, OverlayUniform, LAYER_EDIT, LAYER_GT, LAYER_PROB};
+use super::training::Training;
+use super::worker::{ClickPrompt, ImageRow, LoadedImage, ModelCommand, StoreCommand, Workers};
+use crate::data::Mask;
+use crate::store::{ReviewState, Role};
+
+/// How one mask layer is drawn (persisted).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerStyle {
+    pub visible: bool,
+    pub color: [u8; 3],
+    pub opacity: f32,
+    pub outline: bool,
+}
+
+/// Preferences kept between sessions (eframe storage); runtime state is not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Prefs {
+    pub recent: Vec<PathBuf>,
+    pub layers: [LayerStyle; 4],
+    pub prompts_visible: bool,
+    pub brush_radius: f32,
+    pub sam_checkpoint: Option<PathBuf>,
+    pub advance_after_review: bool,
+}
+
+impl Default for Prefs {
+    fn default() -> Self {
+        let l = |color, opacity, outline| LayerStyle {
+            visible: true,
+            color,
+            opacity,
+            outline,
+        };
+        Self {
+            recent: Vec::new(),
+            layers: [
+                l([60, 140, 255], 0.9, true),
+                LayerStyle {
+                    visible: false,
+                    ..l([255, 255, 255], 0.45, false)
+                },
+                l([255, 200, 0], 0.35, false),
+                l([230, 60, 230], 0.45, false),
+            ],
+            prompts_visible: true,
+            brush_radius: 8.0,
+            sam_checkpoint: None,
+            advance_after_review: true,
+        }
+    }
+}
+
+/// Radiologist compare modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compare {
+    Off,
+    /// Ground truth left of the swipe line, the current mask right of it.
+    Swipe,
+    /// Ground truth, probability and pseudo-label side by side.
+    SideBySide,
+    /// False positives red, false negatives blue (current mask vs ground truth).
+    ErrorMap,
+}
+
+/// An action from the UI, applied after the frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Intent {
+    Select(String),
+    Step(i32),
+    NextPending,
+    Review(ReviewState),
+    Undo,
+    Redo,
+    ResetToProposal,
+    FillHoles,
+    SetTool(Tool),
+    BrushSize(f32),
+    ToggleLayer(usize),
+    Opacity(f32),
+    Canvas(CanvasIntent),
+    ClearClicks,
+    Open(PathBuf),
+    PickProject,
+    PickNewProject,
+    PickSam,
+    PickUnet,
+    LoadSam(PathBuf),
+    LoadUnet(PathBuf),
+    Finetune,
+    Mine,
+    CancelJob,
+    Fit,
+    OneToOne,
+}
+
+/// A message shown for a while in the corner.
+pub struct Toast {
+    pub text: String,
+    pub error: bool,
+    pub until: f64,
+}
+
+/// The image on the canvas.
+pub struct Current {
+    pub image: LoadedImage,
+    pub data: CanvasData,
+    /// The mask being edited (saved to the store after each stroke / SAM answer).
+    pub draft: Option<Mask>,
+    pub probs: Option<Vec<u8>>,
+    pub sam_iou: Option<f32>,
+}
+
+/// Where the app starts.
+#[derive(Clone, Debug, Default)]
+pub struct Startup {
+    pub project: Option<PathBuf>,
+    /// Fallback when no project is given and none is recent (`None`: start empty).
+    pub demo: Option<(PathBuf, PathBuf)>,
+    pub sam: Option<PathBuf>,
+    pub device_name: String,
+}
+
+pub struct App {
+    pub(super) workers: Workers,
+    pub prefs: Prefs,
+    pub(super) project: Option<PathBuf>,
+    pub(super) rows: Vec<ImageRow>,
+    pub(super) thumbs: HashMap<String, egui::TextureHandle>,
+    pub(super) thumbs_requested: HashSet<String>,
+    pub(super) filter_state: Option<ReviewState>,
+    pub(super) filter_role: Option<Role>,
+    pub(super) sort_by_quality: bool,
+    pub(super) current: Option<Current>,
+    pub(super) selected: Option<String>,
+    pub(super) view: View,
+    pub(super) pointer: Pointer,
+    pub(super) tool: Tool,
+    pub(super) clicks: ClickPrompt,
+    pub(super) sam_seq: u64,
+    pub(super) compare: Compare,
+    pub(super) swipe: f32,
+    pub(super) window: [f32; 2],
+    pub(super) toasts: Vec<Toast>,
+    /// Store commands sent and not yet confirmed (the badge waits for the store).
+    pub(super) saving: usize,
+    pub(super) training: Training,
+    pub(super) model: Option<PathBuf>,
+    pub(super) model_dice: Option<f64>,
+    pub(super) sam: Option<(PathBuf, String)>,
+    pub(super) device_name: String,
+    pub(super) show_help: bool,
+    pub(super) wgpu: bool,
+    pub(super) intents: Vec<Intent>,
+    /// Every error shown as a toast this session (toasts expire; this does not).
+    pub(super) errors: Vec<String>,
+    /// Where the main canvas was drawn last frame.
+    pub(super) canvas_rect: Option<egui::Rect>,
+}
+
+const PREFS_KEY: &str = "medmine-prefs";
+
+impl App {
+    /// Builds the app: registers the overlay pipeline, restores preferences, starts the
+    /// workers and opens the start project.
+    pub fn new(
+        cc: &eframe::CreationContext<'_>,
+        startup: Startup,
+        device: candle_core::Device,
+    ) -> Self {
+        let wgpu = match &cc.wgpu_render_state {
+            Some(rs) => {
+                overlay::install(rs);
+                true
+            }
+            None => false,
+        };
+        let prefs: Prefs = cc
+            .storage
+            .and_then(|s| eframe::get_value(s, PREFS_KEY))
+            .unwrap_or_default();
+        let workers = Workers::spawn(&cc.egui_ctx, device);
+        let mut app = App {
+            workers,
+            prefs,
+            project: None,
+            rows: Vec::new(),
+            thumbs: HashMap::new(),
+            thumbs_requested: HashSet::new(),
+            filter_state: None,
+            filter_role: None,
+            sort_by_quality: false,
+            current: None,
+            selected: None,
+            view: View::default(),
+            pointer: Pointer::default(),
+            tool: Tool::Navigate,
+            clicks: ClickPrompt::default(),
+            sam_seq: 0,
+            compare: Compare::Off,
+            swipe: 0.5,
+            window: [0.5, 1.0],
+            toasts: Vec::new(),
+            saving: 0,
+            training: Training::default(),
+            model: None,
+            model_dice: None,
+            sam: None,
+            device_name: startup.device_name.clone(),
+            show_help: false,
+            wgpu,
+            intents: Vec::new(),
+            canvas_rect: None,
+            errors: Vec::new(),
+        };
+        let recent = app
+            .prefs
+            .recent
+            .iter()
+            .find(|p| p.join(crate::store::DB_FILE).is_file())
+            .cloned();
+        match (startup.project, recent, startup.demo) {
+            (Some(p), _, _) | (None, Some(p), _) => app.intents.push(Intent::Open(p)),
+            (None, None, Some((project, assets))) => app.send_store(StoreCommand::OpenOrCreate {
+                project,
+                data: assets.clone(),
+                split_dir: Some(assets),
+                labelled_fraction: 0.5,
+            }),
+            (None, None, None) => {}
+        }
+        if let Some(sam) = startup.sam.or_else(|| app.prefs.sam_checkpoint.clone()) {
+            if sam.is_file() {
+                app.intents.push(Intent::LoadSam(sam));
+            }
+        }
+        app
+    }
+
+    // ----- read-only views for tests and panels -----
+
+    /// The image on the canvas.
+    pub fn current_image(&self) -> Option<&str> {
+        self.current.as_ref().map(|c| c.image.name.as_str())
+    }
+
+    /// The image chosen in the list (it is on the canvas once loaded).
+    pub fn selected_image(&self) -> Option<&str> {
+        self.selected.as_deref()
+    }
+
+    /// The review state shown for an image (what the store confirmed).
+    pub fn badge(&self, image: &str) -> Option<ReviewState> {
+        self.rows.iter().find(|r| r.name == image).map(|r| r.state)
+    }
+
+    /// The current edit mask of the canvas.
+    pub fn draft(&self) -> Option<&Mask> {
+        self.current.as_ref().and_then(|c| c.draft.as_ref())
+    }
+
+    pub fn training(&self) -> &Training {
+        &self.training
+    }
+
+    pub fn training_mut(&mut self) -> &mut Training {
+        &mut self.training
+    }
+
+    pub fn toasts(&self) -> impl Iterator<Item = &str> {
+        self.toasts.iter().map(|t| t.text.as_str())
+    }
+
+    /// Every error reported this session, oldest first.
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    pub fn sam_loaded(&self) -> bool {
+        self.sam.is_some()
+    }
+
+    pub fn model(&self) -> Option<&PathBuf> {
+        self.model.as_ref()
+    }
+
+    pub fn tool(&self) -> Tool {
+        self.tool
+    }
+
+    /// Where an image pixel is on the screen (main canvas, last frame).
+    pub fn ui_from_image(&self, point_in_image: egui::Pos2) -> Option<egui::Pos2> {
+        Some(self.view.ui_from_image(self.canvas_rect?, point_in_image))
+    }
+
+    /// Store commands not yet confirmed.
+    pub fn saving(&self) -> usize {
+        self.saving
+    }
+
+    // ----- helpers -----
+
+    pub(super) fn send_store(&mut self, cmd: StoreCommand) {
+        if matches!(
+            cmd,
+            StoreCommand::Review { .. }
+                | StoreCommand::SaveEdit { .. }
+                | StoreCommand::Undo(_)
+                | StoreCommand::Redo(_)
+                | StoreCommand::ResetToProposal(_)
+        ) {
+            self.saving += 1;
+        }
+        let _ = self.workers.store.send(cmd);
+    }
+
+    pub(super) fn send_model(&self, cmd: ModelCommand) {
+        let _ = self.workers.model.send(cmd);
+    }
+
+    pub(super) fn toast(&mut self, ctx: &egui::Context, text: impl Into<String>, error: bool) {
+        let now = ctx.input(|i| i.time);
+        let text = text.into();
+        if error {
+            self.errors.push(text.clone());
+        }
+        self.toasts.push(Toast {
+            text,
+            error,
+            until: now + if error { 8.0 } else { 3.0 },
+        });
+    }
+
+    /// Rows after the filters, in display order.
+    pub fn visible_rows(&self) -> Vec<&ImageRow> {
+        let mut v: Vec<&ImageRow> = self
+            .rows
+            .iter()
+            .filter(|r| self.filter_state.is_none_or(|s| r.state == s))
+            .filter(|r| self.filter_role.is_none_or(|s| r.role == s))
+            .collect();
+        if self.sort_by_quality {
+            v.sort_by(|a, b| match (a.quality, b.quality) {
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, None) => a.name.cmp(&b.name),
+            });
+        }
+        v
+    }
+
+    pub(super) fn select(&mut self, name: String) {
+        if self.selected.as_deref() == Some(&name) {
+            return;
+        }
+        self.selected = Some(name.clone());
+        self.clicks = ClickPrompt::default();
+        self.send_store(StoreCommand::Load(name));
+    }
+
+    pub(super) fn step(&mut self, delta: i32) {
+        let rows = self.visible_rows();
+        if rows.is_empty() {
+            return;
+        }
+        let at = self
+            .selected
+            .as_ref()
+            .and_then(|s| rows.iter().position(|r| &r.name == s));
+        let next = match at {
+            Some(i) => (i as i32 + delta).clamp(0, rows.len() as i32 - 1) as usize,
+            None => 0,
+        };
+        let name = rows[next].name.clone();
+        self.select(name);
+    }
+
+    pub(super) fn next_pending(&mut self) {
+        let rows = self.visible_rows();
+        let at = self
+            .selected
+            .as_ref()
+            .and_then(|s| rows.iter().position(|r| &r.name == s))
+            .map_or(0, |i| i + 1);
+        let pick = rows
+            .iter()
+            .cycle()
+            .skip(at)
+            .take(rows.len())
+            .find(|r| r.state == ReviewState::Pending && r.pseudo_label)
+            .map(|r| r.name.clone());
+        if let Some(n) = pick {
+            self.select(n);
+        }
+    }
+
+    /// The mask a new edit starts from: the current edit, else the pseudo-label, else empty.
+    pub(super) fn ensure_draft(cur: &mut Current) -> &mut Mask {
+        if cur.draft.is_none() {
+            let (w, h) = (cur.image.width, cur.image.height);
+            cur.draft = Some(
+                cur.image
+                    .edit
+                    .clone()
+                    .or_else(|| cur.image.pseudo.clone())
+                    .unwrap_or(Mask {
+                        width: w,
+                        height: h,
+                        data: vec![0; w * h],
+                    }),
+            );
+        }
+        cur.draft.as_mut().expect("draft just set")
+    }
+
+    pub(super) fn set_layer(cur: &mut Current, slot: usize, mask: Option<&Mask>) {
+        cur.data.layers[slot] =
+            mask.map(|m| std::sync::Arc::new(m.data.iter().map(|&v| v * 255).collect()));
+        cur.data.versions[slot + 1] += 1;
+    }
+
+    pub(super) fn refresh_draft_layer(cur: &mut Current) {
+        let mask = cur.draft.clone();
+        Self::set_layer(cur, LAYER_EDIT, mask.as_ref());
+    }
+
+    /// The shader uniform for the main canvas (the canvas fills in the transform).
+    pub(super) fn uniform(&self, only: Option<usize>) -> OverlayUniform {
+        let mut u = OverlayUniform::zeroed();
+        if let Some(c) = &self.current {
+            u.image_size = [c.image.width as f32, c.image.height as f32];
+            u.flags[0] = u32::from(c.image.grayscale);
+        }
+        u.window = self.window;
+        for (i, l) in self.prefs.layers.iter().enumerate() {
+            let [r, g, b] = l.color;
+            u.colors[i] = [r as f32 / 255., g as f32 / 255., b as f32 / 255., l.opacity];
+            u.modes[i] = if !l.visible {
+                0
+            } else if i == LAYER_PROB {
+                3
+            } else if l.outline {
+                2
+            } else {
+                1
+            };
+            if let Some(o) = only {
+                u.modes[i] = if i == o {
+                    if i == LAYER_PROB {
+                        3
+                    } else {
+                        2
+                    }
+                } else {
+                    0
+                };
+            }
+        }
+        let has_edit = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.draft.is_some() || c.image.edit.is_some());
+        let compared = if has_edit { LAYER_EDIT } else { LAYER_PSEUDO };
+        match self.compare {
+            Compare::Swipe if only.is_none() => {
+                u.flags[2] = 1;
+                u.params[0] = self.swipe;
+                u.sides = [1, 0, 2, 2];
+                u.modes[LAYER_GT] = 2;
+                u.modes[compared] = 2;
+            }
+            Compare::ErrorMap if only.is_none() => u.flags[1] = compared as u32 + 1,
+            _ => {}
+        }
+        u
+    }
+
+    pub(super) fn request_thumbnails(&mut self) {
+        for r in &self.rows {
+            if self.thumbs_requested.insert(r.name.clone()) {
+                let _ = self.workers.thumbs.send((r.name.clone(), r.path.clone()));
+            }
+        }
+    }
+
+    /// One frame: events in, panels, intents out.
+    pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        self.handle_events(&ctx);
+        self.shortcuts(&ctx);
+        self.request_thumbnails();
+        let now = ctx.input(|i| i.time);
+        self.toasts.retain(|t| t.until > now);
+
+        egui::Panel::bottom("status").show(ui, |ui| self.status_bar_ui(ui));
+        egui::Panel::left("images")
+            .resizable(true)
+            .default_size(230.0)
+            .show(ui, |ui| self.image_list_ui(ui));
+        egui::Panel::right("inspector")
+            .resizable(true)
+            .default_size(290.0)
+            .show(ui, |ui| self.inspector_ui(ui));
+        egui::CentralPanel::default().show(ui, |ui| self.canvas_area_ui(ui));
+        self.training_window_ui(&ctx);
+        self.help_ui(&ctx);
+        self.toasts_ui(&ctx);
+        self.apply_intents(&ctx);
+        if self.training.running() || self.saving > 0 {
+            ctx.request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Lays the canvas (or the three compare panes) into the central panel.
+    pub(super) fn canvas_area_ui(&mut self, ui: &mut egui::Ui) {
+        let Some(cur) = &self.current else {
+            ui.centered_and_justified(|ui| {
+                ui.label(if self.project.is_none() {
+                    "Open a project (Project > Open…) or create one from a dataset folder."
+                } else {
+                    "Loading…"
+                })
+            });
+            return;
+        };
+        let data = cur.data.clone();
+        let grayscale = cur.image.grayscale;
+        let rounds = cur.image.rounds.clone();
+        let mut canvas_intents = Vec::new();
+        let clicks = self.clicks.clone();
+        if self.compare == Compare::SideBySide {
+            let panes = [
+                (LAYER_GT, "ground truth"),
+                (LAYER_PROB, "U-Net++ probability"),
+                (
+                    if cur.draft.is_some() {
+                        LAYER_EDIT
+                    } else {
+                        LAYER_PSEUDO
+                    },
+                    "pseudo-label / edit",
+                ),
+            ];
+            ui.columns(3, |cols| {
+                for (k, (layer, title)) in panes.into_iter().enumerate() {
+                    cols[k].label(title);
+                    let mut view = self.view;
+                    super::canvas::canvas_ui(
+                        &mut cols[k],
+                        &mut view,
+                        &mut Pointer::default(),
+                        super::canvas::CanvasInput {
+                            id: 10 + k as u64,
+                            data: &data,
+                            uniform: self.uniform(Some(layer)),
+                            tool: Tool::Navigate,
+                            brush_radius: 0.0,
+                            grayscale,
+                            rounds: None,
+                            click_points: &[],
+                            click_box: None,
+                            wgpu: self.wgpu,
+                            interactive: false,
+                        },
+                        &mut canvas_intents,
+                    );
+                }
+            });
+            return;
+        }
+        if self.compare == Compare::Swipe {
+            ui.add(
+                egui::Slider::new(&mut self.swipe, 0.0..=1.0).text("swipe: ground truth | current"),
+            );
+        }
+        let uniform = self.uniform(None);
+        let response = super::canvas::canvas_ui(
+            ui,
+            &mut self.view,
+            &mut self.pointer,
+            super::canvas::CanvasInput {
+                id: 1,
+                data: &data,
+                uniform,
+                tool: self.tool,
+                brush_radius: self.prefs.brush_radius,
+                grayscale,
+                rounds: self.prefs.prompts_visible.then_some(&rounds[..]),
+                click_points: &clicks.points_in_image,
+                click_box: clicks.box_in_image,
+                wgpu: self.wgpu,
+                interactive: true,
+            },
+            &mut canvas_intents,
+        );
+        self.canvas_rect = Some(response.rect);
+        response.on_hover_text_at_pointer(self.tool.tooltip());
+        self.intents
+            .extend(canvas_intents.into_iter().map(Intent::Canvas));
+    }
+
+    pub(super) fn toasts_ui(&self, ctx: &egui::Context) {
+        if self.toasts.is_empty() {
+            return;
+        }
+        egui::Area::new(egui::Id::unique("toasts"))
+            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12., -36.))
+            .show(ctx, |ui| {
+                for t in &self.toasts {
+                    let color = if t.error {
+                        egui::Color32::from_rgb(120, 30, 30)
+                    } else {
+                        egui::Color32::from_rgb(40, 60, 40)
+                    };
+                    egui::Frame::popup(ui.style()).fill(color).show(ui, |ui| {
+                        ui.label(egui::RichText::new(&t.text).color(egui::Color32::WHITE));
+                    });
+                }
+            });
+    }
+}
+
+impl eframe::App for App {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.frame_ui(ui);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, PREFS_KEY, &self.prefs);
+    }
+}
+
+use bytemuck::Zeroable as _;

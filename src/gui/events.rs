@@ -1,0 +1,175 @@
+//! Events from the worker threads, applied to the app state at the start of a frame.
+use super::app::{App, Current, Intent};
+use super::overlay::{CanvasData, LAYER_GT, LAYER_PROB, LAYER_PSEUDO};
+use super::worker::{Event, ModelCommand, StoreCommand};
+use crate::store::ReviewState;
+
+impl App {
+    pub(super) fn handle_events(&mut self, ctx: &egui::Context) {
+        while let Ok(e) = self.workers.events.try_recv() {
+            self.handle_event(ctx, e);
+        }
+    }
+
+    pub(super) fn handle_event(&mut self, ctx: &egui::Context, e: Event) {
+        match e {
+            Event::Opened { root, rows, model } => {
+                self.prefs.recent.retain(|p| p != &root);
+                self.prefs.recent.insert(0, root.clone());
+                self.prefs.recent.truncate(8);
+                self.project = Some(root);
+                self.rows = rows;
+                self.thumbs.clear();
+                self.thumbs_requested.clear();
+                self.current = None;
+                self.selected = None;
+                if let Some(m) = model {
+                    self.intents.push(Intent::LoadUnet(m));
+                }
+                self.next_pending();
+                if self.selected.is_none() {
+                    self.step(0);
+                }
+            }
+            Event::Listing(rows) => self.rows = rows,
+            Event::Loaded(img) => {
+                if self.selected.as_deref() != Some(&img.name) {
+                    return; // the user moved on
+                }
+                let mut data = CanvasData {
+                    width: img.width as u32,
+                    height: img.height as u32,
+                    rgba: std::sync::Arc::new(img.rgba.clone()),
+                    layers: Default::default(),
+                    versions: self.current.as_ref().map_or([0; 5], |c| c.data.versions),
+                };
+                data.versions[0] += 1;
+                let mut cur = Current {
+                    image: *img,
+                    data,
+                    draft: None,
+                    probs: None,
+                    sam_iou: None,
+                };
+                let gt = cur.image.ground_truth.clone();
+                let pseudo = cur.image.pseudo.clone();
+                Self::set_layer(&mut cur, LAYER_GT, gt.as_ref());
+                Self::set_layer(&mut cur, LAYER_PSEUDO, pseudo.as_ref());
+                Self::set_layer(&mut cur, LAYER_PROB, None);
+                cur.draft = cur.image.edit.clone();
+                Self::refresh_draft_layer(&mut cur);
+                self.window = [0.5, 1.0];
+                if self.model.is_some() {
+                    self.send_model(ModelCommand::Probability {
+                        image: cur.image.name.clone(),
+                        path: cur.image.path.clone(),
+                    });
+                }
+                if let (Some(p), true) = (&self.project, self.sam.is_some()) {
+                    self.send_model(ModelCommand::Embed {
+                        project: p.clone(),
+                        image: cur.image.name.clone(),
+                        path: cur.image.path.clone(),
+                    });
+                }
+                self.view.fitted = true;
+                self.current = Some(cur);
+            }
+            Event::Reviewed { image, state } => {
+                self.saving = self.saving.saturating_sub(1);
+                self.set_badge(&image, state);
+            }
+            Event::MaskSaved { image, state, edit } => {
+                self.saving = self.saving.saturating_sub(1);
+                self.set_badge(&image, state);
+                if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
+                    cur.image.edit = edit.clone();
+                    cur.draft = edit;
+                    Self::refresh_draft_layer(cur);
+                }
+            }
+            Event::Nothing(msg) => {
+                self.saving = self.saving.saturating_sub(1);
+                self.toast(ctx, msg, false);
+            }
+            Event::Thumbnail { image, size, rgba } => {
+                let tex = ctx.load_texture(
+                    format!("thumb-{image}"),
+                    egui::ColorImage::from_rgba_unmultiplied(size, &rgba),
+                    egui::TextureOptions::LINEAR,
+                );
+                self.thumbs.insert(image, tex);
+            }
+            Event::SamLoaded { path, variant } => {
+                self.toast(ctx, format!("SAM {variant} loaded"), false);
+                self.prefs.sam_checkpoint = Some(path.clone());
+                self.sam = Some((path, variant));
+            }
+            Event::UnetLoaded { path, dice, .. } => {
+                self.model = Some(path);
+                self.model_dice = dice;
+                if let Some(cur) = &self.current {
+                    self.send_model(ModelCommand::Probability {
+                        image: cur.image.name.clone(),
+                        path: cur.image.path.clone(),
+                    });
+                }
+            }
+            Event::Embedded { .. } => {}
+            Event::SamMask {
+                image,
+                seq,
+                mask,
+                iou,
+            } => {
+                if seq != self.sam_seq {
+                    return; // an older click's answer
+                }
+                if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
+                    cur.sam_iou = Some(iou);
+                    cur.draft = Some(mask.clone());
+                    Self::refresh_draft_layer(cur);
+                    self.send_store(StoreCommand::SaveEdit { image, mask });
+                }
+            }
+            Event::Probability { image, probs } => {
+                if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
+                    cur.data.layers[LAYER_PROB] = Some(std::sync::Arc::new(probs.clone()));
+                    cur.data.versions[LAYER_PROB + 1] += 1;
+                    cur.probs = Some(probs);
+                }
+            }
+            Event::JobStarted { what } => self.training.started(&what),
+            Event::JobProgress { done, total } => self.training.progress(done, total),
+            Event::Train(ev) => self.training.train_event(&ev),
+            Event::FinetuneDone(r) => self.training.finished(r),
+            Event::JobDone { what, message } => {
+                let failed = message.starts_with("failed");
+                self.training.done(&message);
+                self.toast(ctx, format!("{what}: {message}"), failed);
+                self.send_store(StoreCommand::Refresh);
+            }
+            Event::Error { context, message } => {
+                if context.starts_with("Review")
+                    || context.starts_with("SaveEdit")
+                    || context.starts_with("Undo")
+                    || context.starts_with("Redo")
+                    || context.starts_with("ResetToProposal")
+                {
+                    self.saving = self.saving.saturating_sub(1);
+                }
+                self.toast(ctx, format!("{message} ({context})"), true);
+            }
+            Event::Picked { purpose, path } => self.picked(purpose, path),
+        }
+    }
+
+    pub(super) fn set_badge(&mut self, image: &str, state: ReviewState) {
+        if let Some(r) = self.rows.iter_mut().find(|r| r.name == image) {
+            r.state = state;
+        }
+        if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
+            cur.image.state = state;
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The desktop app: a view onto the same pipeline as the CLI (it adds no pipeline logic).
+//! Layout and input in [`app`], [`panels`], [`canvas`] and [`training`]; rendering of the image
+//! and mask layers in [`overlay`] (wgpu + `shaders/overlay.wgsl`); pipeline work on the threads
+//! of [`worker`].
+pub mod app;
+pub mod canvas;
+pub mod edit;
+mod events;
+mod intents;
+pub mod overlay;
+pub mod panels;
+pub mod training;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Result};
+
+pub use app::{App, Startup};
+
+/// Where the demo project lives: `$XDG_DATA_HOME/medmine/demo` (or `~/.local/share/…`).
+pub fn demo_project_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
+    Some(base.join("medmine").join("demo"))
+}
+
+/// The demo images (`assets/demo`): beside the working directory, above the executable
+/// (`target/release/medmine`), or where the crate was built.
+pub fn demo_assets() -> Option<PathBuf> {
+    let mut candidates = vec![PathBuf::from("assets/demo")];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).map(|d| d.join("assets/demo")));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo"));
+    candidates
+        .into_iter()
+        .find(|p| p.join("train.txt").is_file())
+        .and_then(|p| p.canonicalize().ok())
+}
+
+/// Opens the window (blocks until it is closed).
+pub fn run(
+    project: Option<PathBuf>,
+    sam: Option<PathBuf>,
+    device: candle_core::Device,
+) -> Result<()> {
+    let startup = Startup {
+        project,
+        demo: demo_project_dir().zip(demo_assets()),
+        sam,
+        device_name: crate::device::describe(&device),
+    };
+    let options = eframe::NativeOptions {
+        renderer: eframe::Renderer::Wgpu,
+        viewport: egui::ViewportBuilder::default()
+            .with_title("medmine")
+            .with_inner_size([1400.0, 900.0])
+            .with_min_inner_size([800.0, 500.0]),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "medmine",
+        options,
+        Box::new(move |cc| Ok(Box::new(App::new(cc, startup, device)))),
+    )
+    .map_err(|e| anyhow!("the window could not be opened: {e}"))
+}

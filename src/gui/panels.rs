@@ -1,0 +1,488 @@
+//! Side panels: the image list (left), the inspector with layers, tools, image facts and the
+//! model panel (right), the status bar (bottom) and the shortcut sheet.
+use egui::{Color32, RichText};
+
+use super::app::{App, Compare, Intent};
+use super::canvas::Tool;
+use super::overlay::{LAYER_NAMES, LAYER_PROB};
+use crate::metrics::Confusion;
+use crate::store::{ReviewState, Role};
+
+/// Badge colour and text of an image in the list.
+pub fn badge(role: Role, state: ReviewState, has_pseudo: bool) -> (&'static str, Color32) {
+    match state {
+        ReviewState::Accepted => ("accepted", Color32::from_rgb(60, 170, 80)),
+        ReviewState::Rejected => ("rejected", Color32::from_rgb(200, 70, 60)),
+        ReviewState::Edited => ("edited", Color32::from_rgb(190, 90, 200)),
+        ReviewState::Pending if role == Role::Labelled => {
+            ("labelled", Color32::from_rgb(70, 130, 220))
+        }
+        ReviewState::Pending if has_pseudo => ("pending", Color32::from_rgb(220, 170, 40)),
+        ReviewState::Pending => (role.as_str(), Color32::GRAY),
+    }
+}
+
+pub const SHORTCUTS: &[(&str, &str)] = &[
+    ("A / R", "accept / reject (saved before the badge changes)"),
+    ("Right J / Left K", "next / previous image"),
+    ("N", "next pending pseudo-label"),
+    (
+        "1 … 5",
+        "toggle ground truth, probability, pseudo-label, edit, prompts",
+    ),
+    ("+ / -", "layer opacity"),
+    ("B / E", "brush / eraser; [ and ] change the size"),
+    ("H", "fill holes in the mask"),
+    ("S", "SAM: click +, right/Alt+click -, drag a box"),
+    ("Esc", "clear the SAM clicks"),
+    ("V", "pan/zoom tool"),
+    (
+        "Ctrl+Z / Ctrl+Shift+Z",
+        "undo / redo (kept across restarts)",
+    ),
+    ("wheel, space+drag", "zoom at the cursor, pan"),
+    ("F / 0", "fit / 1:1"),
+    ("right-drag", "window/level on grayscale images"),
+    ("?", "this sheet"),
+];
+
+impl App {
+    pub(super) fn image_list_ui(&mut self, ui: &mut egui::Ui) {
+        let total = self.rows.iter().filter(|r| r.pseudo_label).count();
+        let reviewed = self
+            .rows
+            .iter()
+            .filter(|r| r.pseudo_label && r.state != ReviewState::Pending)
+            .count();
+        ui.heading("Images");
+        ui.label(format!("{reviewed}/{total} pseudo-labels reviewed"))
+            .on_hover_text("Images with a pseudo-label that are accepted, rejected or edited");
+        ui.horizontal_wrapped(|ui| {
+            egui::ComboBox::from_id_salt("filter-state")
+                .selected_text(self.filter_state.map_or("any state", |s| s.as_str()))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.filter_state, None, "any state");
+                    for s in ReviewState::ALL {
+                        ui.selectable_value(&mut self.filter_state, Some(*s), s.as_str());
+                    }
+                })
+                .response
+                .on_hover_text("Show only images in this review state");
+            egui::ComboBox::from_id_salt("filter-role")
+                .selected_text(self.filter_role.map_or("any role", |r| r.as_str()))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.filter_role, None, "any role");
+                    for r in Role::ALL {
+                        ui.selectable_value(&mut self.filter_role, Some(*r), r.as_str());
+                    }
+                })
+                .response
+                .on_hover_text("Show only images of this split role");
+            ui.checkbox(&mut self.sort_by_quality, "least confident first")
+                .on_hover_text(
+                    "Sort by the pseudo-label quality score (SAM IoU × stability × agreement)",
+                );
+        });
+        ui.separator();
+        let rows: Vec<_> = self.visible_rows().into_iter().cloned().collect();
+        let selected = self.selected.clone();
+        egui::ScrollArea::vertical().show_rows(ui, 52.0, rows.len(), |ui, range| {
+            for r in &rows[range] {
+                let (text, color) = badge(r.role, r.state, r.pseudo_label);
+                let is_sel = selected.as_deref() == Some(r.name.as_str());
+                let resp = ui
+                    .horizontal(|ui| {
+                        ui.set_min_height(50.0);
+                        match self.thumbs.get(&r.name) {
+                            Some(t) => {
+                                ui.add(egui::Image::new(t).fit_to_exact_size(egui::vec2(48., 48.)));
+                            }
+                            None => {
+                                ui.add_sized([48., 48.], egui::Spinner::new());
+                            }
+                        }
+                        ui.vertical(|ui| {
+                            let label = ui.selectable_label(is_sel, &r.name);
+                            ui.horizontal(|ui| {
+                                ui.label(RichText::new(text).color(color).small());
+                                if let Some(q) = r.quality {
+                                    ui.label(RichText::new(format!("q {q:.2}")).small());
+                                }
+                            });
+                            label
+                        })
+                        .inner
+                    })
+                    .inner;
+                if resp.clicked() {
+                    self.intents.push(Intent::Select(r.name.clone()));
+                }
+            }
+        });
+    }
+
+    pub(super) fn inspector_ui(&mut self, ui: &mut egui::Ui) {
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            self.review_ui(ui);
+            ui.separator();
+            self.tools_ui(ui);
+            ui.separator();
+            self.layers_ui(ui);
+            ui.separator();
+            self.facts_ui(ui);
+            ui.separator();
+            self.model_ui(ui);
+        });
+    }
+
+    fn review_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Review");
+        let Some(cur) = &self.current else {
+            ui.label("No image.");
+            return;
+        };
+        let (text, color) = badge(cur.image.role, cur.image.state, cur.image.pseudo.is_some());
+        ui.horizontal(|ui| {
+            ui.label(&cur.image.name);
+            ui.label(RichText::new(text).color(color).strong());
+            if self.saving > 0 {
+                ui.spinner().on_hover_text("saving to the project store");
+            }
+        });
+        ui.horizontal_wrapped(|ui| {
+            let mut b = |ui: &mut egui::Ui, label: &str, tip: &str, intent: Intent| {
+                if ui.button(label).on_hover_text(tip).clicked() {
+                    self.intents.push(intent);
+                }
+            };
+            b(
+                ui,
+                "Accept (A)",
+                "Accept this pseudo-label (or your edit) for training",
+                Intent::Review(ReviewState::Accepted),
+            );
+            b(
+                ui,
+                "Reject (R)",
+                "Reject: it will not be used for training",
+                Intent::Review(ReviewState::Rejected),
+            );
+            b(
+                ui,
+                "Next pending (N)",
+                "Jump to the next image waiting for review",
+                Intent::NextPending,
+            );
+            b(ui, "Undo", "Undo the last edit (Ctrl+Z)", Intent::Undo);
+            b(ui, "Redo", "Redo (Ctrl+Shift+Z)", Intent::Redo);
+            b(
+                ui,
+                "Reset to SAM proposal",
+                "Drop your edits: the pseudo-label is current again",
+                Intent::ResetToProposal,
+            );
+        });
+    }
+
+    fn tools_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Tools");
+        ui.horizontal_wrapped(|ui| {
+            for t in [Tool::Navigate, Tool::Brush, Tool::Eraser, Tool::Sam] {
+                if ui
+                    .selectable_label(self.tool == t, t.label())
+                    .on_hover_text(t.tooltip())
+                    .clicked()
+                {
+                    self.intents.push(Intent::SetTool(t));
+                }
+            }
+        });
+        ui.add(
+            egui::Slider::new(&mut self.prefs.brush_radius, 1.0..=200.0).text("brush radius (px)"),
+        )
+        .on_hover_text("[ and ] change it too");
+        ui.horizontal(|ui| {
+            if ui
+                .button("Fill holes (H)")
+                .on_hover_text("Fill background enclosed by the mask")
+                .clicked()
+            {
+                self.intents.push(Intent::FillHoles);
+            }
+            if ui
+                .button("Clear clicks (Esc)")
+                .on_hover_text("Start a new SAM prompt")
+                .clicked()
+            {
+                self.intents.push(Intent::ClearClicks);
+            }
+        });
+        ui.horizontal(|ui| {
+            ui.label("Compare")
+                .on_hover_text("Radiologist inspection modes");
+            for (m, label, tip) in [
+                (Compare::Off, "off", "Normal overlay"),
+                (
+                    Compare::Swipe,
+                    "swipe",
+                    "Ground truth left, current mask right",
+                ),
+                (
+                    Compare::SideBySide,
+                    "side by side",
+                    "Ground truth | probability | pseudo-label",
+                ),
+                (
+                    Compare::ErrorMap,
+                    "error map",
+                    "False positives red, false negatives blue",
+                ),
+            ] {
+                if ui
+                    .selectable_label(self.compare == m, label)
+                    .on_hover_text(tip)
+                    .clicked()
+                {
+                    self.compare = m;
+                }
+            }
+        });
+    }
+
+    fn layers_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Layers");
+        for (i, name) in LAYER_NAMES.iter().enumerate() {
+            let l = &mut self.prefs.layers[i];
+            ui.horizontal(|ui| {
+                ui.checkbox(&mut l.visible, format!("{} {name}", i + 1))
+                    .on_hover_text(format!("Show or hide ({})", i + 1));
+                if i != LAYER_PROB {
+                    let mut c = Color32::from_rgb(l.color[0], l.color[1], l.color[2]);
+                    if ui
+                        .color_edit_button_srgba(&mut c)
+                        .on_hover_text("Colour")
+                        .changed()
+                    {
+                        l.color = [c.r(), c.g(), c.b()];
+                    }
+                    ui.checkbox(&mut l.outline, "outline")
+                        .on_hover_text("Outline instead of fill");
+                }
+                ui.add(egui::Slider::new(&mut l.opacity, 0.05..=1.0).show_value(false))
+                    .on_hover_text("Opacity (+/-)");
+            });
+        }
+        ui.checkbox(
+            &mut self.prefs.prompts_visible,
+            "5 Prompts (boxes, points by round)",
+        )
+        .on_hover_text("Show the SAM prompts of every mining round (5)");
+        if self.current.as_ref().is_some_and(|c| c.image.grayscale) {
+            ui.horizontal(|ui| {
+                ui.label("window/level")
+                    .on_hover_text("Right-drag on the image changes it");
+                ui.add(
+                    egui::DragValue::new(&mut self.window[0])
+                        .range(0.0..=1.0)
+                        .speed(0.005),
+                );
+                ui.add(
+                    egui::DragValue::new(&mut self.window[1])
+                        .range(0.02..=2.0)
+                        .speed(0.005),
+                );
+                if ui.small_button("reset").clicked() {
+                    self.window = [0.5, 1.0];
+                }
+            });
+        }
+    }
+
+    fn facts_ui(&self, ui: &mut egui::Ui) {
+        ui.heading("Image");
+        let Some(cur) = &self.current else {
+            return;
+        };
+        let img = &cur.image;
+        egui::Grid::new("facts").num_columns(2).show(ui, |ui| {
+            ui.label("size");
+            ui.label(format!("{} × {}", img.width, img.height));
+            ui.end_row();
+            ui.label("role");
+            ui.label(img.role.as_str());
+            ui.end_row();
+            if let Some(p) = img.rounds.last() {
+                let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
+                for (k, v) in [
+                    ("SAM IoU", p.sam_iou),
+                    ("stability", p.stability),
+                    ("agreement", p.agreement),
+                    ("quality", p.quality()),
+                ] {
+                    ui.label(k);
+                    ui.label(f(v));
+                    ui.end_row();
+                }
+                ui.label("rounds");
+                ui.label(img.rounds.len().to_string());
+                ui.end_row();
+            }
+            if let Some(iou) = cur.sam_iou {
+                ui.label("SAM click IoU");
+                ui.label(format!("{iou:.3}"));
+                ui.end_row();
+            }
+            if let Some(gt) = &img.ground_truth {
+                let current = cur.draft.as_ref().or(img.pseudo.as_ref());
+                if let Some(m) = current {
+                    let c = Confusion::from_masks(&m.data, &gt.data).scores();
+                    ui.label("Dice / IoU vs GT");
+                    ui.label(format!("{:.3} / {:.3}", c.dice, c.iou));
+                    ui.end_row();
+                }
+                if let Some(p) = &cur.probs {
+                    let pred: Vec<u8> = p.iter().map(|&v| u8::from(v >= 128)).collect();
+                    let c = Confusion::from_masks(&pred, &gt.data).scores();
+                    ui.label("U-Net++ Dice / IoU");
+                    ui.label(format!("{:.3} / {:.3}", c.dice, c.iou));
+                    ui.end_row();
+                }
+            }
+        });
+    }
+
+    fn model_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Model");
+        let name = |p: &std::path::Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        ui.label(match &self.model {
+            Some(m) => format!(
+                "U-Net++: {} (val Dice {})",
+                m.parent().map(name).unwrap_or_default() + "/" + &name(m),
+                self.model_dice.map_or("n/a".into(), |d| format!("{d:.3}"))
+            ),
+            None => "U-Net++: none yet".into(),
+        });
+        ui.label(match &self.sam {
+            Some((p, v)) => format!("SAM: {v} ({})", name(p)),
+            None => "SAM: not loaded (weights/README.md says where to get it)".into(),
+        });
+        ui.horizontal_wrapped(|ui| {
+            if ui
+                .button("Load U-Net++…")
+                .on_hover_text("A medmine .safetensors checkpoint")
+                .clicked()
+            {
+                self.intents.push(Intent::PickUnet);
+            }
+            if ui
+                .button("Load SAM…")
+                .on_hover_text("An official SAM or MobileSAM checkpoint (.pth / .safetensors)")
+                .clicked()
+            {
+                self.intents.push(Intent::PickSam);
+            }
+            let can_mine = self.sam.is_some() && self.model.is_some() && !self.training.running();
+            if ui
+                .add_enabled(can_mine, egui::Button::new("Mine"))
+                .on_hover_text(
+                    "Predict the unlabelled images, prompt SAM, store pseudo-labels for review",
+                )
+                .on_disabled_hover_text("Needs a U-Net++ model and a SAM checkpoint")
+                .clicked()
+            {
+                self.intents.push(Intent::Mine);
+            }
+        });
+        self.training_panel_ui(ui);
+    }
+
+    pub(super) fn status_bar_ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            ui.label(format!("device: {}", self.device_name));
+            ui.separator();
+            ui.label(format!(
+                "models: U-Net++ {} · SAM {}",
+                if self.model.is_some() {
+                    "loaded"
+                } else {
+                    "—"
+                },
+                self.sam.as_ref().map_or("—", |(_, v)| v.as_str())
+            ));
+            ui.separator();
+            if let Some(job) = &self.training.job {
+                let t = &self.training;
+                let frac = if t.total > 0 {
+                    t.done as f32 / t.total as f32
+                } else {
+                    0.0
+                };
+                ui.add(
+                    egui::ProgressBar::new(frac)
+                        .desired_width(160.)
+                        .text(job.as_str()),
+                );
+                if ui
+                    .small_button("cancel")
+                    .on_hover_text("Cancel the background job")
+                    .clicked()
+                {
+                    self.intents.push(Intent::CancelJob);
+                }
+            } else {
+                ui.label("no background job");
+            }
+            ui.separator();
+            if let Some(p) = &self.project {
+                ui.label(format!("project: {}", p.display()));
+            }
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                if ui
+                    .small_button("?")
+                    .on_hover_text("Keyboard shortcuts")
+                    .clicked()
+                {
+                    self.show_help ^= true;
+                }
+                ui.menu_button("Project", |ui| {
+                    if ui.button("Open…").clicked() {
+                        self.intents.push(Intent::PickProject);
+                        ui.close();
+                    }
+                    if ui.button("New project from dataset…").clicked() {
+                        self.intents.push(Intent::PickNewProject);
+                        ui.close();
+                    }
+                    ui.separator();
+                    for p in self.prefs.recent.clone() {
+                        if ui.button(p.display().to_string()).clicked() {
+                            self.intents.push(Intent::Open(p));
+                            ui.close();
+                        }
+                    }
+                });
+            });
+        });
+    }
+
+    pub(super) fn help_ui(&mut self, ctx: &egui::Context) {
+        let mut open = self.show_help;
+        egui::Window::new("Keyboard shortcuts")
+            .open(&mut open)
+            .collapsible(false)
+            .show(ctx, |ui| {
+                egui::Grid::new("shortcuts").striped(true).show(ui, |ui| {
+                    for (k, what) in SHORTCUTS {
+                        ui.label(RichText::new(*k).monospace().strong());
+                        ui.label(*what);
+                        ui.end_row();
+                    }
+                });
+            });
+        self.show_help = open;
+    }
+}

@@ -1,0 +1,778 @@
+//! Background threads of the app. The UI sends commands and receives [`Event`]s; every event
+//! wakes the UI with `request_repaint`. Nothing here blocks a frame.
+//!
+//! - the **store** thread owns the project connection: listing, loading an image with its
+//!   layers, reviews and edits (durable before their event is sent);
+//! - the **model** thread owns the device and the models (SAM, U-Net++): SAM clicks on cached
+//!   embeddings, probability maps, and the long jobs (fine-tuning, mining) with a shared
+//!   cancel flag checked every batch/image;
+//! - the **thumbnail** thread decodes small previews.
+//!
+//! A panic inside a command becomes an [`Event::Error`]; the thread keeps serving.
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context as _, Result};
+use candle_core::Device;
+
+use crate::data::{self, Mask};
+use crate::mining::finetune::{finetune_project, FinetuneConfig};
+use crate::mining::{mine_project, MiningConfig};
+use crate::models::sam::cache::EmbeddingCache;
+use crate::models::sam::checkpoint::load_sam;
+use crate::models::sam::predictor::{Embedding, Prompt, SamPredictor};
+use crate::models::unetpp::InferenceMode;
+use crate::predict::Predictor;
+use crate::progress::{Progress, TrainEvent};
+use crate::store::{Actor, Project, PseudoLabel, ReviewState, Role};
+use crate::train::{checkpoint, TrainStatus};
+
+/// One row of the image list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageRow {
+    pub name: String,
+    pub role: Role,
+    pub state: ReviewState,
+    pub quality: Option<f64>,
+    pub ground_truth: bool,
+    pub pseudo_label: bool,
+    pub path: PathBuf,
+}
+
+/// An image with everything the canvas shows.
+#[derive(Clone, Debug)]
+pub struct LoadedImage {
+    pub name: String,
+    pub path: PathBuf,
+    pub role: Role,
+    pub state: ReviewState,
+    pub width: usize,
+    pub height: usize,
+    /// RGBA8 pixels.
+    pub rgba: Vec<u8>,
+    /// All three channels equal (window/level applies).
+    pub grayscale: bool,
+    pub ground_truth: Option<Mask>,
+    /// Newest pseudo-label mask.
+    pub pseudo: Option<Mask>,
+    /// The current edited mask, if the reviewer saved one.
+    pub edit: Option<Mask>,
+    /// Every round's pseudo-label (prompts and scores), oldest first.
+    pub rounds: Vec<PseudoLabel>,
+}
+
+/// Work for the store thread.
+#[derive(Debug)]
+pub enum StoreCommand {
+    Open(PathBuf),
+    /// Opens `project`, creating it from the dataset folder `data` first if it does not exist.
+    OpenOrCreate {
+        project: PathBuf,
+        data: PathBuf,
+        split_dir: Option<PathBuf>,
+        labelled_fraction: f64,
+    },
+    Refresh,
+    Load(String),
+    Review {
+        image: String,
+        state: ReviewState,
+    },
+    SaveEdit {
+        image: String,
+        mask: Mask,
+    },
+    Undo(String),
+    Redo(String),
+    /// Drops the edit: the SAM proposal (newest pseudo-label) is current again (pending).
+    ResetToProposal(String),
+}
+
+/// A SAM prompt from the canvas, in original-image pixels.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClickPrompt {
+    /// (x, y, positive)
+    pub points_in_image: Vec<(f32, f32, bool)>,
+    pub box_in_image: Option<[f32; 4]>,
+}
+
+/// Work for the model thread.
+#[derive(Debug)]
+pub enum ModelCommand {
+    LoadSam(PathBuf),
+    LoadUnet(PathBuf),
+    /// Encode an image ahead of the first click (cached in memory and in the project).
+    Embed {
+        project: PathBuf,
+        image: String,
+        path: PathBuf,
+    },
+    Sam {
+        project: PathBuf,
+        image: String,
+        path: PathBuf,
+        prompt: ClickPrompt,
+        seq: u64,
+    },
+    /// U-Net++ probability map of an image.
+    Probability {
+        image: String,
+        path: PathBuf,
+    },
+    Finetune(FinetuneJob),
+    Mine {
+        project: PathBuf,
+        sam: PathBuf,
+        unet: PathBuf,
+        cfg: Box<MiningConfig>,
+    },
+}
+
+/// A fine-tuning request from the training panel.
+#[derive(Clone, Debug)]
+pub struct FinetuneJob {
+    pub project: PathBuf,
+    /// Start from this checkpoint; `None` trains a fresh U-Net++ of `size`/`base`.
+    pub checkpoint: Option<PathBuf>,
+    pub size: usize,
+    pub base: usize,
+    pub cfg: FinetuneConfig,
+}
+
+/// What a finished fine-tuning round reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinetuneResult {
+    pub best: PathBuf,
+    pub status: TrainStatus,
+    pub new_dice: Option<f64>,
+    pub old_dice: Option<f64>,
+    pub epochs_done: usize,
+}
+
+/// What comes back to the UI.
+#[derive(Debug)]
+pub enum Event {
+    Opened {
+        root: PathBuf,
+        rows: Vec<ImageRow>,
+        model: Option<PathBuf>,
+    },
+    Listing(Vec<ImageRow>),
+    Loaded(Box<LoadedImage>),
+    /// A review is committed to the store.
+    Reviewed {
+        image: String,
+        state: ReviewState,
+    },
+    /// The current mask changed in the store (edit, undo, redo, reset).
+    MaskSaved {
+        image: String,
+        state: ReviewState,
+        edit: Option<Mask>,
+    },
+    /// Nothing to undo/redo.
+    Nothing(String),
+    Thumbnail {
+        image: String,
+        size: [usize; 2],
+        rgba: Vec<u8>,
+    },
+    SamLoaded {
+        path: PathBuf,
+        variant: String,
+    },
+    UnetLoaded {
+        path: PathBuf,
+        size: usize,
+        dice: Option<f64>,
+    },
+    Embedded {
+        image: String,
+    },
+    SamMask {
+        image: String,
+        seq: u64,
+        mask: Mask,
+        iou: f32,
+    },
+    Probability {
+        image: String,
+        probs: Vec<u8>,
+    },
+    JobStarted {
+        what: String,
+    },
+    JobProgress {
+        done: usize,
+        total: usize,
+    },
+    Train(TrainEvent),
+    FinetuneDone(FinetuneResult),
+    JobDone {
+        what: String,
+        message: String,
+    },
+    Error {
+        context: String,
+        message: String,
+    },
+    /// A file dialog answered.
+    Picked {
+        purpose: Pick,
+        path: PathBuf,
+    },
+}
+
+/// What a file dialog is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    Project,
+    Dataset,
+    Sam,
+    Unet,
+}
+
+/// The UI's handle on the threads.
+pub struct Workers {
+    pub store: Sender<StoreCommand>,
+    pub model: Sender<ModelCommand>,
+    pub thumbs: Sender<(String, PathBuf)>,
+    pub events: Receiver<Event>,
+    /// Cancels the running long job (checked every batch / image).
+    pub cancel: Arc<AtomicBool>,
+    out: Outbox,
+}
+
+/// Sends an event and wakes the UI.
+#[derive(Clone)]
+struct Outbox {
+    tx: Sender<Event>,
+    ctx: egui::Context,
+}
+
+impl Outbox {
+    fn send(&self, e: Event) {
+        let _ = self.tx.send(e);
+        self.ctx.request_repaint();
+    }
+
+    fn error(&self, context: &str, e: &anyhow::Error) {
+        tracing::error!("{context}: {e:#}");
+        self.send(Event::Error {
+            context: context.into(),
+            message: format!("{e:#}"),
+        });
+    }
+}
+
+/// Runs `f`, turning an error or a panic into an error event.
+fn guarded(out: &Outbox, context: &str, f: impl FnOnce() -> Result<()>) {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => out.error(context, &e),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            out.error(context, &anyhow!("crashed: {msg}"));
+        }
+    }
+}
+
+impl Workers {
+    pub fn spawn(ctx: &egui::Context, device: Device) -> Workers {
+        let (event_tx, events) = channel();
+        let out = Outbox {
+            tx: event_tx,
+            ctx: ctx.clone(),
+        };
+        let (store, store_rx) = channel();
+        let (model, model_rx) = channel();
+        let (thumbs, thumbs_rx) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let o = out.clone();
+        let outbox = out.clone();
+        std::thread::Builder::new()
+            .name("medmine-store".into())
+            .spawn(move || store_thread(store_rx, o))
+            .expect("spawn the store thread");
+        let (o, c) = (out.clone(), cancel.clone());
+        std::thread::Builder::new()
+            .name("medmine-model".into())
+            .spawn(move || ModelThread::new(device, o, c).run(model_rx))
+            .expect("spawn the model thread");
+        std::thread::Builder::new()
+            .name("medmine-thumbnails".into())
+            .spawn(move || thumbnail_thread(thumbs_rx, out))
+            .expect("spawn the thumbnail thread");
+        Workers {
+            store,
+            model,
+            thumbs,
+            events,
+            cancel,
+            out: outbox,
+        }
+    }
+
+    /// Opens a native file dialog on its own thread (the UI keeps running); the answer comes
+    /// back as [`Event::Picked`] (nothing when cancelled or when no dialog is available).
+    pub fn pick(&self, purpose: Pick) {
+        let out = self.out.clone();
+        std::thread::spawn(move || {
+            let d = rfd::FileDialog::new();
+            let path = match purpose {
+                Pick::Project => d.set_title("Open a medmine project folder").pick_folder(),
+                Pick::Dataset => d
+                    .set_title("Dataset folder (images/, optional masks/ and train.txt)")
+                    .pick_folder(),
+                Pick::Sam => d
+                    .set_title("SAM checkpoint")
+                    .add_filter("checkpoint", &["pth", "pt", "safetensors"])
+                    .pick_file(),
+                Pick::Unet => d
+                    .set_title("U-Net++ checkpoint")
+                    .add_filter("checkpoint", &["safetensors"])
+                    .pick_file(),
+            };
+            if let Some(path) = path {
+                out.send(Event::Picked { purpose, path });
+            }
+        });
+    }
+}
+
+fn rows(p: &Project) -> Result<Vec<ImageRow>> {
+    let status = p.status()?;
+    let paths: std::collections::HashMap<String, PathBuf> =
+        p.images()?.into_iter().map(|r| (r.name, r.path)).collect();
+    Ok(status
+        .images
+        .into_iter()
+        .map(|s| ImageRow {
+            path: paths.get(&s.name).cloned().unwrap_or_default(),
+            name: s.name,
+            role: s.role,
+            state: s.review,
+            quality: s.quality,
+            ground_truth: s.ground_truth,
+            pseudo_label: s.pseudo_label_round.is_some(),
+        })
+        .collect())
+}
+
+/// The model of the project: the best checkpoint of its newest finished or cancelled run.
+pub fn project_model(p: &Project) -> Option<PathBuf> {
+    let runs = p.runs().ok()?;
+    runs.iter()
+        .rev()
+        .filter_map(|r| r.best_checkpoint.clone())
+        .find(|b| b.is_file())
+}
+
+fn edit_mask(p: &Project, image: &str) -> Result<Option<Mask>> {
+    Ok(match p.current_mask(image)? {
+        Some((path, "edited")) => Some(data::load_mask(&path)?),
+        _ => None,
+    })
+}
+
+fn load(p: &Project, name: &str) -> Result<LoadedImage> {
+    let rec = p.image(name)?;
+    let img = p.load_image(name)?;
+    let n = img.width * img.height;
+    let (r, g, b) = (img.channel(0), img.channel(1), img.channel(2));
+    let grayscale = r == g && g == b;
+    let mut rgba = Vec::with_capacity(n * 4);
+    let q = |v: f32| (v.clamp(0., 1.) * 255.).round() as u8;
+    for i in 0..n {
+        rgba.extend_from_slice(&[q(r[i]), q(g[i]), q(b[i]), 255]);
+    }
+    let ground_truth = match p.ground_truth(name)? {
+        Some(path) => Some(data::load_mask(&path)?),
+        None => None,
+    };
+    let rounds = p.pseudo_labels(name)?;
+    let pseudo = match rounds.last() {
+        Some(l) => Some(data::load_mask(&p.masks_dir().join(&l.mask_file))?),
+        None => None,
+    };
+    Ok(LoadedImage {
+        name: name.into(),
+        path: rec.path,
+        role: rec.role,
+        state: p.review(name)?.state,
+        width: img.width,
+        height: img.height,
+        rgba,
+        grayscale,
+        ground_truth,
+        pseudo,
+        edit: edit_mask(p, name)?,
+        rounds,
+    })
+}
+
+const GUI_ACTOR: Actor<'static> = Actor {
+    reviewer: Some("gui"),
+    note: None,
+};
+
+fn store_thread(rx: Receiver<StoreCommand>, out: Outbox) {
+    let mut project: Option<Project> = None;
+    for cmd in rx {
+        let context = format!("{cmd:?}").chars().take(80).collect::<String>();
+        guarded(&out, &context, || {
+            if let StoreCommand::OpenOrCreate {
+                project: root,
+                data,
+                split_dir,
+                labelled_fraction,
+            } = &cmd
+            {
+                if !root.join(crate::store::DB_FILE).is_file() {
+                    let mut p = Project::init(root)
+                        .with_context(|| format!("creating project {}", root.display()))?;
+                    let mut opts = crate::store::ImportOptions::new(data);
+                    opts.split_dir = split_dir.clone();
+                    opts.labelled_fraction = *labelled_fraction;
+                    opts.skip_unusable = true;
+                    p.import(&opts)
+                        .with_context(|| format!("importing {}", data.display()))?;
+                }
+            }
+            if let StoreCommand::Open(root) | StoreCommand::OpenOrCreate { project: root, .. } =
+                &cmd
+            {
+                let p = Project::open(root)
+                    .with_context(|| format!("opening project {}", root.display()))?;
+                out.send(Event::Opened {
+                    root: p.root().to_path_buf(),
+                    rows: rows(&p)?,
+                    model: project_model(&p),
+                });
+                project = Some(p);
+                return Ok(());
+            }
+            let p = project.as_mut().context("no project is open")?;
+            match cmd {
+                StoreCommand::Open(_) | StoreCommand::OpenOrCreate { .. } => {
+                    unreachable!("handled above")
+                }
+                StoreCommand::Refresh => out.send(Event::Listing(rows(p)?)),
+                StoreCommand::Load(name) => out.send(Event::Loaded(Box::new(load(p, &name)?))),
+                StoreCommand::Review { image, state } => {
+                    p.set_review(&[&image], state, GUI_ACTOR)?;
+                    out.send(Event::Reviewed { image, state });
+                }
+                StoreCommand::SaveEdit { image, mask } => {
+                    p.save_edit(&image, &mask, GUI_ACTOR)?;
+                    let state = p.review(&image)?.state;
+                    out.send(Event::MaskSaved {
+                        image,
+                        state,
+                        edit: Some(mask),
+                    });
+                }
+                StoreCommand::Undo(image) => undo_redo(p, &out, image, true)?,
+                StoreCommand::Redo(image) => undo_redo(p, &out, image, false)?,
+                StoreCommand::ResetToProposal(image) => {
+                    p.set_review(&[&image], ReviewState::Pending, GUI_ACTOR)?;
+                    out.send(Event::MaskSaved {
+                        edit: edit_mask(p, &image)?,
+                        state: p.review(&image)?.state,
+                        image,
+                    });
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+fn undo_redo(p: &mut Project, out: &Outbox, image: String, undo: bool) -> Result<()> {
+    let done = if undo {
+        p.undo_edit(&image, GUI_ACTOR)?
+    } else {
+        p.redo_edit(&image, GUI_ACTOR)?
+    };
+    if done.is_none() {
+        out.send(Event::Nothing(if undo {
+            "nothing to undo".into()
+        } else {
+            "nothing to redo".into()
+        }));
+        return Ok(());
+    }
+    out.send(Event::MaskSaved {
+        edit: edit_mask(p, &image)?,
+        state: p.review(&image)?.state,
+        image,
+    });
+    Ok(())
+}
+
+fn thumbnail_thread(rx: Receiver<(String, PathBuf)>, out: Outbox) {
+    for (name, path) in rx {
+        // a file that cannot be read simply has no thumbnail (the list shows its name)
+        if let Ok(img) = data::load_image(&path) {
+            let rgb = crate::mining::to_rgb(&img);
+            let t = image::imageops::thumbnail(&rgb, 48, 48);
+            let rgba = image::DynamicImage::ImageRgb8(t).to_rgba8();
+            out.send(Event::Thumbnail {
+                image: name,
+                size: [rgba.width() as usize, rgba.height() as usize],
+                rgba: rgba.into_raw(),
+            });
+        }
+    }
+}
+
+struct ModelThread {
+    device: Device,
+    out: Outbox,
+    cancel: Arc<AtomicBool>,
+    sam: Option<(PathBuf, SamPredictor)>,
+    cache: Option<(PathBuf, EmbeddingCache)>,
+    unet: Option<(PathBuf, Predictor)>,
+}
+
+/// Forwards training events to the UI.
+struct ToUi<'a>(&'a Outbox);
+
+impl Progress for ToUi<'_> {
+    fn event(&mut self, event: &TrainEvent) {
+        self.0.send(Event::Train(event.clone()));
+    }
+}
+
+impl ModelThread {
+    fn new(device: Device, out: Outbox, cancel: Arc<AtomicBool>) -> Self {
+        Self {
+            device,
+            out,
+            cancel,
+            sam: None,
+            cache: None,
+            unet: None,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<ModelCommand>) {
+        while let Ok(cmd) = rx.recv() {
+            // only the newest SAM prompt matters: skip stale ones queued behind a slow call
+            let cmd = match cmd {
+                ModelCommand::Sam { .. } => {
+                    let mut newest = cmd;
+                    while let Ok(next) = rx.try_recv() {
+                        match next {
+                            ModelCommand::Sam { .. } => newest = next,
+                            other => {
+                                self.handle(newest);
+                                newest = other;
+                            }
+                        }
+                    }
+                    newest
+                }
+                other => other,
+            };
+            self.handle(cmd);
+        }
+    }
+
+    fn handle(&mut self, cmd: ModelCommand) {
+        let out = self.out.clone();
+        let context = format!("{cmd:?}").chars().take(80).collect::<String>();
+        guarded(&out, &context, || self.handle_inner(cmd));
+    }
+
+    /// The embedding of an image file: from the project's cache, else encoded now.
+    fn embedding(&mut self, project: &Path, image: &Path) -> Result<Embedding> {
+        let (sam_path, sam) = self.sam.as_ref().context("no SAM checkpoint is loaded")?;
+        // `Project::cache_dir` of the project at `project` (the same folder `mine` uses)
+        let dir = project.join("cache").join("sam-embeddings");
+        if self.cache.as_ref().map(|(d, _)| d) != Some(&dir) {
+            let cache = EmbeddingCache::new(Some(&dir), 8, sam_path)?;
+            self.cache = Some((dir.clone(), cache));
+        }
+        let (_, cache) = self.cache.as_ref().expect("cache just set");
+        Ok(cache.get_or_compute(image, sam)?)
+    }
+
+    fn handle_inner(&mut self, cmd: ModelCommand) -> Result<()> {
+        match cmd {
+            ModelCommand::LoadSam(path) => {
+                let sam = load_sam(&path, None, &self.device)
+                    .with_context(|| format!("loading SAM from {}", path.display()))?;
+                let variant = sam.config().name().to_string();
+                self.sam = Some((path.clone(), SamPredictor::new(sam)));
+                self.cache = None;
+                self.out.send(Event::SamLoaded { path, variant });
+            }
+            ModelCommand::LoadUnet(path) => {
+                let p = Predictor::load(&path, &self.device, InferenceMode::Accurate)
+                    .with_context(|| format!("loading U-Net++ from {}", path.display()))?;
+                let (size, dice) = (p.size(), p.meta.best_dice);
+                self.unet = Some((path.clone(), p));
+                self.out.send(Event::UnetLoaded { path, size, dice });
+            }
+            ModelCommand::Embed {
+                project,
+                image,
+                path,
+            } => {
+                self.embedding(&project, &path)?;
+                self.out.send(Event::Embedded { image });
+            }
+            ModelCommand::Sam {
+                project,
+                image,
+                path,
+                prompt,
+                seq,
+            } => {
+                let emb = self.embedding(&project, &path)?;
+                let (_, sam) = self.sam.as_ref().context("no SAM checkpoint is loaded")?;
+                let p = Prompt {
+                    points: prompt
+                        .points_in_image
+                        .iter()
+                        .map(|&(x, y, pos)| (x, y, u8::from(pos)))
+                        .collect(),
+                    bbox: prompt.box_in_image,
+                    mask_input: None,
+                };
+                let pred = sam.predict(&emb, &p, false)?;
+                let (h, w) = emb.original_size;
+                let best = pred.best();
+                let data: Vec<u8> = pred.masks.get(best)?.flatten_all()?.to_vec1()?;
+                self.out.send(Event::SamMask {
+                    image,
+                    seq,
+                    mask: Mask {
+                        width: w,
+                        height: h,
+                        data,
+                    },
+                    iou: pred.iou_predictions[best],
+                });
+            }
+            ModelCommand::Probability { image, path } => {
+                let (_, unet) = self.unet.as_ref().context("no U-Net++ is loaded")?;
+                let img = data::load_image(&path)?;
+                let prob = unet
+                    .predict(&[&img])?
+                    .pop()
+                    .context("one probability map")?;
+                self.out.send(Event::Probability {
+                    image,
+                    probs: prob.to_u8(),
+                });
+            }
+            ModelCommand::Finetune(job) => self.finetune(job)?,
+            ModelCommand::Mine {
+                project,
+                sam,
+                unet,
+                cfg,
+            } => {
+                self.start_job("mining");
+                let mut p = Project::open(&project)?;
+                let out = self.out.clone();
+                let summary = mine_project(
+                    &mut p,
+                    &unet,
+                    &sam,
+                    &cfg,
+                    &self.device,
+                    &mut |done, total| out.send(Event::JobProgress { done, total }),
+                    &self.cancel,
+                );
+                let summary = match summary {
+                    Ok(s) => s,
+                    Err(e) => return self.job_failed("mining", e.into()),
+                };
+                let verb = if summary.cancelled {
+                    "cancelled after"
+                } else {
+                    "mined"
+                };
+                self.out.send(Event::JobDone {
+                    what: "mining".into(),
+                    message: format!(
+                        "{verb} {} images ({} with no component, {} failed)",
+                        summary.mined.len(),
+                        summary.no_component.len(),
+                        summary.failed.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn start_job(&self, what: &str) {
+        self.cancel.store(false, Ordering::Relaxed);
+        self.out.send(Event::JobStarted { what: what.into() });
+    }
+
+    fn job_failed(&self, what: &str, e: anyhow::Error) -> Result<()> {
+        self.out.send(Event::JobDone {
+            what: what.into(),
+            message: format!("failed: {e:#}"),
+        });
+        Err(e)
+    }
+
+    fn finetune(&mut self, job: FinetuneJob) -> Result<()> {
+        self.start_job("fine-tuning");
+        let mut p = Project::open(&job.project)?;
+        let (start, old_dice) = match &job.checkpoint {
+            Some(c) => (
+                c.clone(),
+                checkpoint::load_meta(c).ok().and_then(|m| m.best_dice),
+            ),
+            None => {
+                let dir = p.runs_dir().join("init");
+                let path = checkpoint::fresh_checkpoint(
+                    &dir,
+                    job.base,
+                    job.size,
+                    job.cfg.seed,
+                    &self.device,
+                )?;
+                (path, None)
+            }
+        };
+        let outcome = finetune_project(
+            &mut p,
+            &start,
+            &job.cfg,
+            &self.device,
+            &mut ToUi(&self.out),
+            &self.cancel,
+        );
+        let o = match outcome {
+            Ok(o) => o,
+            Err(e) => return self.job_failed("fine-tuning", e.into()),
+        };
+        self.out.send(Event::FinetuneDone(FinetuneResult {
+            best: o.best.clone(),
+            status: o.status,
+            new_dice: o.best_dice,
+            old_dice,
+            epochs_done: o.epochs_done,
+        }));
+        self.out.send(Event::JobDone {
+            what: "fine-tuning".into(),
+            message: format!("{} epochs, best {}", o.epochs_done, o.best.display()),
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,410 @@
+//! The desktop app, headless (egui_kittest on wgpu; CI uses Mesa's software Vulkan driver):
+//! keyboard review, brush + undo, a SAM click, fine-tuning with live plot and cancel, a
+//! rendered snapshot of the canvas overlays.
+#![cfg(feature = "gui")]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egui::{pos2, Key, Modifiers};
+use egui_kittest::kittest::Queryable as _;
+use egui_kittest::Harness;
+use medmine::data::{self, Mask};
+use medmine::gui::canvas::{canvas_ui, CanvasInput, Pointer, Tool, View};
+use medmine::gui::overlay::{self, CanvasData, OverlayUniform};
+use medmine::gui::{App, Startup};
+use medmine::store::{
+    BoxPrompt, ImportOptions, NewPseudoLabel, Project, Prompts, ReviewState, Role,
+};
+
+/// A project of 8 lung X-rays from `../shared/data` (half labelled); each unlabelled image gets
+/// a pseudo-label (its ground truth eroded by 3 px, as a stand-in for a mined mask).
+fn lung_project(tmp: &Path) -> PathBuf {
+    let src = common::shared_data().join("lung-cxr");
+    let data = tmp.join("data");
+    std::fs::create_dir_all(data.join("images")).unwrap();
+    std::fs::create_dir_all(data.join("masks")).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(src.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names.iter().take(8) {
+        std::fs::copy(src.join("images").join(n), data.join("images").join(n)).unwrap();
+        std::fs::copy(src.join("masks").join(n), data.join("masks").join(n)).unwrap();
+    }
+    let root = tmp.join("project");
+    let mut p = Project::init(&root).unwrap();
+    let mut opts = ImportOptions::new(&data);
+    opts.labelled_fraction = 0.5;
+    p.import(&opts).unwrap();
+    for rec in p.images().unwrap() {
+        if rec.role != Role::Unlabelled {
+            continue;
+        }
+        let gt = data::load_mask(&data.join("masks").join(&rec.name)).unwrap();
+        let mask = erode(&gt, 3);
+        p.add_pseudo_label(
+            &rec.name,
+            &NewPseudoLabel {
+                round: 0,
+                mask,
+                prompts: Prompts {
+                    boxes_in_image: vec![BoxPrompt {
+                        x0: 20.,
+                        y0: 20.,
+                        x1: 120.,
+                        y1: 200.,
+                    }],
+                    ..Default::default()
+                },
+                sam_iou: Some(0.9),
+                stability: Some(0.95),
+                agreement: Some(0.8),
+                sam_checkpoint: None,
+                unet_checkpoint: None,
+            },
+        )
+        .unwrap();
+    }
+    root
+}
+
+fn erode(m: &Mask, r: usize) -> Mask {
+    let mut out = m.clone();
+    for y in 0..m.height {
+        for x in 0..m.width {
+            let inside = (y.saturating_sub(r)..(y + r + 1).min(m.height)).all(|yy| {
+                (x.saturating_sub(r)..(x + r + 1).min(m.width))
+                    .all(|xx| m.data[yy * m.width + xx] > 0)
+            });
+            out.data[y * m.width + x] = u8::from(inside);
+        }
+    }
+    out
+}
+
+fn app_harness(project: &Path, sam: Option<PathBuf>) -> Harness<'static, App> {
+    let project = project.to_path_buf();
+    Harness::builder()
+        .with_size([1200.0, 800.0])
+        .wgpu()
+        .build_eframe(move |cc| {
+            App::new(
+                cc,
+                Startup {
+                    project: Some(project),
+                    demo: None,
+                    sam,
+                    device_name: "cpu".into(),
+                },
+                candle_core::Device::Cpu,
+            )
+        })
+}
+
+const TIMEOUT: u64 = 120;
+
+/// Steps frames until `cond` holds (the workers answer asynchronously).
+fn wait_for(h: &mut Harness<'static, App>, what: &str, cond: impl Fn(&App) -> bool) {
+    let t0 = Instant::now();
+    while !cond(h.state()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(TIMEOUT),
+            "timed out waiting for {what}; errors: {:?}",
+            h.state().errors()
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.step();
+}
+
+fn loaded(h: &mut Harness<'static, App>) -> String {
+    wait_for(h, "the selected image on the canvas", |a| {
+        a.current_image().is_some()
+            && a.current_image() == a.selected_image()
+            && a.ui_from_image(pos2(0., 0.)).is_some()
+    });
+    h.state().current_image().unwrap().to_string()
+}
+
+#[test]
+fn keyboard_review_brush_and_undo_reach_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let mut h = app_harness(&root, None);
+
+    // the app opens on the first pending pseudo-label
+    let first = loaded(&mut h);
+    let store = Project::open(&root).unwrap();
+    assert!(store.latest_pseudo_label(&first).unwrap().is_some());
+    assert_eq!(store.review(&first).unwrap().state, ReviewState::Pending);
+
+    h.key_press(Key::A);
+    wait_for(&mut h, "accept to be saved", |a| {
+        a.badge(&first) == Some(ReviewState::Accepted) && a.saving() == 0
+    });
+    assert_eq!(store.review(&first).unwrap().state, ReviewState::Accepted);
+
+    // the app moved to the next image; reject it
+    let second = loaded(&mut h);
+    assert_ne!(second, first);
+    h.key_press(Key::R);
+    wait_for(&mut h, "reject to be saved", |a| {
+        a.badge(&second) == Some(ReviewState::Rejected) && a.saving() == 0
+    });
+    assert_eq!(store.review(&second).unwrap().state, ReviewState::Rejected);
+
+    // next pending image: paint a stroke with the brush
+    let here = loaded(&mut h);
+    h.key_press(Key::N);
+    h.step();
+    let third = loaded(&mut h);
+    assert!(third != here && third != first && third != second);
+    assert_eq!(store.review(&third).unwrap().state, ReviewState::Pending);
+    let pseudo_file = store.current_mask(&third).unwrap().unwrap().0;
+    let pseudo = data::load_mask(&pseudo_file).unwrap();
+    h.key_press(Key::B);
+    h.step();
+    assert_eq!(h.state().tool(), Tool::Brush);
+    // a stroke through the image's top-left corner region (outside the lungs)
+    let a = h.state().ui_from_image(pos2(10., 10.)).unwrap();
+    let b = h.state().ui_from_image(pos2(60., 12.)).unwrap();
+    h.hover_at(a);
+    h.step();
+    h.drag_at(a);
+    h.step();
+    for k in 1..=5 {
+        h.hover_at(a + (b - a) * (k as f32 / 5.));
+        h.step();
+    }
+    h.drop_at(b);
+    h.step();
+    wait_for(&mut h, "the stroke to be saved", |a| {
+        a.badge(&third) == Some(ReviewState::Edited) && a.saving() == 0
+    });
+    let (edited_file, kind) = store.current_mask(&third).unwrap().unwrap();
+    assert_eq!(kind, "edited");
+    let edited = data::load_mask(&edited_file).unwrap();
+    assert_eq!(pseudo.data[12 * pseudo.width + 30], 0);
+    assert_eq!(
+        edited.data[12 * edited.width + 30],
+        1,
+        "the stroke painted the mask"
+    );
+    let changed = pseudo
+        .data
+        .iter()
+        .zip(&edited.data)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(changed > 100, "only {changed} pixels changed");
+
+    // undo restores the SAM proposal, in the store and on the canvas
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Z);
+    wait_for(&mut h, "undo to be saved", |a| {
+        a.badge(&third) == Some(ReviewState::Pending) && a.saving() == 0
+    });
+    let (file, kind) = store.current_mask(&third).unwrap().unwrap();
+    assert_eq!(kind, "pseudo_label");
+    assert_eq!(data::load_mask(&file).unwrap(), pseudo);
+    assert!(h.state().draft().is_none());
+    // and redo brings the stroke back
+    h.key_press_modifiers(Modifiers::COMMAND | Modifiers::SHIFT, Key::Z);
+    wait_for(&mut h, "redo to be saved", |a| {
+        a.badge(&third) == Some(ReviewState::Edited) && a.saving() == 0
+    });
+    assert_eq!(h.state().draft(), Some(&edited));
+}
+
+#[test]
+fn sam_click_produces_a_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let sam = common::root().join("tests/fixtures/sam/sam_tiny.pth");
+    let mut h = app_harness(&root, Some(sam));
+    let name = loaded(&mut h);
+    wait_for(&mut h, "SAM to load", |a| a.sam_loaded());
+    h.key_press(Key::S);
+    h.step();
+    assert_eq!(h.state().tool(), Tool::Sam);
+    let before = Project::open(&root)
+        .unwrap()
+        .mask_history(&name)
+        .unwrap()
+        .len();
+    let p = h.state().ui_from_image(pos2(80., 120.)).unwrap();
+    h.hover_at(p);
+    h.step();
+    h.drag_at(p);
+    h.step();
+    h.drop_at(p);
+    h.step();
+    wait_for(&mut h, "SAM's mask to be saved", |a| {
+        a.badge(&name) == Some(ReviewState::Edited) && a.saving() == 0
+    });
+    let draft = h.state().draft().expect("SAM's mask is the edit").clone();
+    assert_eq!((draft.width, draft.height), (256, 256));
+    let store = Project::open(&root).unwrap();
+    assert_eq!(store.mask_history(&name).unwrap().len(), before + 1);
+    let (file, kind) = store.current_mask(&name).unwrap().unwrap();
+    assert_eq!(kind, "edited");
+    assert_eq!(data::load_mask(&file).unwrap(), draft);
+}
+
+#[test]
+fn finetune_button_plots_progress_and_cancel_stops_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let mut h = app_harness(&root, None);
+    loaded(&mut h);
+    {
+        let t = h.state_mut().training_mut();
+        t.epochs = 400; // long enough that cancel, not the end, stops it
+        t.size = 32;
+        t.base = 4;
+    }
+    h.get_by_label("Start fine-tuning…").click();
+    h.step();
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    wait_for(&mut h, "a loss point on the plot", |a| {
+        a.training().loss.len() >= 2
+    });
+    assert!(h.state().training().running());
+    h.get_by_label("Cancel").click();
+    h.step();
+    wait_for(&mut h, "the job to stop", |a| !a.training().running());
+    let r = h.state().training().result.clone().expect("a result");
+    assert_eq!(r.status, medmine::train::TrainStatus::Cancelled);
+    assert!(r.epochs_done < 400);
+    assert!(r.best.is_file());
+    let runs = Project::open(&root).unwrap().runs().unwrap();
+    assert_eq!(
+        runs.last().unwrap().status,
+        medmine::store::RunStatus::Cancelled
+    );
+}
+
+/// A fixed scene: a gradient image, a disc as ground truth (outline) and a shifted disc as the
+/// pseudo-label (fill), a probability ramp and prompt markers.
+struct CanvasScene {
+    data: CanvasData,
+    view: View,
+    /// Per layer: 0 hidden, 1 fill, 2 outline, 3 colour map.
+    modes: [u32; 4],
+}
+
+impl eframe::App for CanvasScene {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let mut u = <OverlayUniform as bytemuck::Zeroable>::zeroed();
+        u.image_size = [128., 128.];
+        u.window = [0.5, 1.0];
+        u.colors = [
+            [0.2, 0.5, 1.0, 0.9],
+            [1.0, 1.0, 1.0, 0.5],
+            [1.0, 0.8, 0.0, 0.4],
+            [0.9, 0.2, 0.9, 0.5],
+        ];
+        u.modes = self.modes;
+        egui::CentralPanel::default().show(ui, |ui| {
+            canvas_ui(
+                ui,
+                &mut self.view,
+                &mut Pointer::default(),
+                CanvasInput {
+                    id: 1,
+                    data: &self.data,
+                    uniform: u,
+                    tool: Tool::Navigate,
+                    brush_radius: 4.,
+                    grayscale: false,
+                    rounds: None,
+                    click_points: &[(40., 40., true), (100., 30., false)],
+                    click_box: Some([20., 20., 90., 90.]),
+                    wgpu: true,
+                    interactive: false,
+                },
+                &mut Vec::new(),
+            );
+        });
+    }
+}
+
+#[test]
+fn canvas_overlays_render_like_the_snapshot() {
+    let n = 128usize;
+    let disc = |cx: f32, cy: f32, r: f32| -> Vec<u8> {
+        (0..n * n)
+            .map(|i| {
+                let (x, y) = ((i % n) as f32, (i / n) as f32);
+                if (x - cx).powi(2) + (y - cy).powi(2) <= r * r {
+                    255
+                } else {
+                    0
+                }
+            })
+            .collect()
+    };
+    let rgba: Vec<u8> = (0..n * n)
+        .flat_map(|i| {
+            let v = ((i % n) * 255 / n) as u8;
+            [v, v / 2, 255 - v, 255]
+        })
+        .collect();
+    let prob: Vec<u8> = (0..n * n).map(|i| ((i / n) * 255 / n) as u8).collect();
+    let data = CanvasData {
+        width: n as u32,
+        height: n as u32,
+        rgba: Arc::new(rgba),
+        layers: [
+            Some(Arc::new(disc(60., 60., 30.))),
+            Some(Arc::new(prob)),
+            Some(Arc::new(disc(70., 64., 28.))),
+            None,
+        ],
+        versions: [1; 5],
+    };
+    let mut h = Harness::builder()
+        .with_size([300.0, 300.0])
+        .wgpu()
+        .build_eframe(move |cc| {
+            overlay::install(cc.wgpu_render_state.as_ref().expect("wgpu"));
+            CanvasScene {
+                data,
+                view: View::default(),
+                modes: [2, 3, 1, 0],
+            }
+        });
+    let render = |h: &mut Harness<'static, CanvasScene>, modes: [u32; 4]| {
+        h.state_mut().modes = modes;
+        h.run_steps(2);
+        h.render().expect("render")
+    };
+    let diff = |a: &image::RgbaImage, b: &image::RgbaImage| {
+        a.pixels().zip(b.pixels()).filter(|(p, q)| p != q).count()
+    };
+    let all = render(&mut h, [2, 3, 1, 0]);
+    let no_outline = render(&mut h, [0, 3, 1, 0]);
+    let no_fill = render(&mut h, [2, 3, 0, 0]);
+    let no_prob = render(&mut h, [2, 0, 1, 0]);
+    // the image is fitted into ~280 px: 128 image px -> ~2.2 screen px each
+    let outline = diff(&all, &no_outline);
+    let fill = diff(&all, &no_fill);
+    let prob = diff(&all, &no_prob);
+    // a 1-image-pixel ring of radius 30 (~2.2 screen px wide, circumference ~415 px)
+    assert!(
+        (300..3000).contains(&outline),
+        "outline changed {outline} pixels"
+    );
+    // a filled disc of radius 28 image px: ~ pi * (28 * 2.2)^2 ~ 12000 screen px
+    assert!((8000..17000).contains(&fill), "fill changed {fill} pixels");
+    // the probability ramp tints every row below the first few
+    assert!(prob > 40000, "probability colour map changed {prob} pixels");
+    render(&mut h, [2, 3, 1, 0]);
+    h.snapshot("canvas_overlays");
+}
