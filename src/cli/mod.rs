@@ -21,6 +21,7 @@ mod finetune;
 mod mine;
 mod project;
 mod segment;
+mod weights;
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +61,9 @@ enum Command {
     Finetune(finetune::FinetuneArgs),
     /// The paper's protocol: baseline vs mined U-Net++ per labelled fraction and seed.
     Experiment(experiment::ExperimentArgs),
+    /// The official SAM checkpoints: list, verify (SHA-256), download (resumable).
+    #[command(subcommand)]
+    Weights(weights::WeightsCommand),
 }
 
 #[derive(Args)]
@@ -189,6 +193,7 @@ pub fn run() -> Result<()> {
     let command = match cli.command {
         Command::Project(c) => return project::project_cmd(c),
         Command::Review(a) => return project::review_cmd(a),
+        Command::Weights(c) => return weights::weights_cmd(c),
         other => other,
     };
     let choice: DeviceChoice = cli.device.parse()?;
@@ -250,6 +255,7 @@ pub fn run() -> Result<()> {
         }
         Command::Project(c) => project::project_cmd(c),
         Command::Review(a) => project::review_cmd(a),
+        Command::Weights(c) => weights::weights_cmd(c),
     }
 }
 
