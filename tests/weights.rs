@@ -371,6 +371,27 @@ fn the_mirror_variable_and_an_unverified_download() {
     assert!(out.contains(&format!("sha256 {}", sha(&data))), "{out}");
     assert_eq!(std::fs::read(tmp.path().join("extra.bin")).unwrap(), data);
 
+    // a server that is not there: the error says where else to get the file from
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/x.bin", dead.local_addr().unwrap());
+    drop(dead);
+    let o = run(&[
+        "weights",
+        "download",
+        "x.bin",
+        "--dir",
+        s(tmp.path()),
+        "--url",
+        &url,
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&url) && err.contains(weights::URL_ENV),
+        "{err}"
+    );
+    assert!(!tmp.path().join("x.bin.part").exists());
+
     // without a URL an unregistered name is refused with the known names
     let o = run(&["weights", "download", "extra2.bin", "--dir", s(tmp.path())]);
     let (_, err) = text(&o);

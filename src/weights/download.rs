@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{io_err, parse_sha256, part_path, Download, Result, WeightsError};
+use super::{io_err, parse_sha256, part_path, Download, Result, WeightsError, URL_ENV};
 use crate::fsutil;
 
 /// What a download reports (the CLI draws a progress bar from these).
@@ -94,7 +94,11 @@ fn request(agent: &ureq::Agent, d: &Download, offset: u64) -> Result<Reply> {
     let resp = req.call().map_err(|e| WeightsError::Transfer {
         url: d.url.clone(),
         reason: e.to_string(),
-        hint: kept_hint(&part_path(&d.dest), offset),
+        hint: if offset > 0 {
+            kept_hint(&part_path(&d.dest), offset)
+        } else {
+            format!("; another source: --url URL, or {URL_ENV}=BASE_URL for a mirror")
+        },
     })?;
     match resp.status().as_u16() {
         200 => Ok(Reply::Body { from: 0, resp }),
