@@ -20,3 +20,4 @@ pub mod progress;
 pub mod prompts;
 pub mod store;
 pub mod train;
+pub mod weights;

@@ -1,12 +1,13 @@
 //! SAM parity with Meta's official PyTorch code (fixtures: `scripts/sam_fixtures.py`, a small
 //! seeded SAM saved as `torch.save(state_dict)` and `.safetensors`; see
 //! tests/fixtures/sam/manifest.json).
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use medmine::models::sam::{
-    self, preprocess, Embedding, Prediction, Prompt, SamError, SamPredictor, Variant,
-};
+use common::sam_fixture::{max_abs_diff, Fixture, PROMPTS};
+use medmine::models::sam::{self, preprocess, Prediction, Prompt, SamError, SamPredictor, Variant};
 use sha2::{Digest, Sha256};
 
 /// Absolute tolerance on embeddings, logits and IoU predictions (f32 on both sides; only the
@@ -15,146 +16,36 @@ use sha2::{Digest, Sha256};
 /// differences are ~1e-6.
 const TOL: f32 = 1e-3;
 
+fn fx() -> Fixture {
+    Fixture::vit_b()
+}
+
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam")
+    fx().dir
 }
 
 fn manifest() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
+    fx().manifest()
 }
 
 fn npy(name: &str) -> Tensor {
-    Tensor::read_npy(dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    fx().npy(name)
 }
 
 fn predictor(file: &str) -> SamPredictor {
-    SamPredictor::new(sam::load_sam(&dir().join(file), None, &Device::Cpu).unwrap())
+    fx().predictor(&dir().join(file))
 }
 
 fn image() -> image::RgbImage {
-    image::open(dir().join("image.png")).unwrap().to_rgb8()
+    fx().image()
 }
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// The official embedding (the decoder tests then run on identical inputs).
-fn official_embedding() -> Embedding {
-    let m = manifest();
-    let (h, w) = (
-        m["image"]["height"].as_u64().unwrap() as usize,
-        m["image"]["width"].as_u64().unwrap() as usize,
-    );
-    let r = &m["resized"]["shape"];
-    Embedding {
-        features: npy("embedding.npy"),
-        original_size: (h, w),
-        input_size: (
-            r[0].as_u64().unwrap() as usize,
-            r[1].as_u64().unwrap() as usize,
-        ),
-    }
-}
-
-const PROMPTS: [&str; 4] = ["box", "points", "box_points", "mask_points"];
 
 fn prompt(name: &str) -> Prompt {
-    let m = manifest();
-    let p = &m["prompts"][name];
-    let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
-    let mut out = Prompt::default();
-    if let Some(b) = p["box"].as_array() {
-        out.bbox = Some([f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]);
-    }
-    if let Some(c) = p["point_coords"].as_array() {
-        let labels = p["point_labels"].as_array().unwrap();
-        for (xy, l) in c.iter().zip(labels) {
-            out.points
-                .push((f(&xy[0]), f(&xy[1]), l.as_u64().unwrap() as u8));
-        }
-    }
-    if p.get("mask_input").is_some() {
-        out.mask_input = Some(npy("box_single_low.npy"));
-    }
-    out
+    fx().prompt(name)
 }
 
-fn official_masks(name: &str, tag: &str, n: usize) -> Vec<Vec<bool>> {
-    (0..n)
-        .map(|i| {
-            let file = dir().join(format!("{name}_{tag}_mask{i}.png"));
-            let img = image::open(&file).unwrap().to_luma8();
-            img.pixels().map(|p| p.0[0] > 127).collect()
-        })
-        .collect()
-}
-
-fn mask_iou(a: &[bool], b: &[bool]) -> f64 {
-    let inter = a.iter().zip(b).filter(|(x, y)| **x && **y).count();
-    let union = a.iter().zip(b).filter(|(x, y)| **x || **y).count();
-    if union == 0 {
-        1.0
-    } else {
-        inter as f64 / union as f64
-    }
-}
-
-/// Compares one prediction with the official outputs; returns the max abs logit/IoU diff.
 fn check_prediction(name: &str, multimask: bool, pred: &Prediction, check_low: bool) -> f32 {
-    let tag = if multimask { "multi" } else { "single" };
-    let m = if multimask { 3 } else { 1 };
-    let iou = Tensor::new(pred.iou_predictions.as_slice(), &Device::Cpu).unwrap();
-    let mut worst = max_abs_diff(&iou, &npy(&format!("{name}_{tag}_iou.npy")));
-    if check_low {
-        let step = if multimask { 8 } else { 4 };
-        let ours = subsample(&pred.low_res_logits, step);
-        let d = max_abs_diff(&ours, &npy(&format!("{name}_{tag}_low_sub{step}.npy")));
-        worst = worst.max(d);
-        if name == "box" && !multimask {
-            let d = max_abs_diff(&pred.low_res_logits, &npy("box_single_low.npy"));
-            worst = worst.max(d);
-        }
-    }
-    let ours: Vec<u8> = pred.masks.flatten_all().unwrap().to_vec1().unwrap();
-    let per = ours.len() / m;
-    for (i, theirs) in official_masks(name, tag, m).iter().enumerate() {
-        let ours: Vec<bool> = ours[i * per..(i + 1) * per]
-            .iter()
-            .map(|v| *v > 0)
-            .collect();
-        let iou = mask_iou(&ours, theirs);
-        eprintln!("{name}/{tag} mask {i}: IoU with official {iou:.5}");
-        assert!(iou >= 0.99, "{name}/{tag} mask {i}: IoU {iou}");
-    }
-    worst
-}
-
-/// `x[:, ::step, ::step]` of `[M, 256, 256]`.
-fn subsample(x: &Tensor, step: usize) -> Tensor {
-    let (m, h, w) = x.dims3().unwrap();
-    let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-    let mut out = Vec::new();
-    for k in 0..m {
-        for y in (0..h).step_by(step) {
-            for xx in (0..w).step_by(step) {
-                out.push(v[k * h * w + y * w + xx]);
-            }
-        }
-    }
-    Tensor::from_vec(out, (m, h.div_ceil(step), w.div_ceil(step)), &Device::Cpu).unwrap()
+    fx().check_prediction(name, multimask, pred, check_low)
 }
 
 #[test]
@@ -222,7 +113,7 @@ fn embedding_matches_official() {
 #[test]
 fn decoder_matches_official_on_identical_embedding() {
     let p = predictor("sam_tiny.pth");
-    let emb = official_embedding();
+    let emb = fx().official_embedding();
     for name in PROMPTS {
         for multimask in [false, true] {
             let pred = p.predict(&emb, &prompt(name), multimask).unwrap();

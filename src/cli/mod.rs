@@ -21,6 +21,7 @@ mod finetune;
 mod mine;
 mod project;
 mod segment;
+mod weights;
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,9 @@ enum Command {
     Finetune(finetune::FinetuneArgs),
     /// The paper's protocol: baseline vs mined U-Net++ per labelled fraction and seed.
     Experiment(experiment::ExperimentArgs),
+    /// The official SAM checkpoints: list, verify (SHA-256), download (resumable).
+    #[command(subcommand)]
+    Weights(weights::WeightsCommand),
     /// Open the desktop app (review, correct, fine-tune); the default without a subcommand.
     Gui(GuiArgs),
 }
@@ -201,6 +205,7 @@ pub fn run() -> Result<()> {
     let command = match cli.command.unwrap_or(Command::Gui(GuiArgs::default())) {
         Command::Project(c) => return project::project_cmd(c),
         Command::Review(a) => return project::review_cmd(a),
+        Command::Weights(c) => return weights::weights_cmd(c),
         other => other,
     };
     let choice: DeviceChoice = cli.device.parse()?;
@@ -263,6 +268,7 @@ pub fn run() -> Result<()> {
         }
         Command::Project(c) => project::project_cmd(c),
         Command::Review(a) => project::review_cmd(a),
+        Command::Weights(c) => weights::weights_cmd(c),
     }
 }
 

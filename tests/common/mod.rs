@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod sam_fixture;
 use std::path::PathBuf;
 
 use medmine::data::{self, Dataset, Prepared};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::{Config, EncoderConfig, Result, Sam, SamError, Variant, EMBED_SIZE};
+use super::{Config, EncoderConfig, Result, Sam, SamError, TinyVitConfig, Variant, EMBED_SIZE};
 
 /// Tensor name -> shape, from either format, without loading the data.
 pub fn read_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
@@ -72,7 +72,7 @@ pub fn detect_config(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Resul
     let decoder_mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
     let iou_head_hidden_dim = dim("mask_decoder.iou_prediction_head.layers.0.weight", 0)?;
     let encoder = if shapes.contains_key("image_encoder.patch_embed.seq.0.c.weight") {
-        EncoderConfig::TinyVit5m
+        EncoderConfig::TinyVit(detect_tiny_vit(shapes).ok_or_else(not_sam)?)
     } else {
         let embed_dim = dim("image_encoder.patch_embed.proj.weight", 0)?;
         let mut depth = 0;
@@ -105,6 +105,55 @@ pub fn detect_config(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Resul
         decoder_mlp_dim,
         decoder_num_heads: 8,
         iou_head_hidden_dim,
+    })
+}
+
+/// TinyViT's sizes from `image_encoder.*` shapes: a width per PatchMerging, blocks counted,
+/// heads and window from each layer's `attention_biases` (`[heads, window²]`).
+fn detect_tiny_vit(shapes: &HashMap<String, Vec<usize>>) -> Option<TinyVitConfig> {
+    let dim = |key: String, axis: usize| {
+        shapes
+            .get(&format!("image_encoder.{key}"))
+            .and_then(|s| s.get(axis).copied())
+    };
+    let mut embed_dims = vec![dim("patch_embed.seq.2.c.weight".into(), 0)?];
+    while let Some(out) = dim(
+        format!("layers.{}.downsample.conv1.c.weight", embed_dims.len() - 1),
+        0,
+    ) {
+        embed_dims.push(out);
+    }
+    let n = embed_dims.len();
+    let (mut depths, mut num_heads, mut window_sizes) = (vec![0; n], vec![0; n], vec![0; n]);
+    let (mut mlp_ratio, mut mbconv_expand_ratio) = (4, 4);
+    for i in 0..n {
+        let block = |j: usize, leaf: &str| format!("layers.{i}.blocks.{j}.{leaf}");
+        let probe = if i == 0 {
+            "conv1.c.weight"
+        } else {
+            "attn.attention_biases"
+        };
+        while dim(block(depths[i], probe), 0).is_some() {
+            depths[i] += 1;
+        }
+        if depths[i] == 0 {
+            continue;
+        }
+        if i == 0 {
+            mbconv_expand_ratio = dim(block(0, probe), 0)? / embed_dims[0];
+        } else {
+            num_heads[i] = dim(block(0, probe), 0)?;
+            window_sizes[i] = dim(block(0, probe), 1)?.isqrt();
+            mlp_ratio = dim(block(0, "mlp.fc1.weight"), 0)? / embed_dims[i];
+        }
+    }
+    Some(TinyVitConfig {
+        embed_dims,
+        depths,
+        num_heads,
+        window_sizes,
+        mlp_ratio,
+        mbconv_expand_ratio,
     })
 }
 

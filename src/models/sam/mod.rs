@@ -1,9 +1,10 @@
 //! Segment Anything (SAM, Kirillov et al. 2023) and MobileSAM in candle, loading the official
 //! checkpoints (`.pth` state dicts or `.safetensors`, keys exactly as Meta's / MobileSAM's).
 //!
-//! The image encoders (ViT-B/L/H and TinyViT-5M) are candle-transformers' `segment_anything`
-//! modules; the prompt encoder (points, boxes, mask input) and the mask decoder are our own
-//! (candle's crash on boxes and use the tanh GELU where SAM uses the exact one).
+//! The ViT image encoder (ViT-B/L/H) is candle-transformers' `segment_anything` module; MobileSAM's
+//! TinyViT, the prompt encoder (points, boxes, mask input) and the mask decoder are our own
+//! (candle's crash on boxes, use the tanh GELU where SAM uses the exact one, and have only the
+//! TinyViT-5M size).
 //! `tests/sam_parity.rs` checks all of it against the official PyTorch code.
 pub mod bench;
 pub mod cache;
@@ -13,12 +14,13 @@ pub mod predictor;
 pub mod preprocess;
 pub mod prompt_encoder;
 pub mod segment;
+pub mod tiny_vit;
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::segment_anything::{image_encoder::ImageEncoderViT, tiny_vit};
+use candle_transformers::models::segment_anything::image_encoder::ImageEncoderViT;
 
 pub use cache::{CacheStats, EmbeddingCache, PrecomputeReport};
 pub use checkpoint::{detect_config, load_sam};
@@ -26,6 +28,7 @@ pub use mask_decoder::MaskDecoder;
 pub use predictor::{Embedding, Prediction, Prompt, SamPredictor};
 pub use prompt_encoder::PromptEncoder;
 pub use segment::{segment, SegmentReport, SegmentRequest};
+pub use tiny_vit::TinyVitConfig;
 
 /// Side of the square the encoder sees.
 pub const IMAGE_SIZE: usize = 1024;
@@ -111,8 +114,8 @@ pub enum EncoderConfig {
         global_attn_indexes: Vec<usize>,
         window_size: usize,
     },
-    /// MobileSAM's TinyViT-5M.
-    TinyVit5m,
+    /// MobileSAM's TinyViT (TinyViT-5M in the official model).
+    TinyVit(TinyVitConfig),
 }
 
 /// Every size of a SAM; the official variants are presets, and [`detect_config`] reads any
@@ -156,7 +159,7 @@ impl Config {
 
     pub fn vit_t() -> Config {
         Config {
-            encoder: EncoderConfig::TinyVit5m,
+            encoder: EncoderConfig::TinyVit(TinyVitConfig::mobile_sam()),
             prompt_embed_dim: 256,
             mask_in_chans: 16,
             decoder_mlp_dim: 2048,
@@ -227,7 +230,11 @@ impl Sam {
                 global_attn_indexes,
                 vb_e,
             )?)),
-            EncoderConfig::TinyVit5m => ImageEncoder::Tiny(Box::new(tiny_vit::tiny_vit_5m(vb_e)?)),
+            EncoderConfig::TinyVit(c) => ImageEncoder::Tiny(Box::new(tiny_vit::TinyViT::new(
+                c,
+                cfg.prompt_embed_dim,
+                vb_e,
+            )?)),
         };
         let prompt_encoder = PromptEncoder::new(
             cfg.prompt_embed_dim,

@@ -1,0 +1,455 @@
+//! MobileSAM's image encoder, TinyViT (`mobile_sam/modeling/tiny_vit_sam.py`), of any size.
+//!
+//! Adapted from candle-transformers 0.11.1 `segment_anything::tiny_vit`, which differs from the
+//! official code in two ways that this copy fixes:
+//! - it uses the tanh approximation of GELU (`Tensor::gelu`) where the official code uses
+//!   `nn.GELU()`, the exact erf form (on the parity fixture the approximation moves the image
+//!   embedding by more than the 1e-3 tolerance: `tests/sam_parity_vit_t.rs`);
+//! - it builds only the 5M configuration with a 256-channel neck; here every size is a
+//!   [`TinyVitConfig`] (read from a checkpoint's shapes by `checkpoint::detect_config`) and the
+//!   neck has as many channels as the prompt embedding.
+//!
+//! Weight names are the official ones (`patch_embed.seq.0.c.weight`, `layers.1.blocks.0.attn.
+//! attention_biases`, `neck.0.weight`, …). BatchNorm runs in inference mode (running
+//! statistics). Like the official model after `.eval()`, each attention layer adds the
+//! checkpoint's `attention_biases` (see `scripts/sam_fixtures_vit_t.py` for the official
+//! code's trap there).
+use candle_core::{IndexOp, Module, Result, Tensor, D};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::segment_anything::LayerNorm2d;
+
+use super::{EMBED_SIZE, IMAGE_SIZE};
+
+/// TinyViT's sizes, as the official constructor takes them (`layers.0` is convolutional:
+/// its `num_heads` / `window_sizes` entries are unused and stored as 0, as are those of a
+/// layer without blocks, since a checkpoint does not record them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TinyVitConfig {
+    pub embed_dims: Vec<usize>,
+    pub depths: Vec<usize>,
+    pub num_heads: Vec<usize>,
+    pub window_sizes: Vec<usize>,
+    /// Hidden width of the MLPs over the embedding width (4).
+    pub mlp_ratio: usize,
+    /// Hidden width of the MBConv blocks over their width (4).
+    pub mbconv_expand_ratio: usize,
+}
+
+impl TinyVitConfig {
+    /// MobileSAM's encoder (`build_sam_vit_t`: TinyViT-5M).
+    pub fn mobile_sam() -> Self {
+        Self {
+            embed_dims: vec![64, 128, 160, 320],
+            depths: vec![2, 2, 6, 2],
+            num_heads: vec![0, 4, 5, 10],
+            window_sizes: vec![0, 7, 14, 7],
+            mlp_ratio: 4,
+            mbconv_expand_ratio: 4,
+        }
+    }
+
+    /// Input side (in patches of 4 pixels) of layer `i`, as the official constructor computes it.
+    fn resolution(i: usize) -> usize {
+        let shift = if i == 3 { i - 1 } else { i };
+        (IMAGE_SIZE / 4) >> shift
+    }
+}
+
+/// The official `nn.GELU()`.
+fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+struct Conv2dBN {
+    c: candle_nn::Conv2d,
+    bn: candle_nn::BatchNorm,
+}
+
+impl Conv2dBN {
+    fn new(in_: usize, out: usize, ks: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+        let c = candle_nn::conv2d_no_bias(in_, out, ks, cfg, vb.pp("c"))?;
+        let bn = candle_nn::batch_norm(out, 1e-5, vb.pp("bn"))?;
+        Ok(Self { c, bn })
+    }
+}
+
+impl Module for Conv2dBN {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply(&self.c)?.apply_t(&self.bn, false)
+    }
+}
+
+fn conv_cfg(padding: usize, stride: usize, groups: usize) -> Conv2dConfig {
+    Conv2dConfig {
+        padding,
+        stride,
+        groups,
+        ..Default::default()
+    }
+}
+
+struct PatchEmbed {
+    conv1: Conv2dBN,
+    conv2: Conv2dBN,
+}
+
+impl PatchEmbed {
+    fn new(embed_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = conv_cfg(1, 2, 1);
+        Ok(Self {
+            conv1: Conv2dBN::new(3, embed_dim / 2, 3, cfg, vb.pp("seq.0"))?,
+            conv2: Conv2dBN::new(embed_dim / 2, embed_dim, 3, cfg, vb.pp("seq.2"))?,
+        })
+    }
+}
+
+impl Module for PatchEmbed {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        gelu(&xs.apply(&self.conv1)?)?.apply(&self.conv2)
+    }
+}
+
+struct MBConv {
+    conv1: Conv2dBN,
+    conv2: Conv2dBN,
+    conv3: Conv2dBN,
+}
+
+impl MBConv {
+    fn new(dim: usize, expand_ratio: usize, vb: VarBuilder) -> Result<Self> {
+        let hidden = dim * expand_ratio;
+        Ok(Self {
+            conv1: Conv2dBN::new(dim, hidden, 1, conv_cfg(0, 1, 1), vb.pp("conv1"))?,
+            conv2: Conv2dBN::new(hidden, hidden, 3, conv_cfg(1, 1, hidden), vb.pp("conv2"))?,
+            conv3: Conv2dBN::new(hidden, dim, 1, conv_cfg(0, 1, 1), vb.pp("conv3"))?,
+        })
+    }
+}
+
+impl Module for MBConv {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = gelu(&xs.apply(&self.conv1)?)?;
+        let ys = gelu(&ys.apply(&self.conv2)?)?.apply(&self.conv3)?;
+        gelu(&(ys + xs)?)
+    }
+}
+
+/// `[B, L, C]` tokens (or `[B, C, H, W]`) at `side` x `side` -> `[B, L', out]` tokens.
+struct PatchMerging {
+    conv1: Conv2dBN,
+    conv2: Conv2dBN,
+    conv3: Conv2dBN,
+    side: usize,
+}
+
+impl PatchMerging {
+    fn new(side: usize, dim: usize, out: usize, vb: VarBuilder) -> Result<Self> {
+        // the official rule: these widths keep the grid (MobileSAM's last stage stays 64x64)
+        let stride = if [320, 448, 576].contains(&out) { 1 } else { 2 };
+        Ok(Self {
+            conv1: Conv2dBN::new(dim, out, 1, conv_cfg(0, 1, 1), vb.pp("conv1"))?,
+            conv2: Conv2dBN::new(out, out, 3, conv_cfg(1, stride, out), vb.pp("conv2"))?,
+            conv3: Conv2dBN::new(out, out, 1, conv_cfg(0, 1, 1), vb.pp("conv3"))?,
+            side,
+        })
+    }
+}
+
+impl Module for PatchMerging {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = if xs.rank() == 3 {
+            let b = xs.dim(0)?;
+            xs.reshape((b, self.side, self.side, ()))?
+                .permute((0, 3, 1, 2))?
+        } else {
+            xs.clone()
+        };
+        let xs = gelu(&xs.apply(&self.conv1)?)?;
+        gelu(&xs.apply(&self.conv2)?)?
+            .apply(&self.conv3)?
+            .flatten_from(2)?
+            .transpose(1, 2)
+    }
+}
+
+struct Mlp {
+    norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        gelu(&xs.apply(&self.norm)?.apply(&self.fc1)?)?.apply(&self.fc2)
+    }
+}
+
+/// Window attention with learned relative-position biases (`attn_ratio` 1 in TinyViT blocks).
+struct Attention {
+    norm: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    /// `attention_biases[:, idxs]`: `[heads, N, N]`.
+    ab: Tensor,
+    key_dim: usize,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(dim: usize, num_heads: usize, window: usize, vb: VarBuilder) -> Result<Self> {
+        let key_dim = dim / num_heads;
+        let dh = key_dim * num_heads;
+        let norm = candle_nn::layer_norm(dim, 1e-5, vb.pp("norm"))?;
+        let qkv = candle_nn::linear(dim, 3 * dh, vb.pp("qkv"))?;
+        let proj = candle_nn::linear(dh, dim, vb.pp("proj"))?;
+        // offsets (|dx|, |dy|) numbered in order of first appearance, as the official code does
+        let points: Vec<(i64, i64)> = (0..window as i64)
+            .flat_map(|x| (0..window as i64).map(move |y| (x, y)))
+            .collect();
+        let mut offsets: Vec<(i64, i64)> = Vec::new();
+        let mut idxs = Vec::with_capacity(points.len() * points.len());
+        for &(x1, y1) in &points {
+            for &(x2, y2) in &points {
+                let off = ((x1 - x2).abs(), (y1 - y2).abs());
+                let i = match offsets.iter().position(|o| *o == off) {
+                    Some(i) => i,
+                    None => {
+                        offsets.push(off);
+                        offsets.len() - 1
+                    }
+                };
+                idxs.push(i as u32);
+            }
+        }
+        let biases = vb.get((num_heads, offsets.len()), "attention_biases")?;
+        let idxs = Tensor::new(idxs, biases.device())?;
+        let n = points.len();
+        let ab = biases.index_select(&idxs, 1)?.reshape((num_heads, n, n))?;
+        Ok(Self {
+            norm,
+            qkv,
+            proj,
+            ab,
+            key_dim,
+            num_heads,
+            scale: 1.0 / (key_dim as f64).sqrt(),
+        })
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let qkv = xs
+            .apply(&self.norm)?
+            .apply(&self.qkv)?
+            .reshape((b, n, self.num_heads, ()))?;
+        let part = |start: usize| {
+            qkv.narrow(D::Minus1, start, self.key_dim)?
+                .permute((0, 2, 1, 3))?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(self.key_dim)?, part(2 * self.key_dim)?);
+        let attn = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(&self.ab)?;
+        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        attn.matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, ()))?
+            .apply(&self.proj)
+    }
+}
+
+struct TinyViTBlock {
+    attn: Attention,
+    local_conv: Conv2dBN,
+    mlp: Mlp,
+    window: usize,
+    side: usize,
+}
+
+impl TinyViTBlock {
+    fn new(
+        dim: usize,
+        side: usize,
+        heads: usize,
+        window: usize,
+        mlp_ratio: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let vb_m = vb.pp("mlp");
+        let hidden = dim * mlp_ratio;
+        let mlp = Mlp {
+            norm: candle_nn::layer_norm(dim, 1e-5, vb_m.pp("norm"))?,
+            fc1: candle_nn::linear(dim, hidden, vb_m.pp("fc1"))?,
+            fc2: candle_nn::linear(hidden, dim, vb_m.pp("fc2"))?,
+        };
+        Ok(Self {
+            attn: Attention::new(dim, heads, window, vb.pp("attn"))?,
+            local_conv: Conv2dBN::new(dim, dim, 3, conv_cfg(1, 1, dim), vb.pp("local_conv"))?,
+            mlp,
+            window,
+            side,
+        })
+    }
+
+    /// Attention in `window` x `window` tiles of the zero-padded `side` x `side` grid.
+    fn windowed(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, l, c) = xs.dims3()?;
+        let (s, ws) = (self.side, self.window);
+        if s == ws {
+            return self.attn.forward(xs);
+        }
+        let pad = (ws - s % ws) % ws;
+        let mut x = xs.reshape((b, s, s, c))?;
+        if pad > 0 {
+            x = x.pad_with_zeros(1, 0, pad)?.pad_with_zeros(2, 0, pad)?;
+        }
+        let p = s + pad;
+        let n = p / ws;
+        let x =
+            x.reshape((b, n, ws, n, ws, c))?
+                .transpose(2, 3)?
+                .reshape((b * n * n, ws * ws, c))?;
+        let x = self
+            .attn
+            .forward(&x)?
+            .reshape((b, n, n, ws, ws, c))?
+            .transpose(2, 3)?
+            .reshape((b, p, p, c))?;
+        let x = if pad > 0 {
+            x.i((.., ..s, ..s, ..))?.contiguous()?
+        } else {
+            x
+        };
+        x.reshape((b, l, c))
+    }
+}
+
+impl Module for TinyViTBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, l, c) = xs.dims3()?;
+        let xs = (self.windowed(xs)? + xs)?;
+        let xs = xs
+            .transpose(1, 2)?
+            .reshape((b, c, self.side, self.side))?
+            .apply(&self.local_conv)?
+            .reshape((b, c, l))?
+            .transpose(1, 2)?;
+        &xs + self.mlp.forward(&xs)?
+    }
+}
+
+/// One stage: convolutional (`layers.0`) or attention blocks, then an optional PatchMerging.
+struct Layer {
+    blocks: Vec<Box<dyn Module + Send + Sync>>,
+    downsample: Option<PatchMerging>,
+}
+
+impl Module for Layer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for block in &self.blocks {
+            xs = block.forward(&xs)?;
+        }
+        match &self.downsample {
+            Some(d) => d.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// The encoder: `[1, 3, 1024, 1024]` -> `[1, out_chans, 64, 64]`.
+pub struct TinyViT {
+    patch_embed: PatchEmbed,
+    layers: Vec<Layer>,
+    neck_conv1: candle_nn::Conv2d,
+    neck_ln1: LayerNorm2d,
+    neck_conv2: candle_nn::Conv2d,
+    neck_ln2: LayerNorm2d,
+}
+
+impl TinyViT {
+    /// `out_chans`: the neck's channels (the prompt embedding's, 256 in MobileSAM).
+    pub fn new(cfg: &TinyVitConfig, out_chans: usize, vb: VarBuilder) -> Result<Self> {
+        let n = cfg.embed_dims.len();
+        let sizes_ok = n >= 2
+            && [
+                cfg.depths.len(),
+                cfg.num_heads.len(),
+                cfg.window_sizes.len(),
+            ] == [n; 3];
+        if !sizes_ok {
+            candle_core::bail!("TinyViT config with inconsistent lengths: {cfg:?}");
+        }
+        let patch_embed = PatchEmbed::new(cfg.embed_dims[0], vb.pp("patch_embed"))?;
+        let mut layers = Vec::with_capacity(n);
+        for i in 0..n {
+            let vb_l = vb.pp(format!("layers.{i}"));
+            let (dim, side) = (cfg.embed_dims[i], TinyVitConfig::resolution(i));
+            let blocks = (0..cfg.depths[i])
+                .map(|j| -> Result<Box<dyn Module + Send + Sync>> {
+                    let vb_b = vb_l.pp(format!("blocks.{j}"));
+                    Ok(if i == 0 {
+                        Box::new(MBConv::new(dim, cfg.mbconv_expand_ratio, vb_b)?)
+                    } else {
+                        let (heads, window) = (cfg.num_heads[i], cfg.window_sizes[i]);
+                        Box::new(TinyViTBlock::new(
+                            dim,
+                            side,
+                            heads,
+                            window,
+                            cfg.mlp_ratio,
+                            vb_b,
+                        )?)
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample = if i + 1 < n {
+                let out = cfg.embed_dims[i + 1];
+                Some(PatchMerging::new(side, dim, out, vb_l.pp("downsample"))?)
+            } else {
+                None
+            };
+            layers.push(Layer { blocks, downsample });
+        }
+        let last = cfg.embed_dims[n - 1];
+        let vb_n = vb.pp("neck");
+        Ok(Self {
+            patch_embed,
+            layers,
+            neck_conv1: candle_nn::conv2d_no_bias(
+                last,
+                out_chans,
+                1,
+                conv_cfg(0, 1, 1),
+                vb_n.pp("0"),
+            )?,
+            neck_ln1: LayerNorm2d::new(out_chans, 1e-6, vb_n.pp("1"))?,
+            neck_conv2: candle_nn::conv2d_no_bias(
+                out_chans,
+                out_chans,
+                3,
+                conv_cfg(1, 1, 1),
+                vb_n.pp("2"),
+            )?,
+            neck_ln2: LayerNorm2d::new(out_chans, 1e-6, vb_n.pp("3"))?,
+        })
+    }
+}
+
+impl Module for TinyViT {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.patch_embed.forward(xs)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs)?;
+        }
+        let (b, _, c) = xs.dims3()?;
+        xs.reshape((b, EMBED_SIZE, EMBED_SIZE, c))?
+            .permute((0, 3, 1, 2))?
+            .apply(&self.neck_conv1)?
+            .apply(&self.neck_ln1)?
+            .apply(&self.neck_conv2)?
+            .apply(&self.neck_ln2)
+    }
+}
