@@ -47,8 +47,8 @@ pub struct MineArgs {
     /// Ask SAM for three masks per prompt and keep the most confident.
     #[arg(long)]
     multimask: bool,
-    /// Accept the images mined now whose quality score (SAM IoU x stability x agreement) is at
-    /// least S.
+    /// Accept the images mined now whose quality score (SAM IoU x stability x agreement x
+    /// 1/(1 + |component count change|)) is at least S.
     #[arg(long, value_name = "S")]
     auto_accept: Option<f64>,
     /// Also re-mine images that already have a pseudo-label (never accepted or edited ones).
@@ -118,6 +118,7 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
     println!("mean sam iou        {}", f(s.mean_sam_iou));
     println!("mean stability      {}", f(s.mean_stability));
     println!("mean agreement      {}", f(s.mean_agreement));
+    println!("component count changed {}", s.component_count_changed);
     if a.auto_accept.is_some() {
         println!("auto-accepted       {}", s.auto_accepted.len());
     }

@@ -1,8 +1,10 @@
 //! Knowledge mining (issue 5): a U-Net++ trained on the labelled images predicts each
 //! unlabelled image; its connected components become SAM prompts ([`crate::prompts`]); SAM's
 //! masks (one decoder call per component, batched on one embedding) are united, refined for up
-//! to K rounds ([`refine`]) and scored ([`quality`]); every round is stored in the project as a
-//! pseudo-label pending review, the last round being the one reviewed.
+//! to K rounds ([`refine`]) and scored ([`quality`]: SAM's predicted IoU, stability, Dice
+//! agreement with the U-Net++ and the connected-component counts of both masks, combined by
+//! [`crate::store::quality_score`]); every round is stored in the project as a pseudo-label
+//! pending review, the last round being the one reviewed.
 //!
 //! Store rounds: the `round` of a pseudo-label row is a per-image sequence. A mining pass
 //! writes its rounds as `base, base + 1, …` where `base` is one past the image's highest
@@ -166,6 +168,9 @@ pub struct MiningSummary {
     pub mean_sam_iou: Option<f64>,
     pub mean_stability: Option<f64>,
     pub mean_agreement: Option<f64>,
+    /// Mined images whose final mask has another component count than the U-Net++
+    /// prediction (a changed count lowers the quality score).
+    pub component_count_changed: usize,
     /// Images accepted by `auto_accept`.
     pub auto_accepted: Vec<String>,
     /// Stopped by the cancel flag before the end.
@@ -340,18 +345,23 @@ pub fn mine_project(
                 sam_iou: Some(r.sam_iou),
                 stability: Some(r.stability),
                 agreement: Some(r.agreement),
+                unet_components: Some(r.unet_components as i64),
+                label_components: Some(r.label_components as i64),
                 sam_checkpoint: Some(sam_id.clone()),
                 unet_checkpoint: Some(unet_id.clone()),
             };
             project.add_pseudo_label(&name, &label).map_err(at)?;
         }
         let last = mined.last();
+        let change = last.label_components as i64 - last.unet_components as i64;
         let q = quality_score(
             Some(last.sam_iou),
             Some(last.stability),
             Some(last.agreement),
+            Some(change),
         )
         .unwrap_or(0.0);
+        summary.component_count_changed += usize::from(change != 0);
         summary.components += mined.components;
         summary.rounds += mined.rounds.len();
         summary.converged += usize::from(mined.converged);

@@ -37,9 +37,9 @@ pub fn oracle_mask(truth: &Mask, boxes: &[[f32; 4]]) -> Mask {
     }
 }
 
-/// Mining with the oracle labeler: prompts from the U-Net++ as in [`crate::mining::mine_project`], the
-/// answer from the ground truth; stored as pseudo-labels with quality 1, then accepted by
-/// `cfg.auto_accept`. Returns `(stored, accepted)`.
+/// Mining with the oracle labeler: prompts from the U-Net++ as in
+/// [`crate::mining::mine_project`], the answer from the ground truth; stored as pseudo-labels
+/// with quality 1, then accepted by `cfg.auto_accept`. Returns `(stored, accepted)`.
 pub fn oracle_mine(
     project: &mut Project,
     unet_checkpoint: &Path,
@@ -103,6 +103,8 @@ pub fn oracle_mine(
             sam_iou: Some(1.0),
             stability: Some(1.0),
             agreement: Some(1.0),
+            unet_components: None,
+            label_components: None,
             sam_checkpoint: Some("oracle".into()),
             unet_checkpoint: Some(unet_checkpoint.display().to_string()),
         };
