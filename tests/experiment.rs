@@ -141,9 +141,29 @@ fn sam_labeler_without_weights_refuses() {
         "--out",
         s(&tmp.path().join("out")),
     ]);
+    assert!(err.contains("no_such_sam.pth: no SAM checkpoint"), "{err}");
+    for hint in ["medmine weights download vit_b", "weights/", "--sam"] {
+        assert!(err.contains(hint), "{hint}: {err}");
+    }
+    assert!(!tmp.path().join("out").exists(), "nothing written");
+    // --labeler sam (the default) without --sam: the same advice.
+    let err = fails(&[
+        "experiment",
+        "--device",
+        "cpu",
+        "--data",
+        s(&demo()),
+        "--split-dir",
+        s(&splits),
+        "--fractions",
+        "0.5",
+        "--out",
+        s(&tmp.path().join("out")),
+    ]);
     assert!(
-        err.contains("no_such_sam.pth") && err.contains("download"),
+        err.contains("--labeler sam needs --sam FILE")
+            && err.contains("medmine weights download vit_b"),
         "{err}"
     );
-    assert!(!tmp.path().join("out").join("results.json").exists());
+    assert!(!tmp.path().join("out").exists(), "nothing written");
 }

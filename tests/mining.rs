@@ -89,7 +89,24 @@ fn mine_a_project_end_to_end() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("sam_vit_b_01ec64.pth") && err.contains("download"),
+        err.contains("sam_vit_b_01ec64.pth: no SAM checkpoint"),
+        "{err}"
+    );
+    for hint in ["medmine weights download vit_b", "weights/", "--sam"] {
+        assert!(err.contains(hint), "{hint}: {err}");
+    }
+    assert_eq!(snapshot(&proj), before);
+    // No --sam at all: the same advice.
+    let err = common::fails(&[
+        "mine",
+        s(&proj),
+        "--device",
+        "cpu",
+        "--checkpoint",
+        s(&unet),
+    ]);
+    assert!(
+        err.contains("needs a SAM checkpoint") && err.contains("medmine weights download vit_b"),
         "{err}"
     );
     assert_eq!(snapshot(&proj), before);

@@ -26,7 +26,8 @@ pub struct ExperimentArgs {
     /// Folder with train.txt, val.txt and test.txt.
     #[arg(long)]
     split_dir: PathBuf,
-    /// SAM checkpoint (required with --labeler sam).
+    /// SAM checkpoint (required with --labeler sam), e.g. weights/sam_vit_b_01ec64.pth
+    /// (`medmine weights download vit_b` fetches it).
     #[arg(long)]
     sam: Option<PathBuf>,
     /// auto | vit_b | vit_l | vit_h | vit_t

@@ -39,10 +39,12 @@ use crate::store::{quality_score, Actor, NewPseudoLabel, Project, ReviewState, R
 use crate::train::checkpoint::CheckpointError;
 
 /// Where to get SAM weights, for the "no checkpoint" message.
-pub const SAM_DOWNLOAD_HINT: &str = "download an official checkpoint where you have internet \
-access (SAM ViT-B: https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth; \
-MobileSAM: mobile_sam.pt from https://github.com/ChaoningZhang/MobileSAM), copy it to this \
-machine (e.g. into weights/) and pass its path with --sam; see weights/README.md";
+pub const SAM_DOWNLOAD_HINT: &str = "put an official SAM checkpoint in the weights/ folder: run \
+`medmine weights download vit_b` on a machine with internet access (it saves into weights/; \
+`medmine weights list` shows the variants), or download \
+https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth (MobileSAM: mobile_sam.pt \
+from https://github.com/ChaoningZhang/MobileSAM) where you can and copy it into weights/; then \
+pass its path with --sam (e.g. --sam weights/sam_vit_b_01ec64.pth); see weights/README.md";
 
 /// Errors of mining; each names the image or file concerned.
 #[derive(Debug, thiserror::Error)]
@@ -449,8 +451,16 @@ mod tests {
         };
         let m = e.to_string();
         assert!(
-            m.contains("weights/sam_vit_b_01ec64.pth") && m.contains("download"),
+            m.starts_with("weights/sam_vit_b_01ec64.pth: no SAM checkpoint"),
             "{m}"
         );
+        for hint in [
+            "medmine weights download vit_b",
+            "weights/",
+            "--sam",
+            "README",
+        ] {
+            assert!(m.contains(hint), "{hint}: {m}");
+        }
     }
 }
