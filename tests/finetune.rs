@@ -28,6 +28,8 @@ fn pseudo_label(width: usize, height: usize) -> NewPseudoLabel {
         sam_iou: Some(0.9),
         stability: Some(0.9),
         agreement: Some(0.9),
+        unet_components: None,
+        label_components: None,
         sam_checkpoint: None,
         unet_checkpoint: None,
     }

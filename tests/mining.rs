@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use medmine::data;
-use medmine::mining::{mine_image, MiningConfig};
+use medmine::mining::{mine_image, quality, MiningConfig};
 use medmine::models::sam::{load_sam, SamPredictor};
 use medmine::store::{Project, PseudoLabel, ReviewState, Role};
 
@@ -89,7 +89,24 @@ fn mine_a_project_end_to_end() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("sam_vit_b_01ec64.pth") && err.contains("download"),
+        err.contains("sam_vit_b_01ec64.pth: no SAM checkpoint"),
+        "{err}"
+    );
+    for hint in ["medmine weights download vit_b", "weights/", "--sam"] {
+        assert!(err.contains(hint), "{hint}: {err}");
+    }
+    assert_eq!(snapshot(&proj), before);
+    // No --sam at all: the same advice.
+    let err = common::fails(&[
+        "mine",
+        s(&proj),
+        "--device",
+        "cpu",
+        "--checkpoint",
+        s(&unet),
+    ]);
+    assert!(
+        err.contains("needs a SAM checkpoint") && err.contains("medmine weights download vit_b"),
         "{err}"
     );
     assert_eq!(snapshot(&proj), before);
@@ -154,6 +171,15 @@ fn mine_a_project_end_to_end() {
                 assert!((0.0..=1.0).contains(&q), "{} {q}", rec.name);
             }
             assert!(p.quality().is_some());
+            // component counts are recorded and their change lowers the score
+            let (u, l) = (p.unet_components.unwrap(), p.label_components.unwrap());
+            let fg: Vec<bool> = mask.data.iter().map(|&v| v != 0).collect();
+            let counted = quality::component_count(&fg, mask.width, mask.height, 25);
+            assert_eq!(l, counted as i64, "{}", rec.name);
+            assert!(u >= 1, "a mined image has a prompted component");
+            let q3 = p.sam_iou.unwrap() * p.stability.unwrap() * p.agreement.unwrap();
+            let expected = q3 / (1.0 + (l - u).abs() as f64);
+            assert!((p.quality().unwrap() - expected).abs() < 1e-12);
             assert!(!p.prompts.boxes_in_image.is_empty(), "{}", rec.name);
             assert!(p.prompts.points_in_image.iter().any(|q| q.positive));
             for b in &p.prompts.boxes_in_image {
@@ -173,6 +199,7 @@ fn mine_a_project_end_to_end() {
         );
     }
     assert_eq!(with_label, mined);
+    assert!(field(&out, "component count changed") <= mined, "{out}");
     // Labelled, validation images: untouched.
     let after = snapshot(&proj);
     for rec in project.images().unwrap() {
@@ -270,6 +297,13 @@ fn mine_image_rounds_on_two_components() {
         for q in [r.sam_iou, r.stability, r.agreement] {
             assert!((0.0..=1.0).contains(&q), "round {k}: {q}");
         }
+        assert_eq!(r.unet_components, 2, "two discs");
+        let fg: Vec<bool> = r.mask.data.iter().map(|&v| v != 0).collect();
+        let min_area = cfg.prompt.min_area;
+        assert_eq!(
+            r.label_components,
+            quality::component_count(&fg, w, h, min_area)
+        );
     }
     // No component: nothing to mine.
     let empty = vec![0.1f32; w * h];

@@ -269,6 +269,8 @@ fn label(mask: Mask, round: i64, iou: f64, stab: f64) -> NewPseudoLabel {
         sam_iou: Some(iou),
         stability: Some(stab),
         agreement: None,
+        unet_components: Some(1),
+        label_components: Some(1),
         sam_checkpoint: Some("sam-vit-b".into()),
         unet_checkpoint: Some("unet-round0".into()),
     }
@@ -284,6 +286,10 @@ fn pseudo_labels_reviews_and_edit_history_survive_reopening() {
         .unwrap();
     assert_eq!(pl.image, "img_4.png");
     assert!(pl.prompts.mask_prompt && pl.prompts.points_in_image[0].positive);
+    assert_eq!(
+        (pl.unet_components, pl.component_change()),
+        (Some(1), Some(0))
+    );
     assert!((pl.quality().unwrap() - 0.81).abs() < 1e-12);
     p.add_pseudo_label("img_5", &label(m.clone(), 0, 0.5, 0.9))
         .unwrap();

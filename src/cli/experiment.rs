@@ -1,5 +1,6 @@
 //! `medmine experiment`: the paper's protocol, baseline U-Net++ vs U-Net++ fine-tuned with
-//! mined pseudo-labels, per labelled fraction and seed.
+//! mined pseudo-labels (and a control fine-tuned as long on the labelled images only), per
+//! labelled fraction and seed.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,8 @@ pub struct ExperimentArgs {
     /// Folder with train.txt, val.txt and test.txt.
     #[arg(long)]
     split_dir: PathBuf,
-    /// SAM checkpoint (required with --labeler sam).
+    /// SAM checkpoint (required with --labeler sam), e.g. weights/sam_vit_b_01ec64.pth
+    /// (`medmine weights download vit_b` fetches it).
     #[arg(long)]
     sam: Option<PathBuf>,
     /// auto | vit_b | vit_l | vit_h | vit_t
@@ -54,8 +56,10 @@ pub struct ExperimentArgs {
     /// Early stopping patience of both trainings (0 = off).
     #[arg(long, default_value_t = 10)]
     patience: usize,
+    /// Fine-tuning epochs of the mined arm and of the control (labelled images only).
     #[arg(long, default_value_t = 10)]
     finetune_epochs: usize,
+    /// Fine-tuning learning rate of the mined arm and of the control.
     #[arg(long, default_value_t = 1e-4)]
     finetune_lr: f64,
     /// Loss weight of accepted pseudo-labels in fine-tuning, in [0, 1].

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::mining::{mine_project, MiningConfig};
+use crate::mining::{mine_project, MiningConfig, SAM_DOWNLOAD_HINT};
 use crate::models::sam::Variant;
 use crate::models::unetpp::InferenceMode;
 use crate::prompts::{PromptConfig, Strategy};
@@ -17,9 +17,10 @@ use crate::store::Project;
 pub struct MineArgs {
     /// Project folder.
     project: PathBuf,
-    /// SAM checkpoint (.pth/.pt as published, or .safetensors).
+    /// SAM checkpoint (.pth/.pt as published, or .safetensors), e.g.
+    /// weights/sam_vit_b_01ec64.pth (`medmine weights download vit_b` fetches it).
     #[arg(long)]
-    sam: PathBuf,
+    sam: Option<PathBuf>,
     /// auto | vit_b | vit_l | vit_h | vit_t (auto: detected from the checkpoint's keys).
     #[arg(long, default_value = "auto")]
     sam_variant: String,
@@ -47,8 +48,8 @@ pub struct MineArgs {
     /// Ask SAM for three masks per prompt and keep the most confident.
     #[arg(long)]
     multimask: bool,
-    /// Accept the images mined now whose quality score (SAM IoU x stability x agreement) is at
-    /// least S.
+    /// Accept the images mined now whose quality score (SAM IoU x stability x agreement x
+    /// 1/(1 + |component count change|)) is at least S.
     #[arg(long, value_name = "S")]
     auto_accept: Option<f64>,
     /// Also re-mine images that already have a pseudo-label (never accepted or edited ones).
@@ -57,6 +58,9 @@ pub struct MineArgs {
 }
 
 pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
+    let Some(sam) = a.sam.clone() else {
+        bail!("mining needs a SAM checkpoint (--sam FILE); {SAM_DOWNLOAD_HINT}");
+    };
     let strategy: Strategy = a.strategy.parse()?;
     let cfg = MiningConfig {
         prompt: PromptConfig {
@@ -95,7 +99,7 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
     let s = mine_project(
         &mut project,
         &a.checkpoint,
-        &a.sam,
+        &sam,
         &cfg,
         &device,
         &mut |done, total| {
@@ -118,6 +122,7 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
     println!("mean sam iou        {}", f(s.mean_sam_iou));
     println!("mean stability      {}", f(s.mean_stability));
     println!("mean agreement      {}", f(s.mean_agreement));
+    println!("component count changed {}", s.component_count_changed);
     if a.auto_accept.is_some() {
         println!("auto-accepted       {}", s.auto_accepted.len());
     }

@@ -127,7 +127,7 @@ pub struct ReviewArgs {
     /// Image names (file name or stem).
     images: Vec<String>,
     /// accept only: every pending image whose pseudo-label quality
-    /// (sam_iou × stability × agreement) is at least this.
+    /// (sam_iou × stability × agreement × 1/(1 + |component count change|)) is at least this.
     #[arg(long)]
     min_score: Option<f64>,
     /// Reviewer name (default: $USER).
@@ -278,6 +278,10 @@ fn status_cmd(dir: &Path, json: bool) -> Result<()> {
         println!("  {state:<10} {n}");
     }
     println!("pseudo-labelled images {}", s.pseudo_labels);
+    println!(
+        "  component count changed {} (newest label vs the U-Net++ prediction)",
+        s.component_count_changed
+    );
     if s.missing_files > 0 {
         println!(
             "missing image files {} (run `medmine project verify` / `relink`)",
@@ -364,6 +368,8 @@ fn add_pseudo_cmd(a: AddPseudoArgs) -> Result<()> {
                 sam_iou,
                 stability,
                 agreement,
+                unet_components: None,
+                label_components: None,
                 sam_checkpoint: a.sam_checkpoint.clone(),
                 unet_checkpoint: a.unet_checkpoint.clone(),
             },
@@ -473,8 +479,10 @@ pub fn review_cmd(a: ReviewArgs) -> Result<()> {
 }
 
 /// `review PROJECT queue`: one line per entry
-/// (`name  quality  sam_iou  stability  agreement  round`, `-` for a score not recorded), or
-/// a JSON array with `json`.
+/// (`name  quality  sam_iou  stability  agreement  round  components`, `-` for a score not
+/// recorded; `components` is the component count change of the label against the U-Net++
+/// prediction, signed: `+1` one more object, `-1` one fewer, `0` the same), or a JSON array
+/// with `json`.
 fn queue_cmd(p: &Project, json: bool, limit: Option<usize>) -> Result<()> {
     let mut queue = p.review_queue()?;
     if let Some(n) = limit {
@@ -487,13 +495,17 @@ fn queue_cmd(p: &Project, json: bool, limit: Option<usize>) -> Result<()> {
     let score = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
     for e in &queue {
         println!(
-            "{}  {}  {}  {}  {}  {}",
+            "{}  {}  {}  {}  {}  {}  {}",
             e.name,
             score(e.quality),
             score(e.sam_iou),
             score(e.stability),
             score(e.agreement),
-            e.round
+            e.round,
+            e.component_change.map_or_else(
+                || "-".to_string(),
+                |c| if c == 0 { "0".into() } else { format!("{c:+}") }
+            )
         );
     }
     Ok(())

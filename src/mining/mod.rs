@@ -1,8 +1,10 @@
 //! Knowledge mining (issue 5): a U-Net++ trained on the labelled images predicts each
 //! unlabelled image; its connected components become SAM prompts ([`crate::prompts`]); SAM's
 //! masks (one decoder call per component, batched on one embedding) are united, refined for up
-//! to K rounds ([`refine`]) and scored ([`quality`]); every round is stored in the project as a
-//! pseudo-label pending review, the last round being the one reviewed.
+//! to K rounds ([`refine`]) and scored ([`quality`]: SAM's predicted IoU, stability, Dice
+//! agreement with the U-Net++ and the connected-component counts of both masks, combined by
+//! [`crate::store::quality_score`]); every round is stored in the project as a pseudo-label
+//! pending review, the last round being the one reviewed.
 //!
 //! Store rounds: the `round` of a pseudo-label row is a per-image sequence. A mining pass
 //! writes its rounds as `base, base + 1, …` where `base` is one past the image's highest
@@ -37,10 +39,12 @@ use crate::store::{quality_score, Actor, NewPseudoLabel, Project, ReviewState, R
 use crate::train::checkpoint::CheckpointError;
 
 /// Where to get SAM weights, for the "no checkpoint" message.
-pub const SAM_DOWNLOAD_HINT: &str = "download an official checkpoint where you have internet \
-access (SAM ViT-B: https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth; \
-MobileSAM: mobile_sam.pt from https://github.com/ChaoningZhang/MobileSAM), copy it to this \
-machine (e.g. into weights/) and pass its path with --sam; see weights/README.md";
+pub const SAM_DOWNLOAD_HINT: &str = "put an official SAM checkpoint in the weights/ folder: run \
+`medmine weights download vit_b` on a machine with internet access (it saves into weights/; \
+`medmine weights list` shows the variants), or download \
+https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth (MobileSAM: mobile_sam.pt \
+from https://github.com/ChaoningZhang/MobileSAM) where you can and copy it into weights/; then \
+pass its path with --sam (e.g. --sam weights/sam_vit_b_01ec64.pth); see weights/README.md";
 
 /// Errors of mining; each names the image or file concerned.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +170,9 @@ pub struct MiningSummary {
     pub mean_sam_iou: Option<f64>,
     pub mean_stability: Option<f64>,
     pub mean_agreement: Option<f64>,
+    /// Mined images whose final mask has another component count than the U-Net++
+    /// prediction (a changed count lowers the quality score).
+    pub component_count_changed: usize,
     /// Images accepted by `auto_accept`.
     pub auto_accepted: Vec<String>,
     /// Stopped by the cancel flag before the end.
@@ -340,18 +347,23 @@ pub fn mine_project(
                 sam_iou: Some(r.sam_iou),
                 stability: Some(r.stability),
                 agreement: Some(r.agreement),
+                unet_components: Some(r.unet_components as i64),
+                label_components: Some(r.label_components as i64),
                 sam_checkpoint: Some(sam_id.clone()),
                 unet_checkpoint: Some(unet_id.clone()),
             };
             project.add_pseudo_label(&name, &label).map_err(at)?;
         }
         let last = mined.last();
+        let change = last.label_components as i64 - last.unet_components as i64;
         let q = quality_score(
             Some(last.sam_iou),
             Some(last.stability),
             Some(last.agreement),
+            Some(change),
         )
         .unwrap_or(0.0);
+        summary.component_count_changed += usize::from(change != 0);
         summary.components += mined.components;
         summary.rounds += mined.rounds.len();
         summary.converged += usize::from(mined.converged);
@@ -439,8 +451,16 @@ mod tests {
         };
         let m = e.to_string();
         assert!(
-            m.contains("weights/sam_vit_b_01ec64.pth") && m.contains("download"),
+            m.starts_with("weights/sam_vit_b_01ec64.pth: no SAM checkpoint"),
             "{m}"
         );
+        for hint in [
+            "medmine weights download vit_b",
+            "weights/",
+            "--sam",
+            "README",
+        ] {
+            assert!(m.contains(hint), "{hint}: {m}");
+        }
     }
 }

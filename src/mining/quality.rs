@@ -1,5 +1,9 @@
 //! Quality of a pseudo-label (pure functions on flat masks and logits): SAM's stability
-//! score, Dice agreement and the IoU of successive rounds.
+//! score, Dice agreement, the IoU of successive rounds and the connected-component counts
+//! whose change (U-Net++ prediction vs pseudo-label) flags a split, merged, lost or added
+//! object. How they combine into one score: [`crate::store::quality_score`].
+use image::{GrayImage, Luma};
+use imageproc::region_labelling::{connected_components, Connectivity};
 
 /// Offset of SAM's stability score: masks thresholded at logits `+OFFSET` and `-OFFSET`.
 pub const STABILITY_OFFSET: f32 = 1.0;
@@ -50,6 +54,37 @@ pub fn stability_score(logits: &[f32], offset: f32) -> f64 {
     }
 }
 
+/// Number of 8-connected foreground components of at least `min_area` pixels (the rule that
+/// decides which U-Net++ components are prompted, so specks do not count) of a `width x
+/// height` row-major mask. `min_area` 0 counts as 1.
+pub fn component_count(mask: &[bool], width: usize, height: usize, min_area: usize) -> usize {
+    debug_assert_eq!(mask.len(), width * height);
+    if width == 0 || height == 0 || !mask.iter().any(|&m| m) {
+        return 0;
+    }
+    let binary = GrayImage::from_fn(width as u32, height as u32, |x, y| {
+        Luma([if mask[y as usize * width + x as usize] {
+            255u8
+        } else {
+            0
+        }])
+    });
+    let labels = connected_components(&binary, Connectivity::Eight, Luma([0u8]));
+    let mut areas: Vec<usize> = Vec::new();
+    for l in labels.pixels() {
+        let label = l[0] as usize;
+        if label == 0 {
+            continue;
+        }
+        if areas.len() < label {
+            areas.resize(label, 0);
+        }
+        areas[label - 1] += 1;
+    }
+    let need = min_area.max(1);
+    areas.iter().filter(|&&a| a >= need).count()
+}
+
 /// Mean of the values, `None` for none.
 pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
@@ -92,6 +127,52 @@ mod tests {
         assert_eq!(stability_score(&[-5.0, -2.0], 1.0), 1.0);
         // only uncertain pixels: unstable
         assert_eq!(stability_score(&[0.2, -0.2], 1.0), 0.0);
+    }
+
+    /// A `w x h` mask from rows of `.` (background) and `#` (foreground).
+    fn grid(rows: &[&str]) -> (Vec<bool>, usize, usize) {
+        let (w, h) = (rows[0].len(), rows.len());
+        let m = rows
+            .iter()
+            .flat_map(|r| r.chars().map(|c| c == '#'))
+            .collect();
+        (m, w, h)
+    }
+
+    #[test]
+    fn components_are_eight_connected_and_small_ones_do_not_count() {
+        let (m, w, h) = grid(&[
+            "##....#", //
+            "##...#.", // the diagonal pair at the right is one component
+            "......#", "..###..", "..###..",
+        ]);
+        assert_eq!(component_count(&m, w, h, 1), 3);
+        assert_eq!(component_count(&m, w, h, 0), 3);
+        assert_eq!(
+            component_count(&m, w, h, 4),
+            2,
+            "the 3-pixel diagonal is a speck"
+        );
+        assert_eq!(component_count(&m, w, h, 6), 1);
+        assert_eq!(component_count(&m, w, h, 7), 0);
+        assert_eq!(component_count(&vec![false; w * h], w, h, 1), 0);
+        assert_eq!(component_count(&[], 0, 0, 1), 0);
+        assert_eq!(component_count(&[true; 6], 3, 2, 1), 1);
+    }
+
+    #[test]
+    fn component_count_change_between_a_prediction_and_a_label() {
+        // U-Net++: two blobs; SAM's label bridges them into one (a merge: 2 -> 1).
+        let (unet, w, h) = grid(&["###...###", "###...###", "###...###"]);
+        let (merged, _, _) = grid(&["###...###", "#########", "###...###"]);
+        // SAM splits the left blob and drops the right one (2 -> 2: same count).
+        let (split, _, _) = grid(&["#.#......", "#.#......", "#.#......"]);
+        let n = |m: &[bool]| component_count(m, w, h, 3) as i64;
+        assert_eq!(n(&merged) - n(&unet), -1);
+        assert_eq!(n(&split) - n(&unet), 0);
+        // 4-connected pieces touching only at a corner are one 8-connected component.
+        let (corner, w2, h2) = grid(&["##..", "##..", "..##", "..##"]);
+        assert_eq!(component_count(&corner, w2, h2, 1), 1);
     }
 
     #[test]

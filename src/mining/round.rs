@@ -23,6 +23,10 @@ pub struct RoundResult {
     pub stability: f64,
     /// Dice between the union and the U-Net++ foreground.
     pub agreement: f64,
+    /// Connected components (of at least the prompts' `min_area` pixels) of the U-Net++
+    /// foreground and of the union; a difference flags a split, merged, lost or added object.
+    pub unet_components: usize,
+    pub label_components: usize,
     /// IoU between this round's union and the previous round's (`None` in round 0).
     pub iou_with_previous: Option<f64>,
 }
@@ -103,6 +107,7 @@ pub fn mine_image(
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(candle_err)?;
     let unet_fg: Vec<bool> = probs.iter().map(|&p| p >= pc.threshold).collect();
+    let unet_components = quality::component_count(&unet_fg, width, height, pc.min_area);
     let rounds_max = cfg.rounds.max(1);
     let mut rounds: Vec<RoundResult> = Vec::new();
     let mut converged = false;
@@ -147,6 +152,8 @@ pub fn mine_image(
             sam_iou: quality::mean(ious).unwrap_or(0.0).clamp(0.0, 1.0),
             stability: quality::stability_score(&union_logits, STABILITY_OFFSET),
             agreement: quality::dice(&union, &unet_fg),
+            unet_components,
+            label_components: quality::component_count(&union, width, height, pc.min_area),
             iou_with_previous,
         });
         if iou_with_previous.is_some_and(|v| v >= cfg.stop_iou) {

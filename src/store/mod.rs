@@ -38,8 +38,11 @@
 //! [`Project::review_report_csv`] turns into a CSV report.
 //!
 //! The quality score of a pseudo-label ([`quality_score`]) is
-//! `sam_iou × stability × agreement`, where a factor that was not recorded counts as 1 and a
-//! label with none of the three has no score (batch accepting by score never picks it).
+//! `sam_iou × stability × agreement × 1 / (1 + |component count change|)`, where a factor that
+//! was not recorded counts as 1 and a label with none of the four has no score (batch
+//! accepting by score never picks it). The component count change is the number of connected
+//! components of the pseudo-label minus that of the U-Net++ prediction it was mined from
+//! (schema v3 stores both counts; labels stored before have none, and keep their score).
 mod export;
 mod fsutil;
 mod import;
@@ -63,8 +66,9 @@ pub use fsutil::{is_disk_full, sha256_file, sha256_hex};
 pub use import::{ImportOptions, ImportReport, RelinkReport};
 pub use queue::QueueEntry;
 pub use records::{
-    quality_score, BoxPrompt, ImageRecord, MaskVersion, NewPseudoLabel, PointPrompt, Prediction,
-    Prompts, PseudoLabel, Review, ReviewEvent, ReviewState, Role, RunStatus, TrainingRun,
+    component_change, component_factor, quality_score, BoxPrompt, ImageRecord, MaskVersion,
+    NewPseudoLabel, PointPrompt, Prediction, Prompts, PseudoLabel, Review, ReviewEvent,
+    ReviewState, Role, RunStatus, TrainingRun,
 };
 pub use review::Actor;
 pub use status::{ImageStatus, ProjectStatus};

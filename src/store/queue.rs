@@ -1,7 +1,7 @@
 //! The review queue: pending pseudo-labels, least confident first.
 use serde::Serialize;
 
-use super::{quality_score, Project, Result};
+use super::{component_change, quality_score, Project, Result};
 
 /// One image waiting for review, with the scores of its newest pseudo-label.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -12,16 +12,23 @@ pub struct QueueEntry {
     pub sam_iou: Option<f64>,
     pub stability: Option<f64>,
     pub agreement: Option<f64>,
-    /// [`quality_score`] of the three; `None` when none was recorded.
+    /// Connected components of the U-Net++ prediction and of the pseudo-label.
+    pub unet_components: Option<i64>,
+    pub label_components: Option<i64>,
+    /// `label_components - unet_components` when both were recorded.
+    pub component_change: Option<i64>,
+    /// [`quality_score`] of the four; `None` when none was recorded.
     pub quality: Option<f64>,
 }
 
 impl Project {
     /// Every `pending` image that has a pseudo-label, least confident first: by quality
-    /// score ascending, an unknown score (nothing vouches for the label) before any known
-    /// one, ties by name. Scores are those of the newest round.
+    /// score ascending (a changed component count lowers it), an unknown score (nothing
+    /// vouches for the label) before any known one, ties by name. Scores are those of the
+    /// newest round.
     pub fn review_queue(&self) -> Result<Vec<QueueEntry>> {
-        let sql = "SELECT i.name, p.round, p.sam_iou, p.stability, p.agreement
+        let sql = "SELECT i.name, p.round, p.sam_iou, p.stability, p.agreement,
+                p.unet_components, p.label_components
             FROM images i
             JOIN pseudo_labels p ON p.image_id = i.id
             LEFT JOIN reviews r ON r.image_id = i.id
@@ -31,13 +38,18 @@ impl Project {
         let mut rows = stmt
             .query_map([], |r| {
                 let (sam_iou, stability, agreement) = (r.get(2)?, r.get(3)?, r.get(4)?);
+                let (unet_components, label_components) = (r.get(5)?, r.get(6)?);
+                let change = component_change(unet_components, label_components);
                 Ok(QueueEntry {
                     name: r.get(0)?,
                     round: r.get(1)?,
                     sam_iou,
                     stability,
                     agreement,
-                    quality: quality_score(sam_iou, stability, agreement),
+                    unet_components,
+                    label_components,
+                    component_change: change,
+                    quality: quality_score(sam_iou, stability, agreement, change),
                 })
             })
             .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())

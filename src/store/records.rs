@@ -167,18 +167,34 @@ pub struct Prompts {
     pub strategy: Option<String>,
 }
 
-/// The quality score of a pseudo-label: `sam_iou × stability × agreement`, a factor that
-/// was not recorded counting as 1; `None` when none of the three was recorded.
+/// The quality score of a pseudo-label: `sam_iou × stability × agreement × 1 / (1 + |Δc|)`,
+/// where `Δc` is the component count change (pseudo-label minus U-Net++ prediction, see
+/// [`crate::mining::quality::component_count`]): a label that split, merged, lost or added an
+/// object is less confident. A factor that was not recorded counts as 1; `None` when none of
+/// the four was recorded.
 pub fn quality_score(
     sam_iou: Option<f64>,
     stability: Option<f64>,
     agreement: Option<f64>,
+    component_change: Option<i64>,
 ) -> Option<f64> {
-    let factors = [sam_iou, stability, agreement];
+    let component = component_change.map(component_factor);
+    let factors = [sam_iou, stability, agreement, component];
     if factors.iter().all(Option::is_none) {
         return None;
     }
     Some(factors.iter().map(|f| f.unwrap_or(1.0)).product())
+}
+
+/// The quality factor of a component count change `Δc`: `1 / (1 + |Δc|)` (1 for no change,
+/// 1/2 for one object more or fewer, …).
+pub fn component_factor(change: i64) -> f64 {
+    1.0 / (1.0 + change.unsigned_abs() as f64)
+}
+
+/// `label - unet` when both counts are known.
+pub fn component_change(unet: Option<i64>, label: Option<i64>) -> Option<i64> {
+    Some(label? - unet?)
 }
 
 /// A pseudo-label to store.
@@ -194,6 +210,10 @@ pub struct NewPseudoLabel {
     pub stability: Option<f64>,
     /// Dice agreement between SAM's mask and the U-Net++ prediction.
     pub agreement: Option<f64>,
+    /// Connected components of the U-Net++ prediction and of this mask (those of at least the
+    /// prompts' minimum area).
+    pub unet_components: Option<i64>,
+    pub label_components: Option<i64>,
     /// Identifiers (path or hash) of the checkpoints that produced it.
     pub sam_checkpoint: Option<String>,
     pub unet_checkpoint: Option<String>,
@@ -211,15 +231,27 @@ pub struct PseudoLabel {
     pub sam_iou: Option<f64>,
     pub stability: Option<f64>,
     pub agreement: Option<f64>,
+    pub unet_components: Option<i64>,
+    pub label_components: Option<i64>,
     pub sam_checkpoint: Option<String>,
     pub unet_checkpoint: Option<String>,
     pub created_at: String,
 }
 
 impl PseudoLabel {
+    /// `label_components - unet_components`, when both were recorded.
+    pub fn component_change(&self) -> Option<i64> {
+        component_change(self.unet_components, self.label_components)
+    }
+
     /// See [`quality_score`].
     pub fn quality(&self) -> Option<f64> {
-        quality_score(self.sam_iou, self.stability, self.agreement)
+        quality_score(
+            self.sam_iou,
+            self.stability,
+            self.agreement,
+            self.component_change(),
+        )
     }
 }
 
@@ -311,10 +343,31 @@ mod tests {
 
     #[test]
     fn quality() {
-        assert_eq!(quality_score(None, None, None), None);
-        assert_eq!(quality_score(Some(0.9), Some(0.5), None), Some(0.45));
-        let q = quality_score(Some(0.9), Some(0.5), Some(0.5)).unwrap();
+        assert_eq!(quality_score(None, None, None, None), None);
+        assert_eq!(quality_score(Some(0.9), Some(0.5), None, None), Some(0.45));
+        let q = quality_score(Some(0.9), Some(0.5), Some(0.5), None).unwrap();
         assert!((q - 0.225).abs() < 1e-12);
+        // an unchanged component count leaves the score as it is
+        assert_eq!(
+            quality_score(Some(0.9), Some(0.5), None, Some(0)),
+            Some(0.45)
+        );
+        // one component more or fewer halves it, two divide it by three
+        assert_eq!(
+            quality_score(Some(0.9), Some(0.5), None, Some(1)),
+            Some(0.225)
+        );
+        assert_eq!(
+            quality_score(Some(0.9), Some(0.5), None, Some(-1)),
+            Some(0.225)
+        );
+        let q = quality_score(Some(0.9), None, None, Some(-2)).unwrap();
+        assert!((q - 0.3).abs() < 1e-12);
+        // the count change alone is a score
+        assert_eq!(quality_score(None, None, None, Some(3)), Some(0.25));
+        assert_eq!(component_change(Some(2), Some(1)), Some(-1));
+        assert_eq!(component_change(None, Some(1)), None);
+        assert_eq!(component_change(Some(1), None), None);
     }
 
     #[test]

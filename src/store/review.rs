@@ -10,7 +10,8 @@ use super::{now_rfc3339, ImageRecord, Project, Result, ReviewState, StoreError};
 use crate::data::Mask;
 
 const PSEUDO_SELECT: &str = "SELECT p.id, i.name, p.round, p.mask_file, p.prompts, p.sam_iou,
-    p.stability, p.agreement, p.sam_checkpoint, p.unet_checkpoint, p.created_at
+    p.stability, p.agreement, p.sam_checkpoint, p.unet_checkpoint, p.created_at,
+    p.unet_components, p.label_components
     FROM pseudo_labels p JOIN images i ON i.id = p.image_id";
 
 const VERSION_SELECT: &str = "SELECT v.id, i.name, v.seq, v.parent_id, v.mask_file, v.author,
@@ -31,6 +32,8 @@ fn pseudo_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(PseudoLabel, Stri
             sam_iou: r.get(5)?,
             stability: r.get(6)?,
             agreement: r.get(7)?,
+            unet_components: r.get(11)?,
+            label_components: r.get(12)?,
             sam_checkpoint: r.get(8)?,
             unet_checkpoint: r.get(9)?,
             created_at: r.get(10)?,
@@ -242,6 +245,18 @@ impl Project {
     pub fn add_pseudo_label(&mut self, image: &str, label: &NewPseudoLabel) -> Result<PseudoLabel> {
         let rec = self.image(image)?;
         self.check_mask_size(&rec, &label.mask)?;
+        for (what, n) in [
+            ("U-Net++ component count", label.unet_components),
+            ("pseudo-label component count", label.label_components),
+        ] {
+            if n.is_some_and(|n| n < 0) {
+                return Err(StoreError::Invalid(format!(
+                    "{}: {what} {} is negative",
+                    rec.name,
+                    n.unwrap_or_default()
+                )));
+            }
+        }
         let file = fsutil::store_mask(&self.masks_dir(), &label.mask)?;
         let prompts = serde_json::to_string(&label.prompts)
             .map_err(|e| StoreError::Invalid(format!("cannot serialise prompts: {e}")))?;
@@ -251,13 +266,16 @@ impl Project {
         let tx = self.begin()?;
         tx.execute(
             "INSERT INTO pseudo_labels (image_id, round, mask_file, prompts, sam_iou, stability,
-               agreement, sam_checkpoint, unet_checkpoint, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+               agreement, sam_checkpoint, unet_checkpoint, created_at, unet_components,
+               label_components)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT(image_id, round) DO UPDATE SET mask_file = excluded.mask_file,
                prompts = excluded.prompts, sam_iou = excluded.sam_iou,
                stability = excluded.stability, agreement = excluded.agreement,
                sam_checkpoint = excluded.sam_checkpoint,
-               unet_checkpoint = excluded.unet_checkpoint, created_at = excluded.created_at",
+               unet_checkpoint = excluded.unet_checkpoint, created_at = excluded.created_at,
+               unet_components = excluded.unet_components,
+               label_components = excluded.label_components",
             params![
                 rec.id,
                 label.round,
@@ -268,7 +286,9 @@ impl Project {
                 label.agreement,
                 label.sam_checkpoint,
                 label.unet_checkpoint,
-                at
+                at,
+                label.unet_components,
+                label.label_components
             ],
         )
         .map_err(err)?;

@@ -122,6 +122,14 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, epoch)
     );
     "#,
+    // v3: connected-component counts of the U-Net++ prediction and of the pseudo-label (their
+    // change is a quality signal); NULL for labels stored before.
+    r#"
+    ALTER TABLE pseudo_labels ADD COLUMN unet_components INTEGER
+        CHECK (unet_components IS NULL OR unet_components >= 0);
+    ALTER TABLE pseudo_labels ADD COLUMN label_components INTEGER
+        CHECK (label_components IS NULL OR label_components >= 0);
+    "#,
 ];
 
 /// The schema version this medmine writes and understands.

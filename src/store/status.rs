@@ -19,6 +19,9 @@ pub struct ImageStatus {
     pub pseudo_label_round: Option<i64>,
     /// Quality score of the newest pseudo-label ([`super::quality_score`]).
     pub quality: Option<f64>,
+    /// Component count change of the newest pseudo-label (pseudo-label minus U-Net++), when
+    /// both counts were recorded.
+    pub component_change: Option<i64>,
     /// Whether the image file is where the project says it is.
     pub file_present: bool,
 }
@@ -34,6 +37,9 @@ pub struct ProjectStatus {
     /// Count per review state (every state present, zeros included).
     pub review: BTreeMap<String, usize>,
     pub pseudo_labels: usize,
+    /// Pseudo-labelled images whose newest label has another component count than the
+    /// U-Net++ prediction it was mined from.
+    pub component_count_changed: usize,
     pub missing_files: usize,
     pub images: Vec<ImageStatus>,
 }
@@ -61,6 +67,7 @@ impl Project {
                         ground_truth: r.get(6)?,
                         pseudo_label_round: r.get(7)?,
                         quality: None,
+                        component_change: None,
                         file_present: false,
                     },
                     r.get::<_, String>(5)?,
@@ -76,6 +83,7 @@ impl Project {
             .collect();
         let mut images = Vec::with_capacity(rows.len());
         let mut pseudo_labels = 0;
+        let mut component_count_changed = 0;
         let mut missing_files = 0;
         for (mut s, path) in rows {
             s.file_present = std::path::Path::new(&path).is_file();
@@ -84,7 +92,13 @@ impl Project {
             }
             if s.pseudo_label_round.is_some() {
                 pseudo_labels += 1;
-                s.quality = self.latest_pseudo_label(&s.name)?.and_then(|p| p.quality());
+                if let Some(p) = self.latest_pseudo_label(&s.name)? {
+                    s.quality = p.quality();
+                    s.component_change = p.component_change();
+                }
+                if s.component_change.is_some_and(|c| c != 0) {
+                    component_count_changed += 1;
+                }
             }
             *roles.entry(s.role.to_string()).or_default() += 1;
             *review.entry(s.review.to_string()).or_default() += 1;
@@ -97,6 +111,7 @@ impl Project {
             roles,
             review,
             pseudo_labels,
+            component_count_changed,
             missing_files,
             images,
         })
