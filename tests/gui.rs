@@ -63,6 +63,8 @@ fn lung_project(tmp: &Path) -> PathBuf {
                 sam_iou: Some(0.9),
                 stability: Some(0.95),
                 agreement: Some(0.8),
+                unet_components: Some(2),
+                label_components: Some(2),
                 sam_checkpoint: None,
                 unet_checkpoint: None,
             },

@@ -323,6 +323,11 @@ impl App {
                     ui.label(f(v));
                     ui.end_row();
                 }
+                if let Some(c) = p.component_change() {
+                    ui.label("components (SAM - U-Net++)");
+                    ui.label(format!("{c:+}"));
+                    ui.end_row();
+                }
                 ui.label("rounds");
                 ui.label(img.rounds.len().to_string());
                 ui.end_row();
