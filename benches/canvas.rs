@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use egui_kittest::Harness;
-use medmine::gui::canvas::{canvas_ui, CanvasInput, Pointer, Tool, View};
+use medmine::gui::canvas::{canvas_ui, CanvasInput, Pointer, View};
 use medmine::gui::overlay::{self, CanvasData, OverlayUniform};
 
 const N: usize = 2048;
@@ -60,17 +60,8 @@ impl eframe::App for Scene {
                 &mut self.view,
                 &mut Pointer::default(),
                 CanvasInput {
-                    id: 1,
-                    data: &self.data,
-                    uniform: u,
-                    tool: Tool::Navigate,
-                    brush_radius: 4.,
                     grayscale: true,
-                    rounds: None,
-                    click_points: &[],
-                    click_box: None,
-                    wgpu: true,
-                    interactive: false,
+                    ..CanvasInput::passive(1, &self.data, u)
                 },
                 &mut Vec::new(),
             );

@@ -41,6 +41,7 @@ from PIL import Image
 warnings.filterwarnings("ignore", category=UserWarning)  # timm registry notices
 warnings.filterwarnings("ignore", category=FutureWarning)
 from mobile_sam import SamPredictor  # noqa: E402
+from sam_fixture_cases import run_prompt_cases  # noqa: E402
 from mobile_sam.modeling import (MaskDecoder, PromptEncoder, Sam, TinyViT,  # noqa: E402
                                  TwoWayTransformer)
 from mobile_sam.modeling.tiny_vit_sam import LayerNorm2d  # noqa: E402
@@ -176,35 +177,7 @@ def main():
     assert sens > 0.2, f"embedding nearly image-independent ({sens:.3f})"
 
     # Prompts in original-image pixels: the vit_b fixture's (the polyp is left of centre).
-    box = np.array([30, 25, 110, 100], dtype=np.float32)
-    pts = np.array([[70, 60], [140, 20]], dtype=np.float32)
-    lbl = np.array([1, 0], dtype=np.int64)
-    cases = {"box": dict(box=box), "points": dict(point_coords=pts, point_labels=lbl),
-             "box_points": dict(box=box, point_coords=pts, point_labels=lbl)}
-    outputs = {}
-    for name, kw in list(cases.items()) + [("mask_points", None)]:
-        if kw is None:
-            kw = dict(point_coords=pts[:1], point_labels=lbl[:1],
-                      mask_input=outputs["box"]["single_low"])
-            cases[name] = kw
-        res = {}
-        for mm in (False, True):
-            masks, iou, low = predictor.predict(multimask_output=mm, **kw)
-            tag = "multi" if mm else "single"
-            res[tag + "_low"] = low
-            save_npy(f"{name}_{tag}_iou.npy", iou.astype(np.float32))
-            step = 8 if mm else 4
-            save_npy(f"{name}_{tag}_low_sub{step}.npy", low[:, ::step, ::step].astype(np.float32))
-            for i, m in enumerate(masks):
-                save_mask_png(f"{name}_{tag}_mask{i}.png", m)
-            assert low.std() > 0.3, f"{name}/{tag}: logits too flat ({low.std():.3f})"
-            frac = float(masks.mean())
-            assert 0.03 < frac < 0.97, f"{name}/{tag}: degenerate masks (fg {frac:.3f})"
-        if name == "box":  # full logits: they are the mask_input of "mask_points"
-            save_npy("box_single_low.npy", res["single_low"].astype(np.float32))
-        outputs[name] = res
-    a, b = outputs["box"]["single_low"], outputs["points"]["single_low"]
-    assert np.abs(a - b).mean() > 0.1 * a.std(), "box and points give the same logits"
+    cases, outputs = run_prompt_cases(predictor, save_npy, save_mask_png)
 
     import mobile_sam  # noqa: E402
     manifest = dict(

@@ -319,17 +319,9 @@ impl eframe::App for CanvasScene {
                 &mut self.view,
                 &mut Pointer::default(),
                 CanvasInput {
-                    id: 1,
-                    data: &self.data,
-                    uniform: u,
-                    tool: Tool::Navigate,
-                    brush_radius: 4.,
-                    grayscale: false,
-                    rounds: None,
                     click_points: &[(40., 40., true), (100., 30., false)],
                     click_box: Some([20., 20., 90., 90.]),
-                    wgpu: true,
-                    interactive: false,
+                    ..CanvasInput::passive(1, &self.data, u)
                 },
                 &mut Vec::new(),
             );

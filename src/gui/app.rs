@@ -561,17 +561,13 @@ impl App {
                         &mut view,
                         &mut Pointer::default(),
                         super::canvas::CanvasInput {
-                            id: 10 + k as u64,
-                            data: &data,
-                            uniform: self.uniform(Some(layer)),
-                            tool: Tool::Navigate,
-                            brush_radius: 0.0,
                             grayscale,
-                            rounds: None,
-                            click_points: &[],
-                            click_box: None,
                             wgpu: self.wgpu,
-                            interactive: false,
+                            ..super::canvas::CanvasInput::passive(
+                                10 + k as u64,
+                                &data,
+                                self.uniform(Some(layer)),
+                            )
                         },
                         &mut canvas_intents,
                     );

@@ -152,6 +152,25 @@ pub struct CanvasInput<'a> {
     pub interactive: bool,
 }
 
+impl<'a> CanvasInput<'a> {
+    /// A canvas that only shows (compare panes, snapshots, benchmarks): no tool, no prompts.
+    pub fn passive(id: u64, data: &'a CanvasData, uniform: OverlayUniform) -> Self {
+        Self {
+            id,
+            data,
+            uniform,
+            tool: Tool::Navigate,
+            brush_radius: 0.0,
+            grayscale: false,
+            rounds: None,
+            click_points: &[],
+            click_box: None,
+            wgpu: true,
+            interactive: false,
+        }
+    }
+}
+
 /// Draws one canvas (image + layers via the wgpu callback, prompts on top) and turns its input
 /// into intents.
 pub fn canvas_ui(
