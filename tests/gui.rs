@@ -255,6 +255,24 @@ fn sam_click_produces_a_mask() {
     let (file, kind) = store.current_mask(&name).unwrap().unwrap();
     assert_eq!(kind, "edited");
     assert_eq!(data::load_mask(&file).unwrap(), draft);
+
+    // encode every image in the background: the project's cache holds all 8 embeddings
+    h.get_by_label("Encode all with SAM").click();
+    h.step();
+    wait_for(&mut h, "the encoding job to start", |a| {
+        a.training().running()
+    });
+    wait_for(&mut h, "the encoding job to end", |a| {
+        !a.training().running()
+    });
+    let cached = std::fs::read_dir(root.join("cache/sam-embeddings"))
+        .unwrap()
+        .filter(|e| {
+            let p = e.as_ref().unwrap().path();
+            p.extension().is_some_and(|x| x == "safetensors")
+        })
+        .count();
+    assert_eq!(cached, 8, "{:?}", h.state().training().last_message);
 }
 
 #[test]

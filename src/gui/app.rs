@@ -99,6 +99,8 @@ pub enum Intent {
     LoadUnet(PathBuf),
     Finetune,
     Mine,
+    /// Encode every image of the project with SAM ahead of the clicks.
+    Precompute,
     CancelJob,
     Fit,
     OneToOne,

@@ -112,6 +112,12 @@ impl App {
                     true,
                 ),
             },
+            Intent::Precompute => {
+                if let (Some(project), true) = (self.project.clone(), self.sam.is_some()) {
+                    let paths = self.rows.iter().map(|r| r.path.clone()).collect();
+                    self.send_model(ModelCommand::Precompute { project, paths });
+                }
+            }
             Intent::CancelJob => self.workers.cancel.store(true, Ordering::Relaxed),
             Intent::Fit => self.view.fitted = true,
             Intent::OneToOne => self.view.one_to_one(ctx.pixels_per_point()),

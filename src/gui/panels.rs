@@ -390,6 +390,17 @@ impl App {
             {
                 self.intents.push(Intent::PickSam);
             }
+            if ui
+                .add_enabled(
+                    self.sam.is_some() && !self.training.running(),
+                    egui::Button::new("Encode all with SAM"),
+                )
+                .on_hover_text("Compute every image's SAM embedding now, so clicks answer at once")
+                .on_disabled_hover_text("Load a SAM checkpoint first")
+                .clicked()
+            {
+                self.intents.push(Intent::Precompute);
+            }
             let can_mine = self.sam.is_some() && self.model.is_some() && !self.training.running();
             if ui
                 .add_enabled(can_mine, egui::Button::new("Mine"))

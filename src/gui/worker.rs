@@ -123,6 +123,11 @@ pub enum ModelCommand {
         path: PathBuf,
     },
     Finetune(FinetuneJob),
+    /// Encode every listed image into the project's embedding cache (a background job).
+    Precompute {
+        project: PathBuf,
+        paths: Vec<PathBuf>,
+    },
     Mine {
         project: PathBuf,
         sam: PathBuf,
@@ -592,16 +597,23 @@ impl ModelThread {
         guarded(&out, &context, || self.handle_inner(cmd));
     }
 
-    /// The embedding of an image file: from the project's cache, else encoded now.
-    fn embedding(&mut self, project: &Path, image: &Path) -> Result<Embedding> {
-        let (sam_path, sam) = self.sam.as_ref().context("no SAM checkpoint is loaded")?;
+    /// The loaded SAM and the embedding cache of the project at `project`.
+    fn sam_and_cache(&mut self, project: &Path) -> Result<(&SamPredictor, &EmbeddingCache)> {
+        let (sam_path, _) = self.sam.as_ref().context("no SAM checkpoint is loaded")?;
         // `Project::cache_dir` of the project at `project` (the same folder `mine` uses)
         let dir = project.join("cache").join("sam-embeddings");
         if self.cache.as_ref().map(|(d, _)| d) != Some(&dir) {
             let cache = EmbeddingCache::new(Some(&dir), 8, sam_path)?;
             self.cache = Some((dir.clone(), cache));
         }
+        let (_, sam) = self.sam.as_ref().context("no SAM checkpoint is loaded")?;
         let (_, cache) = self.cache.as_ref().expect("cache just set");
+        Ok((sam, cache))
+    }
+
+    /// The embedding of an image file: from the project's cache, else encoded now.
+    fn embedding(&mut self, project: &Path, image: &Path) -> Result<Embedding> {
+        let (sam, cache) = self.sam_and_cache(project)?;
         Ok(cache.get_or_compute(image, sam)?)
     }
 
@@ -676,6 +688,32 @@ impl ModelThread {
                 });
             }
             ModelCommand::Finetune(job) => self.finetune(job)?,
+            ModelCommand::Precompute { project, paths } => {
+                self.start_job("encoding");
+                let out = self.out.clone();
+                let cancel = self.cancel.clone();
+                let (sam, cache) = self.sam_and_cache(&project)?;
+                let r = cache.precompute(
+                    &paths,
+                    sam,
+                    &mut |done, total| out.send(Event::JobProgress { done, total }),
+                    &cancel,
+                );
+                let verb = if r.cancelled {
+                    "cancelled after"
+                } else {
+                    "encoded"
+                };
+                self.out.send(Event::JobDone {
+                    what: "SAM encoding".into(),
+                    message: format!(
+                        "{verb} {} images ({} already cached, {} failed)",
+                        r.computed,
+                        r.cached,
+                        r.failed.len()
+                    ),
+                });
+            }
             ModelCommand::Mine {
                 project,
                 sam,
