@@ -420,3 +420,27 @@ fn canvas_overlays_render_like_the_snapshot() {
     render(&mut h, [2, 3, 1, 0]);
     h.snapshot("canvas_overlays");
 }
+
+#[test]
+fn new_project_from_a_dataset_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let existing = lung_project(tmp.path());
+    let mut h = app_harness(&existing, None);
+    loaded(&mut h);
+    // what "New project from dataset…" does once the folder dialog answers
+    h.state_mut().start_new_project(tmp.path().join("data"));
+    h.run_steps(3);
+    h.get_by_label("Create").click();
+    h.step();
+    let created = tmp.path().join("data.medmine");
+    wait_for(&mut h, "the new project to open", |a| {
+        a.project() == Some(created.as_path()) && a.image_count() == 8
+    });
+    let p = Project::open(&created).unwrap();
+    let status = p.status().unwrap();
+    assert_eq!(status.total, 8);
+    assert_eq!(
+        status.roles["labelled"], 4,
+        "half of the 8 images keep their labels"
+    );
+}

@@ -101,9 +101,23 @@ pub enum Intent {
     Mine,
     /// Encode every image of the project with SAM ahead of the clicks.
     Precompute,
+    /// Create (import) the project described by the "New project" dialog and open it.
+    CreateProject,
     CancelJob,
     Fit,
     OneToOne,
+}
+
+/// The "New project from dataset" dialog.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewProject {
+    /// Where the project folder goes (editable).
+    pub project: String,
+    pub data: PathBuf,
+    /// Folder with train.txt (and val.txt, test.txt), when the dataset has one.
+    pub split_dir: Option<PathBuf>,
+    /// Seeded fraction of the training images that keep their labels.
+    pub labelled_fraction: f64,
 }
 
 /// A message shown for a while in the corner.
@@ -166,6 +180,7 @@ pub struct App {
     pub(super) intents: Vec<Intent>,
     /// Every error shown as a toast this session (toasts expire; this does not).
     pub(super) errors: Vec<String>,
+    pub(super) new_project: Option<NewProject>,
     /// Where the main canvas was drawn last frame.
     pub(super) canvas_rect: Option<egui::Rect>,
 }
@@ -223,6 +238,7 @@ impl App {
             wgpu,
             intents: Vec::new(),
             canvas_rect: None,
+            new_project: None,
             errors: Vec::new(),
         };
         let recent = app
@@ -303,6 +319,38 @@ impl App {
     /// Where an image pixel is on the screen (main canvas, last frame).
     pub fn ui_from_image(&self, point_in_image: egui::Pos2) -> Option<egui::Pos2> {
         Some(self.view.ui_from_image(self.canvas_rect?, point_in_image))
+    }
+
+    /// Opens the "New project from dataset" dialog for the dataset folder `data` (what the
+    /// folder dialog does; public for tests and scripted use).
+    pub fn start_new_project(&mut self, data: PathBuf) {
+        let project = data.with_file_name(format!(
+            "{}.medmine",
+            data.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("dataset")
+        ));
+        let split_dir = ["train.txt", "splits/train.txt"]
+            .iter()
+            .map(|s| data.join(s))
+            .find(|p| p.is_file())
+            .and_then(|p| p.parent().map(|d| d.to_path_buf()));
+        self.new_project = Some(NewProject {
+            project: project.display().to_string(),
+            data,
+            split_dir,
+            labelled_fraction: 0.5,
+        });
+    }
+
+    /// The open project's folder.
+    pub fn project(&self) -> Option<&std::path::Path> {
+        self.project.as_deref()
+    }
+
+    /// Images in the list (unfiltered).
+    pub fn image_count(&self) -> usize {
+        self.rows.len()
     }
 
     /// Store commands not yet confirmed.
@@ -517,6 +565,7 @@ impl App {
         egui::CentralPanel::default().show(ui, |ui| self.canvas_area_ui(ui));
         self.training_window_ui(&ctx);
         self.help_ui(&ctx);
+        self.new_project_ui(&ctx);
         self.toasts_ui(&ctx);
         self.apply_intents(&ctx);
         if self.training.running() || self.saving > 0 {

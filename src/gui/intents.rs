@@ -118,6 +118,16 @@ impl App {
                     self.send_model(ModelCommand::Precompute { project, paths });
                 }
             }
+            Intent::CreateProject => {
+                if let Some(n) = self.new_project.take() {
+                    self.send_store(StoreCommand::OpenOrCreate {
+                        project: PathBuf::from(n.project),
+                        data: n.data,
+                        split_dir: n.split_dir,
+                        labelled_fraction: n.labelled_fraction,
+                    });
+                }
+            }
             Intent::CancelJob => self.workers.cancel.store(true, Ordering::Relaxed),
             Intent::Fit => self.view.fitted = true,
             Intent::OneToOne => self.view.one_to_one(ctx.pixels_per_point()),
@@ -182,25 +192,7 @@ impl App {
         use super::worker::Pick;
         match purpose {
             Pick::Project => self.intents.push(Intent::Open(path)),
-            Pick::Dataset => {
-                let project = path.with_file_name(format!(
-                    "{}.medmine",
-                    path.file_name()
-                        .and_then(|n| n.to_str())
-                        .unwrap_or("dataset")
-                ));
-                let split = ["train.txt", "splits/train.txt"]
-                    .iter()
-                    .map(|s| path.join(s))
-                    .find(|p| p.is_file())
-                    .and_then(|p| p.parent().map(|d| d.to_path_buf()));
-                self.send_store(StoreCommand::OpenOrCreate {
-                    project,
-                    data: path,
-                    split_dir: split,
-                    labelled_fraction: 1.0,
-                });
-            }
+            Pick::Dataset => self.start_new_project(path),
             Pick::Sam => self.intents.push(Intent::LoadSam(path)),
             Pick::Unet => self.intents.push(Intent::LoadUnet(path)),
         }
