@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Parity fixtures for medmine's SAM (tests/sam_parity.rs), made with Meta's official code.
+"""Parity fixtures for medmine's SAM (tests/it/sam_parity.rs), made with Meta's official code.
 
 Builds an official `segment_anything` Sam (ImageEncoderViT + PromptEncoder + MaskDecoder) with a
 SMALL seeded configuration, noised weights (so outputs depend on the image, see STACK-NOTES),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Parity fixtures for medmine's MobileSAM (vit_t, TinyViT encoder): tests/sam_parity_vit_t.rs.
+"""Parity fixtures for medmine's MobileSAM (vit_t, TinyViT encoder): tests/it/sam_parity_vit_t.rs.
 
 The same protocol as scripts/sam_fixtures.py (vit_b-style), with MobileSAM's official code
 (PyPI `mobilesam-mirror`, the `mobile_sam` package of github.com/ChaoningZhang/MobileSAM):

@@ -6,7 +6,7 @@
 //! node does). `conv2d` is a custom op (cache-tiled im2col + gemm on CPU, with an input
 //! gradient computed as a convolution instead of candle's slow direct-loop
 //! `conv_transpose2d`; other devices use candle's conv). Each op has a finite-difference
-//! gradient test, and the whole model has one in `tests/gradcheck.rs`.
+//! gradient test, and the whole model has one in `tests/it/gradcheck.rs`.
 //!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;

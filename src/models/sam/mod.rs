@@ -5,7 +5,7 @@
 //! TinyViT, the prompt encoder (points, boxes, mask input) and the mask decoder are our own
 //! (candle's crash on boxes, use the tanh GELU where SAM uses the exact one, and have only the
 //! TinyViT-5M size).
-//! `tests/sam_parity.rs` checks all of it against the official PyTorch code.
+//! `tests/it/sam_parity.rs` checks all of it against the official PyTorch code.
 pub mod bench;
 pub mod cache;
 pub mod checkpoint;

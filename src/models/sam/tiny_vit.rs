@@ -4,7 +4,7 @@
 //! official code in two ways that this copy fixes:
 //! - it uses the tanh approximation of GELU (`Tensor::gelu`) where the official code uses
 //!   `nn.GELU()`, the exact erf form (on the parity fixture the approximation moves the image
-//!   embedding by more than the 1e-3 tolerance: `tests/sam_parity_vit_t.rs`);
+//!   embedding by more than the 1e-3 tolerance: `tests/it/sam_parity_vit_t.rs`);
 //! - it builds only the 5M configuration with a 256-channel neck; here every size is a
 //!   [`TinyVitConfig`] (read from a checkpoint's shapes by `checkpoint::detect_config`) and the
 //!   neck has as many channels as the prompt embedding.

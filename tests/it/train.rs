@@ -1,6 +1,6 @@
 //! Training end to end through the library: overfitting real images, checkpoints, resume,
 //! cancellation and the NaN guard.
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

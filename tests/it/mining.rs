@@ -1,9 +1,9 @@
 //! Knowledge mining end to end: a tiny U-Net++ trained on the demo X-rays, a project with an
 //! unlabelled pool, `medmine mine` with the tiny random-weight SAM fixture (its masks mean
 //! nothing; the shapes, the flow and the store are real).
-mod common;
+use crate::common;
 
-use common::{field, medmine, ok, root, s};
+use crate::common::{field, medmine, ok, root, s};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

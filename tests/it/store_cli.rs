@@ -1,8 +1,7 @@
 //! The project store through the `medmine` binary: the project and review commands, crash
 //! safety under `kill -9`, concurrent writers, a read-only folder, a full disk.
-mod common;
 
-use common::{fails, ok, s, BIN};
+use crate::common::{fails, ok, s, BIN};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -1,8 +1,7 @@
 //! `medmine experiment` end to end on the demo X-rays with the oracle labeler, and its refusal
 //! without SAM weights.
-mod common;
 
-use common::{demo, fails, ok, s};
+use crate::common::{demo, fails, ok, s};
 
 /// A split folder: the demo's train.txt; its val.txt halved into val.txt and test.txt (an
 /// image may be in one list only).

@@ -1,9 +1,8 @@
 //! The review queue: pending pseudo-labels, least confident first (a changed component count
 //! lowers the score), through the library and `medmine review PROJECT queue`; and a project of
 //! the schema before component counts migrating with its pseudo-labels.
-mod common;
 
-use common::{medmine, ok};
+use crate::common::{medmine, ok};
 use std::path::{Path, PathBuf};
 
 use medmine::data::Mask;

@@ -1,12 +1,11 @@
 //! SAM parity with Meta's official PyTorch code (fixtures: `scripts/sam_fixtures.py`, a small
 //! seeded SAM saved as `torch.save(state_dict)` and `.safetensors`; see
 //! tests/fixtures/sam/manifest.json).
-mod common;
 
 use std::path::{Path, PathBuf};
 
+use crate::common::sam_fixture::{max_abs_diff, Fixture, PROMPTS};
 use candle_core::{DType, Device, Tensor};
-use common::sam_fixture::{max_abs_diff, Fixture, PROMPTS};
 use medmine::models::sam::{self, preprocess, Prediction, Prompt, SamError, SamPredictor, Variant};
 use sha2::{Digest, Sha256};
 

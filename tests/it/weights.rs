@@ -1,14 +1,14 @@
 //! `medmine weights list|verify|download` against a small HTTP server on 127.0.0.1 (no outside
 //! network): download + SHA-256, resume with `Range:`, a server that ignores `Range`, a dropped
 //! connection, a corrupt file, and the verify / list outputs.
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use common::s;
+use crate::common::s;
 use medmine::weights::{self, Download, DownloadEvent, Recorder, WeightsError};
 
 /// How the test server answers.

@@ -1,8 +1,7 @@
 //! Fine-tuning rounds end to end: a tiny U-Net++ trained on the demo X-rays, a project with an
 //! unlabelled pool, two pseudo-labels (one accepted, one left pending), `medmine finetune`.
-mod common;
 
-use common::{field, medmine, ok, root, s};
+use crate::common::{field, medmine, ok, root, s};
 use std::sync::atomic::AtomicBool;
 
 use medmine::data::Mask;

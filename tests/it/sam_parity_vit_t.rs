@@ -1,10 +1,9 @@
 //! MobileSAM (vit_t) parity with the official PyTorch code (`mobile_sam`, PyPI
 //! mobilesam-mirror): a small seeded TinyViT SAM saved as `torch.save(state_dict)` and
 //! `.safetensors` by `scripts/sam_fixtures_vit_t.py` (tests/fixtures/sam_vit_t/manifest.json).
-mod common;
 
+use crate::common::sam_fixture::{max_abs_diff, Fixture, PROMPTS};
 use candle_core::Device;
-use common::sam_fixture::{max_abs_diff, Fixture, PROMPTS};
 use medmine::models::sam::{self, Config, EncoderConfig, TinyVitConfig, Variant};
 
 /// Absolute tolerance on embeddings, logits and IoU predictions. The fixture's outputs have a

@@ -1,6 +1,6 @@
 //! The `medmine` command line as outside scripts use it: train -> predict -> evaluate on the
 //! demo data, the benchmark's output contract, and clear errors for bad input.
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -2,7 +2,7 @@
 //! keyboard review, brush + undo, a SAM click, fine-tuning with live plot and cancel, a
 //! rendered snapshot of the canvas overlays.
 #![cfg(feature = "gui")]
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,0 +1,26 @@
+//! All integration tests in one binary: one link of the crate and its GUI dependencies instead
+//! of one per file (CI disk space and build time). Each file is a module; run one with
+//! `cargo test --test it sam_parity::`.
+
+mod common;
+
+mod cli;
+mod data_dicom;
+mod data_loader;
+mod experiment;
+mod finetune;
+mod gradcheck;
+mod gui;
+mod mining;
+mod sam_batch;
+mod sam_bench;
+mod sam_cache;
+mod sam_parity;
+mod sam_parity_vit_t;
+mod sam_segment;
+mod shaders;
+mod store_cli;
+mod store_project;
+mod store_queue;
+mod train;
+mod weights;
