@@ -3,7 +3,7 @@
 //! sizes and uses the tanh GELU in the output upscaling (the official code: exact GELU).
 use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
-use candle_transformers::models::segment_anything::{transformer::TwoWayTransformer, LayerNorm2d};
+use candle_transformers::models::segment_anything::transformer::TwoWayTransformer;
 
 use super::Config;
 
@@ -45,7 +45,8 @@ pub struct MaskDecoder {
     num_mask_tokens: usize,
     transformer: TwoWayTransformer,
     upscale_conv1: ConvTranspose2d,
-    upscale_ln: LayerNorm2d,
+    /// `output_upscaling.1`, a `LayerNorm2d` over the channels: `(weight, bias)`, each `[C/4]`.
+    upscale_ln: (Tensor, Tensor),
     upscale_conv2: ConvTranspose2d,
     hypernetworks: Vec<Mlp>,
     iou_head: Mlp,
@@ -81,7 +82,10 @@ impl MaskDecoder {
                 vb.pp("transformer"),
             )?,
             upscale_conv1: candle_nn::conv_transpose2d(dim, dim / 4, 2, up, vb_u.pp("0"))?,
-            upscale_ln: LayerNorm2d::new(dim / 4, 1e-6, vb_u.pp("1"))?,
+            upscale_ln: (
+                vb_u.pp("1").get(dim / 4, "weight")?,
+                vb_u.pp("1").get(dim / 4, "bias")?,
+            ),
             upscale_conv2: candle_nn::conv_transpose2d(dim / 4, dim / 8, 2, up, vb_u.pp("3"))?,
             hypernetworks,
             iou_head: Mlp::new(
@@ -134,12 +138,6 @@ impl MaskDecoder {
         let iou_token_out = hs.i((.., 0))?; // [B, C]
         let mask_tokens_out = hs.i((.., 1..1 + self.num_mask_tokens))?; // [B, 4, C]
 
-        let src = src.transpose(1, 2)?.reshape((bs, c, h, w))?;
-        let up = conv_transpose_2x2(&src, &self.upscale_conv1)? // [B, C/4, 2H, 2W]
-            .apply(&self.upscale_ln)?
-            .gelu_erf()?;
-        let up = conv_transpose_2x2(&up, &self.upscale_conv2)? // [B, C/8, 4H, 4W]
-            .gelu_erf()?;
         let hyper_in = self
             .hypernetworks
             .iter()
@@ -147,32 +145,55 @@ impl MaskDecoder {
             .map(|(i, mlp)| mlp.forward(&mask_tokens_out.i((.., i))?))
             .collect::<Result<Vec<_>>>()?;
         let hyper_in = Tensor::stack(&hyper_in, 1)?; // [B, 4, C/8]
-        let (b, c8, uh, uw) = up.dims4()?;
-        let masks = hyper_in.matmul(&up.reshape((b, c8, uh * uw))?)?; // [B, 4, 4H*4W]
-        let masks = masks.reshape((b, self.num_mask_tokens, uh, uw))?;
+        let masks = self.upscale_and_mask(&src, &hyper_in, (h, w))?; // [B, 4, 4H, 4W]
         let iou = self.iou_head.forward(&iou_token_out)?; // [B, 4]
         Ok((masks, iou))
     }
 }
 
-/// A `ConvTranspose2d(kernel 2, stride 2, no padding)` as one matmul: its 2x2 output blocks do
-/// not overlap, so `out[b, o, 2i + u, 2j + v] = bias[o] + sum_c x[b, c, i, j] w[c, o, u, v]`.
-/// Same values as candle's `conv_transpose2d` up to the order of summation (parity unchanged),
-/// but a GEMM: candle's CPU kernel took ~225 ms for the two upscaling layers at the official
-/// sizes, and the decoder per prompt went from ~388 to ~220 ms (`bench sam`, vit_t, busy 2-core
-/// machine).
-fn conv_transpose_2x2(x: &Tensor, conv: &ConvTranspose2d) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
+/// `ConvTranspose2d(kernel 2, stride 2, no padding)` on channels-last rows as one matmul: the
+/// 2x2 output blocks do not overlap, so `out[(p, u, v), o] = bias[o] + sum_c x[p, c] w[c, o, u, v]`.
+/// `[N, C] -> [N, 4, O]`: each input pixel's four output pixels (u, v) with their channels
+/// last. candle's CPU `conv_transpose2d` took ~225 ms for the two upscaling layers.
+fn conv_transpose_2x2_rows(rows: &Tensor, conv: &ConvTranspose2d) -> Result<Tensor> {
+    let (n, c) = rows.dims2()?;
     let weight = conv.weight(); // [C, O, 2, 2]
     let o = weight.dim(1)?;
-    let rows = x.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?; // [BHW, C]
-    let y = rows.matmul(&weight.reshape((c, o * 4))?)?; // [BHW, O*2*2]
-    let y = y
-        .reshape((b, h, w, o, 2, 2))?
-        .permute((0, 3, 1, 4, 2, 5))? // [B, O, H, 2, W, 2]
-        .reshape((b, o, 2 * h, 2 * w))?;
+    let y = rows.matmul(&weight.reshape((c, o * 4))?)?; // [N, O*2*2]
+    let y = y.reshape((n, o, 4))?.transpose(1, 2)?.contiguous()?; // [N, 4, O]
     match conv.bias() {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+        Some(bias) => y.broadcast_add(bias),
         None => Ok(y),
+    }
+}
+
+impl MaskDecoder {
+    /// `output_upscaling` and the hypernetwork product, channels-last throughout: the
+    /// transformer's image tokens `[B, HW, C]` and `hyper_in` `[B, M, C/8]` -> masks
+    /// `[B, M, 4H, 4W]`. The LayerNorm2d over channels becomes a last-axis layer norm and the
+    /// pixels are put in raster order once, on the M mask planes instead of the C/8 channels.
+    fn upscale_and_mask(
+        &self,
+        tokens: &Tensor,
+        hyper_in: &Tensor,
+        (h, w): (usize, usize),
+    ) -> Result<Tensor> {
+        let (b, hw, c) = tokens.dims3()?;
+        let m = hyper_in.dim(1)?;
+        let rows = tokens.contiguous()?.reshape((b * hw, c))?; // [BHW, C]
+        let up = conv_transpose_2x2_rows(&rows, &self.upscale_conv1)?; // [BHW, 4, C/4]
+        let (ln_w, ln_b) = &self.upscale_ln;
+        let up = candle_nn::ops::layer_norm(&up, ln_w, ln_b, 1e-6)?.gelu_erf()?;
+        let c4 = up.dim(2)?;
+        let up = conv_transpose_2x2_rows(&up.reshape((b * hw * 4, c4))?, &self.upscale_conv2)?
+            .gelu_erf()?; // [BHW*4, 4, C/8]; pixel order (b, h, w, u1, v1, u2, v2)
+        let c8 = up.dim(2)?;
+        let up = up.reshape((b, hw * 16, c8))?; // [B, P, C/8]
+        let masks = hyper_in.matmul(&up.t()?)?; // [B, M, P]
+                                                // (h, w, u1, v1, u2, v2) -> (4h + 2 u1 + u2, 4w + 2 v1 + v2)
+        masks
+            .reshape(vec![b, m, h, w, 2, 2, 2, 2])?
+            .permute(vec![0, 1, 2, 4, 6, 3, 5, 7])?
+            .reshape((b, m, 4 * h, 4 * w))
     }
 }

@@ -7,6 +7,7 @@
 //! Masks go back with `F.interpolate(bilinear, align_corners=False)` ([`resize_bilinear`]).
 use candle_core::{Device, Result, Tensor};
 use image::RgbImage;
+use rayon::prelude::*;
 
 use super::IMAGE_SIZE;
 
@@ -171,17 +172,25 @@ pub fn resize_bilinear(
         let step = usize::from(i0 < in_size - 1);
         (i0, i0 + step, s - i0 as f32)
     };
+    if (in_h, in_w) == (out_h, out_w) && (keep_h, keep_w) == (in_h, in_w) && src_w == in_w {
+        // scale 1: every source index is the destination index with weight 0 (bit-identical)
+        return src[..in_h * in_w].to_vec();
+    }
     let cols: Vec<_> = (0..keep_w).map(|x| index(x, in_w, out_w)).collect();
     let mut out = vec![0f32; keep_h * keep_w];
-    for (y, row) in out.chunks_exact_mut(keep_w).enumerate() {
-        let (y0, y1, ly) = index(y, in_h, out_h);
-        let (r0, r1) = (&src[y0 * src_w..], &src[y1 * src_w..]);
-        for (o, &(x0, x1, lx)) in row.iter_mut().zip(&cols) {
-            let top = (1.0 - lx) * r0[x0] + lx * r0[x1];
-            let bottom = (1.0 - lx) * r1[x0] + lx * r1[x1];
-            *o = (1.0 - ly) * top + ly * bottom;
-        }
-    }
+    // rows in parallel: the upscaling to 1024 and the original size is a third of a click's
+    // decoder time on one thread
+    out.par_chunks_exact_mut(keep_w)
+        .enumerate()
+        .for_each(|(y, row)| {
+            let (y0, y1, ly) = index(y, in_h, out_h);
+            let (r0, r1) = (&src[y0 * src_w..], &src[y1 * src_w..]);
+            for (o, &(x0, x1, lx)) in row.iter_mut().zip(&cols) {
+                let top = (1.0 - lx) * r0[x0] + lx * r0[x1];
+                let bottom = (1.0 - lx) * r1[x0] + lx * r1[x1];
+                *o = (1.0 - ly) * top + ly * bottom;
+            }
+        });
     out
 }
 

@@ -21,6 +21,8 @@ pub struct PromptEncoder {
     mask_conv2: Conv2d,
     mask_ln2: LayerNorm2d,
     mask_conv3: Conv2d,
+    /// `dense_pe` of the embedding grid, computed once at load: `[1, C, 64, 64]` contiguous.
+    dense_pe: Tensor,
 }
 
 impl PromptEncoder {
@@ -38,8 +40,10 @@ impl PromptEncoder {
             ..Default::default()
         };
         let quarter = mask_in_chans / 4;
+        let dense_pe = dense_pe_of(&pe_gaussian)?;
         Ok(Self {
             embed_dim,
+            dense_pe,
             pe_gaussian,
             point_embeddings,
             not_a_point_embed: vb.get((1, embed_dim), "not_a_point_embed.weight")?,
@@ -64,24 +68,13 @@ impl PromptEncoder {
 
     /// Random Fourier features of coordinates normalised to `[0, 1]`: `[.., 2] -> [.., C]`.
     fn pe_encoding(&self, coords: &Tensor) -> Result<Tensor> {
-        let coords = coords.affine(2.0, -1.0)?;
-        let coords = coords.broadcast_matmul(&self.pe_gaussian)?;
-        let coords = coords.affine(2.0 * std::f64::consts::PI, 0.0)?;
-        Tensor::cat(&[coords.sin()?, coords.cos()?], D::Minus1)
+        pe_encoding(&self.pe_gaussian, coords)
     }
 
-    /// Dense positional encoding of the embedding grid: `[1, C, 64, 64]`.
-    pub fn dense_pe(&self) -> Result<Tensor> {
-        let dev = self.pe_gaussian.device();
-        let n = EMBED_SIZE;
-        // cell centres (i + 0.5) / n, as cumsum(ones) - 0.5 in the official code
-        let centres: Vec<f32> = (0..n).map(|i| (i as f32 + 1.0 - 0.5) / n as f32).collect();
-        let line = Tensor::from_vec(centres, n, dev)?;
-        let x = line.reshape((1, n, 1))?.broadcast_as((n, n, 1))?;
-        let y = line.reshape((n, 1, 1))?.broadcast_as((n, n, 1))?;
-        let grid = Tensor::cat(&[x, y], 2)?; // [H, W, 2] as (x, y)
-        let pe = self.pe_encoding(&grid)?; // [H, W, C]
-        pe.permute((2, 0, 1))?.unsqueeze(0) // [1, C, H, W]
+    /// Dense positional encoding of the embedding grid: `[1, C, 64, 64]` (cached; the same for
+    /// every prompt).
+    pub fn dense_pe(&self) -> &Tensor {
+        &self.dense_pe
     }
 
     /// `[B, N, 2]` pixel coordinates in the input square -> `[B, N, C]` position encodings.
@@ -174,4 +167,27 @@ impl PromptEncoder {
         };
         Ok((sparse, dense))
     }
+}
+
+/// Random Fourier features (`PositionEmbeddingRandom._pe_encoding`) of coordinates normalised to
+/// `[0, 1]`: `[.., 2] -> [.., C]`.
+fn pe_encoding(gaussian: &Tensor, coords: &Tensor) -> Result<Tensor> {
+    let coords = coords.affine(2.0, -1.0)?;
+    let coords = coords.broadcast_matmul(gaussian)?;
+    let coords = coords.affine(2.0 * std::f64::consts::PI, 0.0)?;
+    Tensor::cat(&[coords.sin()?, coords.cos()?], D::Minus1)
+}
+
+/// `PositionEmbeddingRandom.forward((64, 64))`: `[1, C, 64, 64]`.
+fn dense_pe_of(gaussian: &Tensor) -> Result<Tensor> {
+    let dev = gaussian.device();
+    let n = EMBED_SIZE;
+    // cell centres (i + 0.5) / n, as cumsum(ones) - 0.5 in the official code
+    let centres: Vec<f32> = (0..n).map(|i| (i as f32 + 1.0 - 0.5) / n as f32).collect();
+    let line = Tensor::from_vec(centres, n, dev)?;
+    let x = line.reshape((1, n, 1))?.broadcast_as((n, n, 1))?;
+    let y = line.reshape((n, 1, 1))?.broadcast_as((n, n, 1))?;
+    let grid = Tensor::cat(&[x, y], 2)?; // [H, W, 2] as (x, y)
+    let pe = pe_encoding(gaussian, &grid)?; // [H, W, C]
+    pe.permute((2, 0, 1))?.unsqueeze(0)?.contiguous() // [1, C, H, W]
 }
