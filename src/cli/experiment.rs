@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::CliProgress;
 use crate::mining::experiment::{
-    markdown_table, run_experiment, write_results, ExperimentConfig, Labeler,
+    markdown_table, run_experiment, write_results, ExperimentConfig, Labeler, OracleKind,
 };
 use crate::mining::finetune::FinetuneConfig;
 use crate::mining::MiningConfig;
@@ -33,7 +33,8 @@ pub struct ExperimentArgs {
     /// auto | vit_b | vit_l | vit_h | vit_t
     #[arg(long, default_value = "auto")]
     sam_variant: String,
-    /// sam, or oracle (the ground truth restricted to the prompted boxes).
+    /// sam; oracle (the ground-truth objects the prompted boxes touch, whole); oracle-box (the
+    /// ground truth clipped to the prompted boxes).
     #[arg(long, default_value = "sam")]
     labeler: String,
     /// Labelled fractions of train.txt, comma-separated.
@@ -80,7 +81,8 @@ pub struct ExperimentArgs {
 
 pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<()> {
     let labeler = match a.labeler.as_str() {
-        "oracle" => Labeler::Oracle,
+        "oracle" => Labeler::Oracle(OracleKind::Objects),
+        "oracle-box" => Labeler::Oracle(OracleKind::Box),
         "sam" => match a.sam {
             Some(p) => Labeler::Sam(p),
             None => bail!(
@@ -88,7 +90,7 @@ pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<
                 crate::mining::SAM_DOWNLOAD_HINT
             ),
         },
-        other => bail!("unknown labeler {other:?} (sam or oracle)"),
+        other => bail!("unknown labeler {other:?} (sam, oracle or oracle-box)"),
     };
     let cfg = ExperimentConfig {
         data: a.data,

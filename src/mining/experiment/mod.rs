@@ -29,7 +29,7 @@ use crate::store::{ImportOptions, Project, Role, StoreError};
 use crate::train::checkpoint::CheckpointError;
 use crate::train::{self, TrainConfig, TrainError, TrainRun};
 
-pub use oracle::{oracle_mask, oracle_mine};
+pub use oracle::{oracle_mask, oracle_mine, oracle_objects, OracleKind};
 pub use results::{markdown_table, mean_std, write_results, FractionResult, SeedResult};
 
 /// Who answers the prompts.
@@ -37,8 +37,8 @@ pub use results::{markdown_table, mean_std, write_results, FractionResult, SeedR
 pub enum Labeler {
     /// SAM from this checkpoint.
     Sam(PathBuf),
-    /// The ground truth restricted to the prompted boxes (see the module doc).
-    Oracle,
+    /// The ground truth answering the prompted boxes (the `oracle` module's doc).
+    Oracle(OracleKind),
 }
 
 /// Everything an experiment needs.
@@ -276,7 +276,9 @@ fn run_one(
             )?;
             (s.mined.len(), s.auto_accepted.len())
         }
-        Labeler::Oracle => oracle_mine(&mut project, &baseline_ckpt, &mining, device, cancel)?,
+        Labeler::Oracle(kind) => {
+            oracle_mine(&mut project, *kind, &baseline_ckpt, &mining, device, cancel)?
+        }
     };
     log(&format!(
         "  mined {mined} pseudo-labels, accepted {accepted} (quality >= {threshold})"
