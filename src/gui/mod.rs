@@ -7,6 +7,7 @@ pub mod canvas;
 pub mod edit;
 mod events;
 mod intents;
+mod model_thread;
 pub mod overlay;
 pub mod panels;
 pub mod training;
