@@ -95,6 +95,22 @@ pub fn tune_allocator() {
     }
 }
 
+/// Fixes the CPU thread count for the process: unless `RAYON_NUM_THREADS` or
+/// `CANDLE_NUM_THREADS` is set, sets `RAYON_NUM_THREADS` to the count candle would choose.
+///
+/// candle 0.11 looks the count up on every CPU matmul, and without either variable that is
+/// `num_cpus::get_physical()`, a fresh parse of `/proc/cpuinfo` each time (perf: ~13% of the
+/// vit_t image encoder's time and a visible share of a SAM click on a 2-core VM). The value
+/// is the same; it is only computed once. Call at start-up, before other threads exist.
+pub fn settle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none()
+        && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+    {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
