@@ -6,7 +6,8 @@
 //! node does). `conv2d` is a custom op (cache-tiled im2col + gemm on CPU, with an input
 //! gradient computed as a convolution instead of candle's slow direct-loop
 //! `conv_transpose2d`; other devices use candle's conv). Each op has a finite-difference
-//! gradient test, and the whole model has one in `tests/it/gradcheck.rs`.
+//! gradient test, and the whole model has one in `tests/it/gradcheck.rs`. `depthwise_conv2d`
+//! is forward-only, for SAM's TinyViT encoder.
 //!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;
@@ -15,10 +16,12 @@
 //!   the window's average of the max-mask instead of dividing), so it is 4x too small for 2x2.
 
 mod conv;
+mod depthwise;
 mod pool;
 mod upsample;
 
 pub use conv::conv2d;
+pub use depthwise::depthwise_conv2d;
 pub use pool::max_pool2x2;
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 

@@ -60,22 +60,44 @@ fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
+/// `Conv2d_BN` in inference mode, the BatchNorm's running statistics folded into the
+/// convolution: weight `w * g / sqrt(v + eps)`, bias `b - m * g / sqrt(v + eps)` (one pass over
+/// the activations instead of two). Depthwise ones (`groups` = channels) run on
+/// [`crate::ops::depthwise_conv2d`] instead of candle's one-convolution-per-group.
 struct Conv2dBN {
-    c: candle_nn::Conv2d,
-    bn: candle_nn::BatchNorm,
+    weight: Tensor,
+    bias: Tensor,
+    cfg: Conv2dConfig,
 }
 
 impl Conv2dBN {
     fn new(in_: usize, out: usize, ks: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
-        let c = candle_nn::conv2d_no_bias(in_, out, ks, cfg, vb.pp("c"))?;
-        let bn = candle_nn::batch_norm(out, 1e-5, vb.pp("bn"))?;
-        Ok(Self { c, bn })
+        let conv = candle_nn::conv2d_no_bias(in_, out, ks, cfg, vb.pp("c"))?;
+        // the loads and initialisations of `candle_nn::batch_norm`
+        let bn = vb.pp("bn");
+        let gamma = bn.get_with_hints(out, "weight", candle_nn::Init::Const(1.))?;
+        let beta = bn.get_with_hints(out, "bias", candle_nn::Init::Const(0.))?;
+        let mean = bn.get_with_hints(out, "running_mean", candle_nn::Init::Const(0.))?;
+        let var = bn.get_with_hints(out, "running_var", candle_nn::Init::Const(1.))?;
+        let scale = (gamma / (var + 1e-5)?.sqrt()?)?; // [O]
+        let weight = conv
+            .weight()
+            .broadcast_mul(&scale.reshape((out, 1, 1, 1))?)?
+            .contiguous()?;
+        let bias = (beta - (mean * &scale)?)?;
+        Ok(Self { weight, bias, cfg })
     }
 }
 
 impl Module for Conv2dBN {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply(&self.c)?.apply_t(&self.bn, false)
+        let c = &self.cfg;
+        let out = self.weight.dim(0)?;
+        if c.groups > 1 && c.groups == out && self.weight.dim(1)? == 1 && c.dilation == 1 {
+            return crate::ops::depthwise_conv2d(xs, &self.weight, &self.bias, c.stride, c.padding);
+        }
+        xs.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
+            .broadcast_add(&self.bias.reshape((1, out, 1, 1))?)
     }
 }
 

@@ -1,0 +1,195 @@
+//! Depthwise convolution (one filter per channel, `groups == channels`) with a bias, for
+//! inference. candle 0.11 runs a grouped convolution as one convolution per group (an im2col
+//! and a GEMM for every channel, then a concatenation); TinyViT (MobileSAM's encoder) has a
+//! depthwise 3x3 in every block. Here it is a direct loop, channels in parallel. Forward only:
+//! the op has no backward pass (SAM is never trained here); other devices use candle's grouped
+//! convolution.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// `x: [N, C, H, W]`, `weight: [C, 1, K, K]`, `bias: [C]` -> `[N, C, Ho, Wo]` with
+/// `Ho = (H + 2 padding - K) / stride + 1`.
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let (cw, one, k, k2) = weight.dims4()?;
+    if cw != c || one != 1 || k != k2 || bias.dims1()? != c {
+        bail!(
+            "depthwise_conv2d: weight {:?} and bias {:?} do not fit {c} channels",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    if stride == 0 {
+        bail!("depthwise_conv2d: stride 0");
+    }
+    if x.device().is_cpu() {
+        x.apply_op3_no_bwd(weight, bias, &Depthwise { stride, padding })
+    } else {
+        x.conv2d(weight, padding, stride, 1, c)?
+            .broadcast_add(&bias.reshape((1, c, 1, 1))?)
+    }
+}
+
+struct Depthwise {
+    stride: usize,
+    padding: usize,
+}
+
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => bail!("depthwise_conv2d: contiguous inputs expected"),
+    }
+}
+
+/// One output plane: `out = bias + sum_{ky,kx} w[ky, kx] * x[oy*s + ky - p, ox*s + kx - p]`.
+#[allow(clippy::too_many_arguments)]
+fn plane(
+    out: &mut [f32],
+    x: &[f32],
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    kernel: &[f32],
+    k: usize,
+    s: usize,
+    p: usize,
+    bias: f32,
+) {
+    out.fill(bias);
+    for (oy, orow) in out.chunks_exact_mut(wo).enumerate().take(ho) {
+        for ky in 0..k {
+            let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                continue;
+            };
+            let irow = &x[iy * w..(iy + 1) * w];
+            for kx in 0..k {
+                let wv = kernel[ky * k + kx];
+                // ox with 0 <= ox*s + kx - p < w
+                let lo = p.saturating_sub(kx).div_ceil(s);
+                let hi = ((w + p).saturating_sub(kx)).div_ceil(s).min(wo);
+                if s == 1 {
+                    let off = kx as isize - p as isize;
+                    let src = &irow[(lo as isize + off) as usize..(hi as isize + off) as usize];
+                    for (o, &v) in orow[lo..hi].iter_mut().zip(src) {
+                        *o += wv * v;
+                    }
+                } else {
+                    for (ox, o) in orow.iter_mut().enumerate().take(hi).skip(lo) {
+                        *o += wv * irow[ox * s + kx - p];
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp3 for Depthwise {
+    fn name(&self) -> &'static str {
+        "medmine-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if s1.dtype() != DType::F32 {
+            bail!("depthwise_conv2d: f32 expected, got {:?}", s1.dtype());
+        }
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let (_, _, k, _) = l2.shape().dims4()?;
+        let (s, p) = (self.stride, self.padding);
+        if h + 2 * p < k || w + 2 * p < k {
+            bail!("depthwise_conv2d: input {h}x{w} smaller than the kernel {k}");
+        }
+        let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let x = contiguous::<f32>(s1, l1)?;
+        let weight = contiguous::<f32>(s2, l2)?;
+        let bias = contiguous::<f32>(s3, l3)?;
+        let mut out = vec![0f32; n * c * ho * wo];
+        out.par_chunks_mut(ho * wo).enumerate().for_each(|(nc, o)| {
+            let ch = nc % c;
+            plane(
+                o,
+                &x[nc * h * w..(nc + 1) * h * w],
+                (h, w),
+                (ho, wo),
+                &weight[ch * k * k..(ch + 1) * k * k],
+                k,
+                s,
+                p,
+                bias[ch],
+            );
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn check(n: usize, c: usize, h: usize, w: usize, k: usize, stride: usize, padding: usize) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+        let ours = depthwise_conv2d(&x, &wt, &b, stride, padding).unwrap();
+        let reference = x
+            .conv2d(&wt, padding, stride, 1, c)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(
+            ours.dims(),
+            reference.dims(),
+            "{h}x{w} k{k} s{stride} p{padding}"
+        );
+        let diff = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-4,
+            "max diff {diff}: {h}x{w} k{k} s{stride} p{padding}"
+        );
+    }
+
+    #[test]
+    fn matches_candles_grouped_convolution() {
+        check(1, 3, 8, 8, 3, 1, 1); // TinyViT's local conv
+        check(2, 5, 9, 7, 3, 2, 1); // PatchMerging, odd sizes
+        check(1, 4, 6, 10, 3, 1, 0);
+        check(1, 2, 7, 7, 5, 2, 2);
+        check(1, 2, 5, 5, 1, 1, 0);
+        check(1, 2, 9, 9, 3, 3, 1);
+    }
+
+    #[test]
+    fn rejects_mismatched_weights() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let wt = Tensor::zeros((2, 1, 3, 3), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        let e = depthwise_conv2d(&x, &wt, &b, 1, 1).unwrap_err().to_string();
+        assert!(e.contains("3 channels"), "{e}");
+    }
+}
