@@ -7,7 +7,7 @@
 //! gradient computed as a convolution instead of candle's slow direct-loop
 //! `conv_transpose2d`; other devices use candle's conv). Each op has a finite-difference
 //! gradient test, and the whole model has one in `tests/it/gradcheck.rs`. `depthwise_conv2d`
-//! is forward-only, for SAM's TinyViT encoder.
+//! and `gelu_erf` (all threads) are forward-only, for SAM.
 //!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;
@@ -17,11 +17,13 @@
 
 mod conv;
 mod depthwise;
+mod gelu;
 mod pool;
 mod upsample;
 
 pub use conv::conv2d;
 pub use depthwise::depthwise_conv2d;
+pub use gelu::gelu_erf;
 pub use pool::max_pool2x2;
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 

@@ -183,14 +183,17 @@ impl MaskDecoder {
         let rows = tokens.contiguous()?.reshape((b * hw, c))?; // [BHW, C]
         let up = conv_transpose_2x2_rows(&rows, &self.upscale_conv1)?; // [BHW, 4, C/4]
         let (ln_w, ln_b) = &self.upscale_ln;
-        let up = candle_nn::ops::layer_norm(&up, ln_w, ln_b, 1e-6)?.gelu_erf()?;
+        let up = crate::ops::gelu_erf(&candle_nn::ops::layer_norm(&up, ln_w, ln_b, 1e-6)?)?;
         let c4 = up.dim(2)?;
-        let up = conv_transpose_2x2_rows(&up.reshape((b * hw * 4, c4))?, &self.upscale_conv2)?
-            .gelu_erf()?; // [BHW*4, 4, C/8]; pixel order (b, h, w, u1, v1, u2, v2)
+        let up = crate::ops::gelu_erf(&conv_transpose_2x2_rows(
+            &up.reshape((b * hw * 4, c4))?,
+            &self.upscale_conv2,
+        )?)?; // [BHW*4, 4, C/8]; pixel order (b, h, w, u1, v1, u2, v2)
         let c8 = up.dim(2)?;
-        let up = up.reshape((b, hw * 16, c8))?; // [B, P, C/8]
-        let masks = hyper_in.matmul(&up.t()?)?; // [B, M, P]
-                                                // (h, w, u1, v1, u2, v2) -> (4h + 2 u1 + u2, 4w + 2 v1 + v2)
+        // [B, P, C/8] -> masks [B, M, P], then pixel (h, w, u1, v1, u2, v2) goes to
+        // (4h + 2 u1 + u2, 4w + 2 v1 + v2)
+        let up = up.reshape((b, hw * 16, c8))?;
+        let masks = hyper_in.matmul(&up.t()?)?;
         masks
             .reshape(vec![b, m, h, w, 2, 2, 2, 2])?
             .permute(vec![0, 1, 2, 4, 6, 3, 5, 7])?

@@ -57,7 +57,7 @@ impl TinyVitConfig {
 
 /// The official `nn.GELU()`.
 fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    crate::ops::gelu_erf(x)
 }
 
 /// `Conv2d_BN` in inference mode, the BatchNorm's running statistics folded into the
