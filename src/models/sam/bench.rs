@@ -110,7 +110,8 @@ impl SamBenchReport {
 /// std 0.02, norms' weights 1, biases 0. For timing; not a model.
 pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
     let varmap = VarMap::new();
-    let sam = Sam::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    // a first build only creates the variables (names, shapes)
+    Sam::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     let vars = varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
@@ -137,7 +138,13 @@ pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
         };
         var.set(&value)?;
     }
-    Ok(sam)
+    drop(vars);
+    // the model proper reads the seeded values: what it derives at load time (BatchNorm folded
+    // into convolutions, cached positional encodings, transposed weights) must see them
+    Ok(Sam::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?)
 }
 
 /// A smooth synthetic RGB image (no file needed).

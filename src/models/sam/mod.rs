@@ -15,12 +15,12 @@ pub mod preprocess;
 pub mod prompt_encoder;
 pub mod segment;
 pub mod tiny_vit;
+pub mod vit;
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::segment_anything::image_encoder::ImageEncoderViT;
 
 pub use cache::{CacheStats, EmbeddingCache, PrecomputeReport};
 pub use checkpoint::{detect_config, load_sam};
@@ -191,7 +191,7 @@ impl Config {
 }
 
 enum ImageEncoder {
-    Vit(Box<ImageEncoderViT>),
+    Vit(Box<vit::ImageEncoderViT>),
     Tiny(Box<tiny_vit::TinyViT>),
 }
 
@@ -215,19 +215,15 @@ impl Sam {
                 num_heads,
                 global_attn_indexes,
                 window_size,
-            } => ImageEncoder::Vit(Box::new(ImageEncoderViT::new(
-                IMAGE_SIZE,
-                PATCH_SIZE,
-                3,
-                *embed_dim,
-                *depth,
-                *num_heads,
-                cfg.prompt_embed_dim,
-                true,
-                true,
-                true,
-                *window_size,
-                global_attn_indexes,
+            } => ImageEncoder::Vit(Box::new(vit::ImageEncoderViT::new(
+                &vit::VitConfig {
+                    embed_dim: *embed_dim,
+                    depth: *depth,
+                    num_heads: *num_heads,
+                    global_attn_indexes: global_attn_indexes.clone(),
+                    window_size: *window_size,
+                    out_chans: cfg.prompt_embed_dim,
+                },
                 vb_e,
             )?)),
             EncoderConfig::TinyVit(c) => ImageEncoder::Tiny(Box::new(tiny_vit::TinyViT::new(
