@@ -138,12 +138,18 @@ pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
         };
         var.set(&value)?;
     }
+    // The model proper reads the seeded values as plain tensors, like a loaded checkpoint: what
+    // it derives at load time (BatchNorm folded into convolutions, cached positional encodings,
+    // transposed weights) must see them, and `Var`s would make every forward pass record its
+    // graph (all intermediates kept alive: vit_b's encoder grew to 8 GB that way).
+    let tensors: std::collections::HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
     drop(vars);
-    // the model proper reads the seeded values: what it derives at load time (BatchNorm folded
-    // into convolutions, cached positional encodings, transposed weights) must see them
     Ok(Sam::new(
         cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, device),
+        VarBuilder::from_tensors(tensors, DType::F32, device),
     )?)
 }
 

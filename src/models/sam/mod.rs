@@ -1,10 +1,11 @@
 //! Segment Anything (SAM, Kirillov et al. 2023) and MobileSAM in candle, loading the official
 //! checkpoints (`.pth` state dicts or `.safetensors`, keys exactly as Meta's / MobileSAM's).
 //!
-//! The ViT image encoder (ViT-B/L/H) is candle-transformers' `segment_anything` module; MobileSAM's
+//! The ViT image encoder (ViT-B/L/H, `vit.rs`: attention over blocks of query rows), MobileSAM's
 //! TinyViT, the prompt encoder (points, boxes, mask input) and the mask decoder are our own
-//! (candle's crash on boxes, use the tanh GELU where SAM uses the exact one, and have only the
-//! TinyViT-5M size).
+//! (candle-transformers' crash on boxes, use the tanh GELU where SAM uses the exact one, have only
+//! the TinyViT-5M size and hold whole 4096x4096 attention matrices); the decoder's two-way
+//! transformer is candle-transformers'.
 //! `tests/it/sam_parity.rs` checks all of it against the official PyTorch code.
 pub mod bench;
 pub mod cache;
