@@ -41,6 +41,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads(T); default: leave torch's default")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, input and target")
+    ap.add_argument("--infer", action="store_true",
+                    help="time inference instead (eval mode, no grad, mean of the four heads), "
+                         "as `medmine bench infer`")
     args = ap.parse_args()
     if args.size % 16 != 0:
         ap.error("--size must be divisible by 16")
@@ -69,7 +72,14 @@ def main() -> None:
     print(f"size {args.size} batch {args.batch} base {args.base} "
           f"params {count_parameters(model)} warmup {args.warmup} steps {args.steps}")
 
+    if args.infer:
+        model.eval()
+
     def step() -> float:
+        if args.infer:
+            with torch.inference_mode():
+                outs = model(x)
+                return torch.stack(outs).mean(0).sum().item()
         opt.zero_grad(set_to_none=True)
         outs = model(x)
         l = loss(outs, target)

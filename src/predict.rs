@@ -53,7 +53,7 @@ impl Predictor {
     ) -> Result<Self, CheckpointError> {
         let loaded = checkpoint::load_model(path, device)?;
         Ok(Self {
-            model: loaded.model,
+            model: loaded.frozen(device)?,
             meta: loaded.meta,
             mode,
             device: device.clone(),

@@ -178,6 +178,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         warmup: usize,
     },
+    /// U-Net++ inference (eval mode, mean of the heads) on random data; last line
+    /// `images_per_s <float>`.
+    Infer {
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        base: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
     /// SAM image encoder and per-prompt decoder timing; last line `encoder_ms <f> decoder_ms <f>`.
     /// Without --sam, seeded random weights of the variant (runs anywhere).
     Sam {
@@ -238,6 +252,26 @@ pub fn run() -> Result<()> {
             println!("bench train: size {size} batch {batch} base {base} steps {steps}");
             let ips =
                 crate::bench::bench_train(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
+            println!("images_per_s {ips:.4}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Infer {
+            size,
+            batch,
+            base,
+            steps,
+            warmup,
+        }) => {
+            let b = crate::bench::InferBench {
+                size,
+                batch,
+                base,
+                steps,
+                warmup,
+            };
+            println!("bench infer: size {size} batch {batch} base {base} steps {steps}");
+            let ips =
+                crate::bench::bench_infer(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
             println!("images_per_s {ips:.4}");
             Ok(())
         }

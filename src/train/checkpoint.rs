@@ -226,6 +226,24 @@ pub struct LoadedModel {
     pub meta: CheckpointMeta,
 }
 
+impl LoadedModel {
+    /// The same network over plain (detached) copies of the weights, for inference: a forward
+    /// pass through `Var`s records its autograd graph and keeps every intermediate alive until
+    /// the output is dropped.
+    pub fn frozen(&self, device: &Device) -> Result<UNetPlusPlus, CheckpointError> {
+        let data = self.map.data().lock().expect("varmap lock");
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = data
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        drop(data);
+        Ok(UNetPlusPlus::new(
+            &self.meta.model,
+            VarBuilder::from_tensors(tensors, DType::F32, device),
+        )?)
+    }
+}
+
 pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, CheckpointError> {
     let meta = load_meta(path)?;
     let map = VarMap::new();
@@ -233,4 +251,27 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, Checkpoin
     let model = UNetPlusPlus::new(&meta.model, vb)?;
     load_into(&map, path, meta.model.base)?;
     Ok(LoadedModel { model, map, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::unetpp::InferenceMode;
+
+    #[test]
+    fn frozen_model_gives_the_same_output_without_a_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let path = fresh_checkpoint(dir.path(), 2, 32, 0, &dev).unwrap();
+        let loaded = load_model(&path, &dev).unwrap();
+        let frozen = loaded.frozen(&dev).unwrap();
+        let x = candle_core::Tensor::rand(0f32, 1., (2, 3, 32, 32), &dev).unwrap();
+        let a = loaded.model.infer(&x, InferenceMode::Accurate).unwrap();
+        let b = frozen.infer(&x, InferenceMode::Accurate).unwrap();
+        // through Vars every op records its inputs; the frozen copy records nothing
+        assert!(a.track_op());
+        assert!(!b.track_op());
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        assert_eq!(d.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
 }
