@@ -5,7 +5,7 @@
 //! statistics. The running statistics are variables of the `VarMap` (names `running_mean`,
 //! `running_var` as in PyTorch state dicts), so they are saved with the weights; they never
 //! receive a gradient, so the optimiser leaves them alone.
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -53,6 +53,14 @@ impl BatchNorm2d {
     /// `[N, C, H, W] -> [N, C, H, W]`
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
+        if train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            // one op with a closed-form backward (candle's reductions over N, H, W are slow)
+            let (mean, var) = crate::ops::channel_stats(x)?; // [C]
+            self.update_running(&mean, &var, n * h * w)?;
+            let inv_std = (var + self.cfg.eps)?.sqrt()?.recip()?;
+            let params = Tensor::stack(&[&self.weight, &self.bias, &mean, &inv_std], 0)?;
+            return crate::ops::batch_norm_train(x, &params);
+        }
         let (mean, var) = if train {
             // batch statistics, [1, C, 1, 1]
             let mean = x.mean_keepdim((0, 2, 3))?;

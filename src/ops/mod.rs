@@ -15,12 +15,14 @@
 //! - `max_pool2d` backward scales the gradient of the maximum by 1/(k*k) (it multiplies by
 //!   the window's average of the max-mask instead of dividing), so it is 4x too small for 2x2.
 
+mod batch_norm;
 mod conv;
 mod depthwise;
 mod gelu;
 mod pool;
 mod upsample;
 
+pub use batch_norm::{batch_norm_train, channel_stats};
 pub use conv::conv2d;
 pub use depthwise::depthwise_conv2d;
 pub use gelu::gelu_erf;
