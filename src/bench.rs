@@ -78,13 +78,7 @@ pub fn bench_infer(
     let cfg = Config::with_base(b.base);
     let map = VarMap::new();
     UNetPlusPlus::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, device))?;
-    let tensors: std::collections::HashMap<String, Tensor> = map
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
+    let tensors = crate::models::plain_tensors(&map);
     let model = UNetPlusPlus::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
     let x = Tensor::rand(0f32, 1., (b.batch, 3, b.size, b.size), device)?;
     let mut timed = 0.;

@@ -138,13 +138,6 @@ fn backward<T: WithDType>(
     (dx, dp)
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => bail!("batch norm: contiguous inputs expected"),
-    }
-}
-
 impl CustomOp2 for BatchNormTrain {
     fn name(&self) -> &'static str {
         "medmine-batch-norm-train"
@@ -160,12 +153,22 @@ impl CustomOp2 for BatchNormTrain {
         let (_, c, h, w) = l1.shape().dims4()?;
         let out = match s1.dtype() {
             DType::F32 => {
-                let p = Params::read(slice::<f32>(s2, l2)?, c);
-                CpuStorage::F32(forward(slice::<f32>(s1, l1)?, &p, c, h * w))
+                let p = Params::read(super::cpu_slice::<f32>(s2, l2, "batch norm")?, c);
+                CpuStorage::F32(forward(
+                    super::cpu_slice::<f32>(s1, l1, "batch norm")?,
+                    &p,
+                    c,
+                    h * w,
+                ))
             }
             DType::F64 => {
-                let p = Params::read(slice::<f64>(s2, l2)?, c);
-                CpuStorage::F64(forward(slice::<f64>(s1, l1)?, &p, c, h * w))
+                let p = Params::read(super::cpu_slice::<f64>(s2, l2, "batch norm")?, c);
+                CpuStorage::F64(forward(
+                    super::cpu_slice::<f64>(s1, l1, "batch norm")?,
+                    &p,
+                    c,
+                    h * w,
+                ))
             }
             dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
         };

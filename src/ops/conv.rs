@@ -319,14 +319,6 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], grad: &[T]) -> Vec<T> {
     total
 }
 
-/// The contiguous slice a layout covers.
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => bail!("conv2d: operands must be contiguous"),
-    }
-}
-
 /// Forward op: `(x: [N, Cin, H, W], w: [Cout, Cin, K, K]) -> [N, Cout, Ho, Wo]`.
 struct Conv2d {
     padding: usize,
@@ -349,13 +341,13 @@ impl CustomOp2 for Conv2d {
         let out = match s1.dtype() {
             DType::F32 => f32::to_cpu_storage_owned(forward(
                 &g,
-                contiguous::<f32>(s1, l1)?,
-                contiguous::<f32>(s2, l2)?,
+                super::cpu_slice::<f32>(s1, l1, "conv2d")?,
+                super::cpu_slice::<f32>(s2, l2, "conv2d")?,
             )),
             DType::F64 => f64::to_cpu_storage_owned(forward(
                 &g,
-                contiguous::<f64>(s1, l1)?,
-                contiguous::<f64>(s2, l2)?,
+                super::cpu_slice::<f64>(s1, l1, "conv2d")?,
+                super::cpu_slice::<f64>(s2, l2, "conv2d")?,
             )),
             dt => bail!("conv2d: f32 or f64 expected, got {dt:?}"),
         };
@@ -429,13 +421,13 @@ impl CustomOp2 for WeightGrad {
         let out = match s1.dtype() {
             DType::F32 => f32::to_cpu_storage_owned(weight_grad(
                 &g,
-                contiguous::<f32>(s1, l1)?,
-                contiguous::<f32>(s2, l2)?,
+                super::cpu_slice::<f32>(s1, l1, "conv2d")?,
+                super::cpu_slice::<f32>(s2, l2, "conv2d")?,
             )),
             DType::F64 => f64::to_cpu_storage_owned(weight_grad(
                 &g,
-                contiguous::<f64>(s1, l1)?,
-                contiguous::<f64>(s2, l2)?,
+                super::cpu_slice::<f64>(s1, l1, "conv2d")?,
+                super::cpu_slice::<f64>(s2, l2, "conv2d")?,
             )),
             dt => bail!("conv2d weight grad: f32 or f64 expected, got {dt:?}"),
         };

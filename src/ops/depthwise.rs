@@ -5,7 +5,7 @@
 //! the op has no backward pass (SAM is never trained here); other devices use candle's grouped
 //! convolution.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `x: [N, C, H, W]`, `weight: [C, 1, K, K]`, `bias: [C]` -> `[N, C, Ho, Wo]` with
@@ -40,13 +40,6 @@ pub fn depthwise_conv2d(
 struct Depthwise {
     stride: usize,
     padding: usize,
-}
-
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => bail!("depthwise_conv2d: contiguous inputs expected"),
-    }
 }
 
 /// One output plane: `out = bias + sum_{ky,kx} w[ky, kx] * x[oy*s + ky - p, ox*s + kx - p]`.
@@ -114,9 +107,9 @@ impl CustomOp3 for Depthwise {
             bail!("depthwise_conv2d: input {h}x{w} smaller than the kernel {k}");
         }
         let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-        let x = contiguous::<f32>(s1, l1)?;
-        let weight = contiguous::<f32>(s2, l2)?;
-        let bias = contiguous::<f32>(s3, l3)?;
+        let x = super::cpu_slice::<f32>(s1, l1, "depthwise_conv2d")?;
+        let weight = super::cpu_slice::<f32>(s2, l2, "depthwise_conv2d")?;
+        let bias = super::cpu_slice::<f32>(s3, l3, "depthwise_conv2d")?;
         let mut out = vec![0f32; n * c * ho * wo];
         out.par_chunks_mut(ho * wo).enumerate().for_each(|(nc, o)| {
             let ch = nc % c;

@@ -31,3 +31,15 @@ pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
+
+/// The values of a contiguous CPU operand of a custom op (`op` names it in the error).
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}

@@ -231,12 +231,7 @@ impl LoadedModel {
     /// pass through `Var`s records its autograd graph and keeps every intermediate alive until
     /// the output is dropped.
     pub fn frozen(&self, device: &Device) -> Result<UNetPlusPlus, CheckpointError> {
-        let data = self.map.data().lock().expect("varmap lock");
-        let tensors: std::collections::HashMap<String, candle_core::Tensor> = data
-            .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect();
-        drop(data);
+        let tensors = crate::models::plain_tensors(&self.map);
         Ok(UNetPlusPlus::new(
             &self.meta.model,
             VarBuilder::from_tensors(tensors, DType::F32, device),

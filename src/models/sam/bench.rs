@@ -142,11 +142,8 @@ pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
     // it derives at load time (BatchNorm folded into convolutions, cached positional encodings,
     // transposed weights) must see them, and `Var`s would make every forward pass record its
     // graph (all intermediates kept alive: vit_b's encoder grew to 8 GB that way).
-    let tensors: std::collections::HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
     drop(vars);
+    let tensors = crate::models::plain_tensors(&varmap);
     Ok(Sam::new(
         cfg,
         VarBuilder::from_tensors(tensors, DType::F32, device),
