@@ -52,6 +52,15 @@ impl BatchNorm2d {
 
     /// `[N, C, H, W] -> [N, C, H, W]`
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, false)
+    }
+
+    /// `relu(forward_t(x))`, as one op in training on the CPU.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, true)
+    }
+
+    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             // one op with a closed-form backward (candle's reductions over N, H, W are slow)
@@ -59,7 +68,7 @@ impl BatchNorm2d {
             self.update_running(&mean, &var, n * h * w)?;
             let inv_std = (var + self.cfg.eps)?.sqrt()?.recip()?;
             let params = Tensor::stack(&[&self.weight, &self.bias, &mean, &inv_std], 0)?;
-            return crate::ops::batch_norm_train(x, &params);
+            return crate::ops::batch_norm_train(x, &params, relu);
         }
         let (mean, var) = if train {
             // batch statistics, [1, C, 1, 1]
@@ -83,7 +92,12 @@ impl BatchNorm2d {
         let inv_std = (var + self.cfg.eps)?.sqrt()?.recip()?;
         let scale = self.weight.reshape((1, c, 1, 1))?.mul(&inv_std)?;
         let shift = (self.bias.reshape((1, c, 1, 1))? - mean.mul(&scale)?)?;
-        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+        let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {

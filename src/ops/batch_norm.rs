@@ -51,13 +51,16 @@ fn stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec
 
 /// `y = (x - mean) * inv_std * weight + bias` with the batch statistics of `x`; `params` is
 /// `[4, C]`: weight, bias, mean, inv_std (the last two from [`channel_stats`], detached).
-/// Gradients flow to `x` (through the statistics too) and to the weight and bias rows.
-pub fn batch_norm_train(x: &Tensor, params: &Tensor) -> Result<Tensor> {
+/// Gradients flow to `x` (through the statistics too) and to the weight and bias rows. With
+/// `relu`, the op is `max(y, 0)` (one pass and one tensor fewer than a separate ReLU).
+pub fn batch_norm_train(x: &Tensor, params: &Tensor, relu: bool) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op2(&params.contiguous()?, BatchNormTrain)
+        .apply_op2(&params.contiguous()?, BatchNormTrain { relu })
 }
 
-struct BatchNormTrain;
+struct BatchNormTrain {
+    relu: bool,
+}
 
 /// Per-channel `(scale, shift)` of `y = x * scale + shift`, and the parameters.
 struct Params {
@@ -79,7 +82,7 @@ impl Params {
     }
 }
 
-fn forward<T: WithDType>(x: &[T], p: &Params, c: usize, hw: usize) -> Vec<T> {
+fn forward<T: WithDType>(x: &[T], p: &Params, c: usize, hw: usize, relu: bool) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
@@ -88,8 +91,9 @@ fn forward<T: WithDType>(x: &[T], p: &Params, c: usize, hw: usize) -> Vec<T> {
             let ch = i % c;
             let scale = p.weight[ch] * p.inv_std[ch];
             let shift = p.bias[ch] - p.mean[ch] * scale;
+            let floor = if relu { 0.0 } else { f64::NEG_INFINITY };
             for (o, v) in o.iter_mut().zip(x) {
-                *o = T::from_f64(v.to_f64() * scale + shift);
+                *o = T::from_f64((v.to_f64() * scale + shift).max(floor));
             }
         });
     out
@@ -151,25 +155,21 @@ impl CustomOp2 for BatchNormTrain {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l1.shape().dims4()?;
+        fn run<T: WithDType>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            (c, hw): (usize, usize),
+            relu: bool,
+        ) -> Result<Vec<T>> {
+            let p = Params::read(super::cpu_slice::<T>(s2, l2, "batch norm")?, c);
+            let x = super::cpu_slice::<T>(s1, l1, "batch norm")?;
+            Ok(forward(x, &p, c, hw, relu))
+        }
         let out = match s1.dtype() {
-            DType::F32 => {
-                let p = Params::read(super::cpu_slice::<f32>(s2, l2, "batch norm")?, c);
-                CpuStorage::F32(forward(
-                    super::cpu_slice::<f32>(s1, l1, "batch norm")?,
-                    &p,
-                    c,
-                    h * w,
-                ))
-            }
-            DType::F64 => {
-                let p = Params::read(super::cpu_slice::<f64>(s2, l2, "batch norm")?, c);
-                CpuStorage::F64(forward(
-                    super::cpu_slice::<f64>(s1, l1, "batch norm")?,
-                    &p,
-                    c,
-                    h * w,
-                ))
-            }
+            DType::F32 => CpuStorage::F32(run(s1, l1, s2, l2, (c, h * w), self.relu)?),
+            DType::F64 => CpuStorage::F64(run(s1, l1, s2, l2, (c, h * w), self.relu)?),
             dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
         };
         Ok((out, l1.shape().clone()))
@@ -179,35 +179,43 @@ impl CustomOp2 for BatchNormTrain {
         &self,
         x: &Tensor,
         params: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, c, h, w) = x.dims4()?;
-        let dims = (n, c, h * w);
+        let c = x.dim(1)?;
         let dev = x.device();
-        let (dx, dp) = match x.dtype() {
-            DType::F32 => {
-                let p = Params::read(&params.flatten_all()?.to_vec1::<f32>()?, c);
-                let (dx, dp) = backward(
-                    &x.flatten_all()?.to_vec1::<f32>()?,
-                    &grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-                    &p,
-                    dims,
-                );
-                (Tensor::from_vec(dx, (n, c, h, w), dev)?, dp)
+        let relu = self.relu;
+        let run = |dt: DType| -> Result<(Tensor, Vec<f64>)> {
+            fn typed<T: WithDType>(
+                x: &Tensor,
+                params: &Tensor,
+                res: &Tensor,
+                grad: &Tensor,
+                relu: bool,
+            ) -> Result<(Tensor, Vec<f64>)> {
+                let (n, c, h, w) = x.dims4()?;
+                let p = Params::read(&params.flatten_all()?.to_vec1::<T>()?, c);
+                let mut g = grad.contiguous()?.flatten_all()?.to_vec1::<T>()?;
+                if relu {
+                    // through the ReLU: the gradient where the output was positive
+                    let r = res.flatten_all()?.to_vec1::<T>()?;
+                    for (g, r) in g.iter_mut().zip(&r) {
+                        if r.to_f64() <= 0.0 {
+                            *g = T::zero();
+                        }
+                    }
+                }
+                let x_v = x.flatten_all()?.to_vec1::<T>()?;
+                let (dx, dp) = backward(&x_v, &g, &p, (n, c, h * w));
+                Ok((Tensor::from_vec(dx, (n, c, h, w), x.device())?, dp))
             }
-            DType::F64 => {
-                let p = Params::read(&params.flatten_all()?.to_vec1::<f64>()?, c);
-                let (dx, dp) = backward(
-                    &x.flatten_all()?.to_vec1::<f64>()?,
-                    &grad.contiguous()?.flatten_all()?.to_vec1::<f64>()?,
-                    &p,
-                    dims,
-                );
-                (Tensor::from_vec(dx, (n, c, h, w), dev)?, dp)
+            match dt {
+                DType::F32 => typed::<f32>(x, params, res, grad, relu),
+                DType::F64 => typed::<f64>(x, params, res, grad, relu),
+                dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
             }
-            dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
         };
+        let (dx, dp) = run(x.dtype())?;
         let dp = Tensor::from_vec(dp, (4, c), dev)?.to_dtype(params.dtype())?;
         Ok((Some(dx), Some(dp)))
     }
@@ -232,7 +240,17 @@ mod tests {
     fn ours(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         let (mean, var) = channel_stats(x)?;
         let inv_std = (var + eps)?.sqrt()?.recip()?;
-        batch_norm_train(x, &Tensor::stack(&[w, b, &mean, &inv_std], 0)?)
+        batch_norm_train(x, &Tensor::stack(&[w, b, &mean, &inv_std], 0)?, false)
+    }
+
+    fn ours_relu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let (mean, var) = channel_stats(x)?;
+        let inv_std = (var + eps)?.sqrt()?.recip()?;
+        batch_norm_train(x, &Tensor::stack(&[w, b, &mean, &inv_std], 0)?, true)
+    }
+
+    fn reference_relu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        reference(x, w, b, eps)?.relu()
     }
 
     #[test]
@@ -267,6 +285,14 @@ mod tests {
         close(&a.1, &e.1, "dx");
         close(&a.2, &e.2, "dweight");
         close(&a.3, &e.3, "dbias");
+        // fused with the ReLU
+        let a = run(&ours_relu)?;
+        let e = run(&reference_relu)?;
+        assert!(a.0.contains(&0.0) && a.0.iter().any(|&v| v > 0.0));
+        close(&a.0, &e.0, "relu y");
+        close(&a.1, &e.1, "relu dx");
+        close(&a.2, &e.2, "relu dweight");
+        close(&a.3, &e.3, "relu dbias");
         Ok(())
     }
 

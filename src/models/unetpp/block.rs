@@ -39,8 +39,8 @@ impl VggBlock {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         // our conv op: same weights as candle_nn's Conv2d, faster and gradient-checked
         let x = conv2d(x, self.conv1.weight(), 1)?; // [N, C_in, H, W] -> [N, C_mid, H, W]
-        let x = self.bn1.forward_t(&x, train)?.relu()?;
+        let x = self.bn1.forward_relu_t(&x, train)?;
         let x = conv2d(&x, self.conv2.weight(), 1)?; // -> [N, C_out, H, W]
-        self.bn2.forward_t(&x, train)?.relu()
+        self.bn2.forward_relu_t(&x, train)
     }
 }
