@@ -1,4 +1,6 @@
-use candle_core::{Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// Exact 2x nearest-neighbour upsampling whose gradient accumulates correctly.
 ///
@@ -20,8 +22,114 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 ///
 /// `[N, C, H, W] -> [N, C, 2H, 2W]`
 pub fn upsample_bilinear2x(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        // one pass per direction instead of a dozen candle ops (7% of a training step)
+        return x.contiguous()?.apply_op1(Bilinear2x { adjoint: false });
+    }
     let x = upsample_axis(x, 2)?; // [N, C, 2H, W]
     upsample_axis(&x, 3) // [N, C, 2H, 2W]
+}
+
+/// Along one axis of length `len`: output `o` reads `(i0, w0), (i1, w1)`.
+fn stencil(len: usize) -> Vec<[(usize, f64); 2]> {
+    (0..2 * len)
+        .map(|o| {
+            let i = o / 2;
+            if o % 2 == 0 {
+                [(i.saturating_sub(1), 0.25), (i, 0.75)]
+            } else {
+                [(i, 0.75), ((i + 1).min(len - 1), 0.25)]
+            }
+        })
+        .collect()
+}
+
+/// The CPU 2x bilinear upsampling (`adjoint: false`, `[.., H, W] -> [.., 2H, 2W]`) and its
+/// adjoint, the input gradient (`adjoint: true`, `[.., 2H, 2W] -> [.., H, W]`).
+struct Bilinear2x {
+    adjoint: bool,
+}
+
+fn bilinear_planes<T: WithDType>(src: &[T], (h, w): (usize, usize), adjoint: bool) -> Vec<T> {
+    // (h, w) is the small side; the big one is (2h, 2w)
+    let (sy, sx) = (stencil(h), stencil(w));
+    let (small, big) = (h * w, 4 * h * w);
+    let planes = src.len() / if adjoint { big } else { small };
+    let mut out = vec![T::zero(); planes * if adjoint { small } else { big }];
+    let (in_len, out_len) = if adjoint { (big, small) } else { (small, big) };
+    out.par_chunks_mut(out_len)
+        .zip(src.par_chunks(in_len))
+        .for_each(|(o, x)| {
+            if adjoint {
+                let mut acc = vec![0f64; small];
+                for (oy, ry) in sy.iter().enumerate() {
+                    for (ox, rx) in sx.iter().enumerate() {
+                        let g = x[oy * 2 * w + ox].to_f64();
+                        for &(iy, wy) in ry {
+                            for &(ix, wx) in rx {
+                                acc[iy * w + ix] += wy * wx * g;
+                            }
+                        }
+                    }
+                }
+                for (o, a) in o.iter_mut().zip(acc) {
+                    *o = T::from_f64(a);
+                }
+            } else {
+                for (oy, ry) in sy.iter().enumerate() {
+                    for (ox, rx) in sx.iter().enumerate() {
+                        let mut v = 0f64;
+                        for &(iy, wy) in ry {
+                            for &(ix, wx) in rx {
+                                v += wy * wx * x[iy * w + ix].to_f64();
+                            }
+                        }
+                        o[oy * 2 * w + ox] = T::from_f64(v);
+                    }
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp1 for Bilinear2x {
+    fn name(&self) -> &'static str {
+        "medmine-upsample-bilinear2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (small, shape) = if self.adjoint {
+            if h % 2 != 0 || w % 2 != 0 {
+                bail!("upsample_bilinear2x gradient: odd size {h}x{w}");
+            }
+            ((h / 2, w / 2), Shape::from((n, c, h / 2, w / 2)))
+        } else {
+            ((h, w), Shape::from((n, c, 2 * h, 2 * w)))
+        };
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(bilinear_planes(
+                super::cpu_slice::<f32>(s, l, "upsample_bilinear2x")?,
+                small,
+                self.adjoint,
+            )),
+            DType::F64 => CpuStorage::F64(bilinear_planes(
+                super::cpu_slice::<f64>(s, l, "upsample_bilinear2x")?,
+                small,
+                self.adjoint,
+            )),
+            dt => bail!("upsample_bilinear2x: f32 or f64 expected, got {dt:?}"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // the upsampling is linear: its gradient is the adjoint applied to the output gradient
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&Bilinear2x { adjoint: true })?,
+        ))
+    }
 }
 
 /// Doubles axis `dim` (2 or 3) of a 4-D tensor with the linear stencil above.
@@ -95,6 +203,18 @@ mod tests {
     #[test]
     fn bilinear_gradient_matches_finite_differences() -> Result<()> {
         check_op(&[2, 2, 3, 4], upsample_bilinear2x)
+    }
+
+    #[test]
+    fn cpu_op_matches_the_candle_formula() -> Result<()> {
+        for shape in [(2, 3, 5, 7), (1, 2, 1, 4), (1, 1, 3, 1)] {
+            let x = Tensor::randn(0f64, 1., shape, &Device::Cpu)?;
+            let ours = upsample_bilinear2x(&x)?;
+            let theirs = upsample_axis(&upsample_axis(&x, 2)?, 3)?;
+            let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d < 1e-12, "{shape:?}: {d}");
+        }
+        Ok(())
     }
 
     #[test]
