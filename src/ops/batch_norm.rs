@@ -9,22 +9,43 @@
 //! includes the dependence of the batch statistics on `x`. CPU only; other devices use the
 //! candle-op formula in `models::batch_norm`.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType,
+};
 use rayon::prelude::*;
 
-/// Per-channel batch mean and biased variance of a contiguous `[N, C, H, W]` tensor, as
-/// `[C]` tensors (no gradient: the op below differentiates through them itself).
+/// Per-channel batch mean and biased variance of a `[N, C, H, W]` tensor, as `[C]` tensors
+/// (no gradient: [`batch_norm_train`] differentiates through them itself). Read in place.
 pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (n, c, h, w) = x.dims4()?;
-    let x = x.detach().contiguous()?;
-    let (mean, var) = match x.dtype() {
-        DType::F32 => stats(&x.flatten_all()?.to_vec1::<f32>()?, n, c, h * w),
-        DType::F64 => stats(&x.flatten_all()?.to_vec1::<f64>()?, n, c, h * w),
-        dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
-    };
-    let dev = x.device();
-    let to = |v: Vec<f64>| Tensor::from_vec(v, c, dev)?.to_dtype(x.dtype());
-    Ok((to(mean)?, to(var)?))
+    let s = x.detach().contiguous()?.apply_op1_no_bwd(&ChannelStats)?; // [2, C]
+    Ok((s.get(0)?, s.get(1)?))
+}
+
+struct ChannelStats;
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "medmine-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        fn run<T: WithDType>(
+            s: &CpuStorage,
+            l: &Layout,
+            (n, c, hw): (usize, usize, usize),
+        ) -> Result<Vec<T>> {
+            let (mean, var) = stats(super::cpu_slice::<T>(s, l, "batch norm")?, n, c, hw);
+            Ok(mean.into_iter().chain(var).map(T::from_f64).collect())
+        }
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(run(s, l, (n, c, h * w))?),
+            DType::F64 => CpuStorage::F64(run(s, l, (n, c, h * w))?),
+            dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
+        };
+        Ok((out, Shape::from((2, c))))
+    }
 }
 
 /// Channel `ch`'s rows: `n` slices of `hw` values.
@@ -99,30 +120,52 @@ fn forward<T: WithDType>(x: &[T], p: &Params, c: usize, hw: usize, relu: bool) -
     out
 }
 
-/// `(dx, [dweight, dbias, 0, 0])`.
-fn backward<T: WithDType>(
+/// The output gradient as seen before the ReLU: zero where the forward pass wrote 0 (the
+/// output is recomputed from `x` and the parameters exactly as the forward pass computed it).
+fn masked<T: WithDType>(g: T, x: T, scale: f64, shift: f64, relu: bool) -> f64 {
+    if relu && T::from_f64(x.to_f64() * scale + shift).to_f64() <= 0.0 {
+        0.0
+    } else {
+        g.to_f64()
+    }
+}
+
+/// Per channel `(sum g x_hat, sum g)`: the weight and bias gradients.
+fn grad_sums<T: WithDType>(
     x: &[T],
     g: &[T],
     p: &Params,
     (n, c, hw): (usize, usize, usize),
-) -> (Vec<T>, Vec<f64>) {
-    let m = (n * hw) as f64;
-    // per channel: sum g, sum g * x_hat
-    let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
+    relu: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    (0..c)
         .into_par_iter()
         .map(|ch| {
             let (mean, is) = (p.mean[ch], p.inv_std[ch]);
-            rows(x, n, c, hw, ch).zip(rows(g, n, c, hw, ch)).fold(
-                (0f64, 0f64),
-                |(sg, sgx), (xr, gr)| {
-                    xr.iter().zip(gr).fold((sg, sgx), |(sg, sgx), (xv, gv)| {
-                        let gv = gv.to_f64();
-                        (sg + gv, sgx + gv * (xv.to_f64() - mean) * is)
+            let scale = p.weight[ch] * is;
+            let shift = p.bias[ch] - mean * scale;
+            rows(x, n, c, hw, ch)
+                .zip(rows(g, n, c, hw, ch))
+                .fold((0f64, 0f64), |acc, (xr, gr)| {
+                    xr.iter().zip(gr).fold(acc, |(sgx, sg), (&xv, &gv)| {
+                        let gv = masked(gv, xv, scale, shift, relu);
+                        (sgx + gv * (xv.to_f64() - mean) * is, sg + gv)
                     })
-                },
-            )
+                })
         })
-        .unzip();
+        .unzip()
+}
+
+/// `dx = w / (M sigma) * (M g - sum g - x_hat * sum(g x_hat))`.
+fn grad_input<T: WithDType>(
+    x: &[T],
+    g: &[T],
+    p: &Params,
+    (dw, db): (&[f64], &[f64]),
+    (n, c, hw): (usize, usize, usize),
+    relu: bool,
+) -> Vec<T> {
+    let m = (n * hw) as f64;
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(hw)
         .zip(x.par_chunks(hw).zip(g.par_chunks(hw)))
@@ -130,16 +173,84 @@ fn backward<T: WithDType>(
         .for_each(|(i, (d, (xr, gr)))| {
             let ch = i % c;
             let (mean, is) = (p.mean[ch], p.inv_std[ch]);
-            let k = p.weight[ch] * is / m;
-            for (d, (xv, gv)) in d.iter_mut().zip(xr.iter().zip(gr)) {
+            let scale = p.weight[ch] * is;
+            let shift = p.bias[ch] - mean * scale;
+            let k = scale / m;
+            for (d, (&xv, &gv)) in d.iter_mut().zip(xr.iter().zip(gr)) {
+                let gv = masked(gv, xv, scale, shift, relu);
                 let x_hat = (xv.to_f64() - mean) * is;
-                *d = T::from_f64(k * (m * gv.to_f64() - db[ch] - x_hat * dw[ch]));
+                *d = T::from_f64(k * (m * gv - db[ch] - x_hat * dw[ch]));
             }
         });
-    let mut dp = dw;
-    dp.extend(db);
-    dp.extend(std::iter::repeat_n(0.0, 2 * c));
-    (dx, dp)
+    dx
+}
+
+/// The backward pass, reading `x` and the output gradient in place: `(x, grad, params)` ->
+/// `[2, C]` weight and bias gradients (`sums`), or, given `params` with those two rows
+/// appended (`[6, C]`), the input gradient.
+struct Backward {
+    relu: bool,
+    sums: bool,
+}
+
+impl CustomOp3 for Backward {
+    fn name(&self) -> &'static str {
+        "medmine-batch-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let dims = (n, c, h * w);
+        let (relu, sums) = (self.relu, self.sums);
+        fn run<T: WithDType>(
+            (s1, l1, s2, l2, s3, l3): (
+                &CpuStorage,
+                &Layout,
+                &CpuStorage,
+                &Layout,
+                &CpuStorage,
+                &Layout,
+            ),
+            dims: (usize, usize, usize),
+            relu: bool,
+            sums: bool,
+        ) -> Result<Vec<T>> {
+            let c = dims.1;
+            let x = super::cpu_slice::<T>(s1, l1, "batch norm")?;
+            let g = super::cpu_slice::<T>(s2, l2, "batch norm")?;
+            let raw = super::cpu_slice::<T>(s3, l3, "batch norm")?;
+            let p = Params::read(raw, c);
+            if sums {
+                let (dw, db) = grad_sums(x, g, &p, dims, relu);
+                return Ok(dw.into_iter().chain(db).map(T::from_f64).collect());
+            }
+            let row = |r: usize| -> Vec<f64> {
+                raw[r * c..(r + 1) * c].iter().map(|v| v.to_f64()).collect()
+            };
+            let (dw, db) = (row(4), row(5));
+            Ok(grad_input(x, g, &p, (&dw, &db), dims, relu))
+        }
+        let args = (s1, l1, s2, l2, s3, l3);
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(run(args, dims, relu, sums)?),
+            DType::F64 => CpuStorage::F64(run(args, dims, relu, sums)?),
+            dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
+        };
+        let shape = if sums {
+            Shape::from((2, c))
+        } else {
+            l1.shape().clone()
+        };
+        Ok((out, shape))
+    }
 }
 
 impl CustomOp2 for BatchNormTrain {
@@ -179,44 +290,16 @@ impl CustomOp2 for BatchNormTrain {
         &self,
         x: &Tensor,
         params: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = x.dim(1)?;
-        let dev = x.device();
         let relu = self.relu;
-        let run = |dt: DType| -> Result<(Tensor, Vec<f64>)> {
-            fn typed<T: WithDType>(
-                x: &Tensor,
-                params: &Tensor,
-                res: &Tensor,
-                grad: &Tensor,
-                relu: bool,
-            ) -> Result<(Tensor, Vec<f64>)> {
-                let (n, c, h, w) = x.dims4()?;
-                let p = Params::read(&params.flatten_all()?.to_vec1::<T>()?, c);
-                let mut g = grad.contiguous()?.flatten_all()?.to_vec1::<T>()?;
-                if relu {
-                    // through the ReLU: the gradient where the output was positive
-                    let r = res.flatten_all()?.to_vec1::<T>()?;
-                    for (g, r) in g.iter_mut().zip(&r) {
-                        if r.to_f64() <= 0.0 {
-                            *g = T::zero();
-                        }
-                    }
-                }
-                let x_v = x.flatten_all()?.to_vec1::<T>()?;
-                let (dx, dp) = backward(&x_v, &g, &p, (n, c, h * w));
-                Ok((Tensor::from_vec(dx, (n, c, h, w), x.device())?, dp))
-            }
-            match dt {
-                DType::F32 => typed::<f32>(x, params, res, grad, relu),
-                DType::F64 => typed::<f64>(x, params, res, grad, relu),
-                dt => bail!("batch norm: f32 or f64 expected, got {dt:?}"),
-            }
-        };
-        let (dx, dp) = run(x.dtype())?;
-        let dp = Tensor::from_vec(dp, (4, c), dev)?.to_dtype(params.dtype())?;
+        let grad = grad.contiguous()?;
+        let sums = x.apply_op3_no_bwd(&grad, params, &Backward { relu, sums: true })?; // [2, C]
+        let with_sums = Tensor::cat(&[params, &sums], 0)?; // [6, C]
+        let dx = x.apply_op3_no_bwd(&grad, &with_sums, &Backward { relu, sums: false })?;
+        // [dweight, dbias, 0, 0]: mean and inv_std are inputs the op differentiates through
+        let dp = Tensor::cat(&[&sums, &sums.zeros_like()?], 0)?;
         Ok((Some(dx), Some(dp)))
     }
 }
