@@ -6,8 +6,9 @@
 //! U-Net++ training step (perf, 128/8/32). Here the per-channel sums run in parallel over
 //! channels on contiguous rows, and the gradient is the closed form
 //! `dx = w / (M sigma) * (M g - sum g - x_hat * sum(g x_hat))` (M = N H W, biased variance), which
-//! includes the dependence of the batch statistics on `x`. CPU only; other devices use the
-//! candle-op formula in `models::batch_norm`.
+//! includes the dependence of the batch statistics on `x`. Statistics and gradients read the
+//! tensors in place (custom ops), never copying activations to host vectors. CPU only; other
+//! devices use the candle-op formula in `models::batch_norm`.
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
