@@ -1,9 +1,10 @@
-//! SAM's mask decoder, keys as the official `mask_decoder.*`. The two-way transformer is
-//! candle-transformers'; the rest is ours because candle's decoder fixes the transformer's
-//! sizes and uses the tanh GELU in the output upscaling (the official code: exact GELU).
+//! SAM's mask decoder, keys as the official `mask_decoder.*` (candle-transformers' fixes the
+//! transformer's sizes and uses the tanh GELU in the output upscaling where the official code
+//! uses the exact one). Channels last from the image embedding to the masks.
 use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
-use candle_transformers::models::segment_anything::transformer::TwoWayTransformer;
+
+use super::two_way::TwoWayTransformer;
 
 use super::Config;
 
@@ -95,7 +96,8 @@ impl MaskDecoder {
         })
     }
 
-    /// image embedding `[1, C, 64, 64]`, image_pe `[1, C, 64, 64]`, sparse prompts `[B, N, C]`,
+    /// image embedding `[1, C, 64, 64]`, image_pe channels last `[1, 64 * 64, C]`
+    /// ([`super::PromptEncoder::dense_pe_rows`]), sparse prompts `[B, N, C]`,
     /// dense prompts `[B, C, 64, 64]` -> (low-res logits `[B, M, 256, 256]`, IoU `[B, M]`)
     /// with M = 3 (`multimask`) or 1.
     pub fn forward(
@@ -128,13 +130,12 @@ impl MaskDecoder {
         let output_tokens = output_tokens.unsqueeze(0)?.broadcast_as((bs, t, c))?;
         let tokens = Tensor::cat(&[&output_tokens, sparse], 1)?; // [B, 5 + N, C]
 
-        // one copy of the image per prompt (repeat_interleave over a batch of one image)
+        // the image tokens channels last, plus the dense prompt: [B, HW, C]
         let (_, _, h, w) = image_embeddings.dims4()?;
-        let src = image_embeddings
-            .broadcast_as((bs, c, h, w))?
-            .broadcast_add(dense)?; // [B, C, H, W]
-        let pos_src = image_pe.broadcast_as((bs, c, h, w))?.contiguous()?;
-        let (hs, src) = self.transformer.forward(&src, &pos_src, &tokens)?; // [B, T, C], [B, HW, C]
+        let image = image_embeddings.flatten_from(2)?.transpose(1, 2)?; // [1, HW, C]
+        let dense = dense.flatten_from(2)?.transpose(1, 2)?; // [B, HW, C]
+        let src = image.broadcast_add(&dense)?.contiguous()?;
+        let (hs, src) = self.transformer.forward(&src, image_pe, &tokens)?; // [B, T, C], [B, HW, C]
         let iou_token_out = hs.i((.., 0))?; // [B, C]
         let mask_tokens_out = hs.i((.., 1..1 + self.num_mask_tokens))?; // [B, 4, C]
 

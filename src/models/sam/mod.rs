@@ -4,8 +4,8 @@
 //! The ViT image encoder (ViT-B/L/H, `vit.rs`: attention over blocks of query rows), MobileSAM's
 //! TinyViT, the prompt encoder (points, boxes, mask input) and the mask decoder are our own
 //! (candle-transformers' crash on boxes, use the tanh GELU where SAM uses the exact one, have only
-//! the TinyViT-5M size and hold whole 4096x4096 attention matrices); the decoder's two-way
-//! transformer is candle-transformers'.
+//! the TinyViT-5M size and hold whole 4096x4096 attention matrices), and so is the decoder's
+//! two-way transformer (`two_way.rs`: reassociated for a few prompt tokens).
 //! `tests/it/sam_parity.rs` checks all of it against the official PyTorch code.
 pub mod bench;
 pub mod cache;
@@ -16,6 +16,7 @@ pub mod preprocess;
 pub mod prompt_encoder;
 pub mod segment;
 pub mod tiny_vit;
+pub mod two_way;
 pub mod vit;
 
 use std::path::PathBuf;

@@ -212,7 +212,7 @@ impl SamPredictor {
         }
         let (low, iou) = self.sam.mask_decoder.forward(
             &emb.features,
-            pe.dense_pe(),
+            pe.dense_pe_rows(),
             &sparse,
             &dense,
             multimask,

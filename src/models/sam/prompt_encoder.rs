@@ -23,6 +23,8 @@ pub struct PromptEncoder {
     mask_conv3: Conv2d,
     /// `dense_pe` of the embedding grid, computed once at load: `[1, C, 64, 64]` contiguous.
     dense_pe: Tensor,
+    /// The same channels last, as the decoder's transformer reads it: `[1, 64 * 64, C]`.
+    dense_pe_rows: Tensor,
 }
 
 impl PromptEncoder {
@@ -41,9 +43,11 @@ impl PromptEncoder {
         };
         let quarter = mask_in_chans / 4;
         let dense_pe = dense_pe_of(&pe_gaussian)?;
+        let dense_pe_rows = dense_pe.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         Ok(Self {
             embed_dim,
             dense_pe,
+            dense_pe_rows,
             pe_gaussian,
             point_embeddings,
             not_a_point_embed: vb.get((1, embed_dim), "not_a_point_embed.weight")?,
@@ -75,6 +79,11 @@ impl PromptEncoder {
     /// every prompt).
     pub fn dense_pe(&self) -> &Tensor {
         &self.dense_pe
+    }
+
+    /// [`Self::dense_pe`] channels last: `[1, 64 * 64, C]` (cached).
+    pub fn dense_pe_rows(&self) -> &Tensor {
+        &self.dense_pe_rows
     }
 
     /// `[B, N, 2]` pixel coordinates in the input square -> `[B, N, C]` position encodings.
