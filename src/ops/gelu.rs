@@ -21,7 +21,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 struct GeluErf;
 
-fn gelu(v: f32) -> f32 {
+pub(crate) fn gelu(v: f32) -> f32 {
     (libm::erff(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
 }
 

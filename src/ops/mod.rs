@@ -18,7 +18,7 @@
 mod batch_norm;
 mod conv;
 mod depthwise;
-mod gelu;
+pub(crate) mod gelu;
 mod pool;
 mod upsample;
 

@@ -17,6 +17,7 @@ pub mod prompt_encoder;
 pub mod segment;
 pub mod tiny_vit;
 pub mod two_way;
+mod upscaling;
 pub mod vit;
 
 use std::path::PathBuf;
