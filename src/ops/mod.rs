@@ -19,6 +19,7 @@ mod batch_norm;
 mod conv;
 mod depthwise;
 pub(crate) mod gelu;
+mod layer_norm;
 mod pool;
 mod upsample;
 
@@ -26,6 +27,7 @@ pub use batch_norm::{batch_norm_train, channel_stats};
 pub use conv::conv2d;
 pub use depthwise::depthwise_conv2d;
 pub use gelu::gelu_erf;
+pub use layer_norm::add_layer_norm;
 pub use pool::max_pool2x2;
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 

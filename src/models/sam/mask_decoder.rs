@@ -2,8 +2,9 @@
 //! transformer's sizes and uses the tanh GELU in the output upscaling where the official code
 //! uses the exact one). Channels last from the image embedding to the masks.
 use candle_core::{IndexOp, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
+use super::linear::TokenLinear as Linear;
 use super::two_way::TwoWayTransformer;
 use super::upscaling::Upscaling;
 
@@ -20,7 +21,7 @@ impl Mlp {
         let layers = dims
             .windows(2)
             .enumerate()
-            .map(|(i, d)| candle_nn::linear(d[0], d[1], vb.pp(format!("layers.{i}"))))
+            .map(|(i, d)| Linear::new(d[0], d[1], vb.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
     }

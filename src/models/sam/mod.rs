@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cache;
 pub mod checkpoint;
+mod linear;
 pub mod mask_decoder;
 pub mod predictor;
 pub mod preprocess;

@@ -15,7 +15,9 @@
 //! Heads are the batch dimension of the small products (`[H, B T, d]`). `tests/it/sam_parity.rs`
 //! checks the decoder against the official PyTorch outputs.
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use super::linear::TokenLinear as Linear;
 
 /// The official `Attention` (`q_proj`, `k_proj`, `v_proj`, `out_proj`; the internal width is
 /// `C / downsample_rate`), with per-head views of its weights derived at load.
@@ -43,16 +45,13 @@ impl Attention {
     fn new(dim: usize, num_heads: usize, downsample_rate: usize, vb: VarBuilder) -> Result<Self> {
         let internal = dim / downsample_rate;
         let d = internal / num_heads;
-        let lin = |name: &str, i: usize, o: usize| candle_nn::linear(i, o, vb.pp(name));
+        let lin = |name: &str, i: usize, o: usize| Linear::new(i, o, vb.pp(name));
         let q_proj = lin("q_proj", dim, internal)?;
         let k_proj = lin("k_proj", dim, internal)?;
         let v_proj = lin("v_proj", dim, internal)?;
         let out_proj = lin("out_proj", internal, dim)?;
         let heads = |w: &Tensor| w.reshape((num_heads, d, dim))?.contiguous(); // [D, C] -> [H, d, C]
-        let bias = |l: &Linear| match l.bias() {
-            Some(b) => b.reshape((num_heads, d, 1)),
-            None => Tensor::zeros((num_heads, d, 1), l.weight().dtype(), l.weight().device()),
-        };
+        let bias = |l: &Linear| l.bias().reshape((num_heads, d, 1));
         Ok(Self {
             wq_heads: heads(q_proj.weight())?,
             wk_heads: heads(k_proj.weight())?,
@@ -133,15 +132,13 @@ impl Attention {
         let out = avg.matmul(&self.wv_heads_t)?; // [H, BT, d]
         let d = out.dim(2)?;
         let out = out.transpose(0, 1)?.contiguous()?.reshape((b, t, h * d))?; // [B, T, D]
-        let out = match self.v_proj.bias() {
-            Some(bv) => out.broadcast_add(bv)?, // the weights sum to one
-            None => out,
-        };
+        let out = out.broadcast_add(self.v_proj.bias())?; // the weights sum to one
         self.out_proj.forward(&out)
     }
 
     /// The image attends to the tokens: image queries with PE `x_pe` `[B, N, C]`, token keys
-    /// `k` (with their PE) and values `v` `[B, T, C]` -> `[B, N, C]`.
+    /// `k` (with their PE) and values `v` `[B, T, C]` -> `[B, N, C]`, without `out_proj.bias`
+    /// (the caller adds it with the residual).
     fn image_to_tokens(&self, x_pe: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, t, _) = k.dims3()?;
         let (_, n, _) = x_pe.dims3()?;
@@ -159,11 +156,7 @@ impl Attention {
         let p = p.reshape((b, n, h * t))?;
         // the output projection of each head's values: v_h Wo_h^T
         let u = self.heads_to_batch(&vh.matmul(&self.wo_heads_t)?, b)?; // [B, HT, C]
-        let out = p.matmul(&u)?; // [B, N, C]
-        match self.out_proj.bias() {
-            Some(bo) => out.broadcast_add(bo),
-            None => Ok(out),
-        }
+        p.matmul(&u) // [B, N, C]
     }
 }
 
@@ -177,8 +170,8 @@ struct MlpBlock {
 impl MlpBlock {
     fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            lin1: candle_nn::linear(dim, hidden, vb.pp("lin1"))?,
-            lin2: candle_nn::linear(hidden, dim, vb.pp("lin2"))?,
+            lin1: Linear::new(dim, hidden, vb.pp("lin1"))?,
+            lin2: Linear::new(hidden, dim, vb.pp("lin2"))?,
         })
     }
 }
@@ -198,7 +191,8 @@ struct TwoWayAttentionBlock {
     norm2: LayerNorm,
     mlp: MlpBlock,
     norm3: LayerNorm,
-    norm4: LayerNorm,
+    /// `norm4.{weight, bias}`: applied with the residual by [`crate::ops::add_layer_norm`].
+    norm4: (Tensor, Tensor),
     cross_attn_image_to_token: Attention,
     skip_first_layer_pe: bool,
 }
@@ -224,7 +218,10 @@ impl TwoWayAttentionBlock {
             norm2: norm("norm2")?,
             mlp: MlpBlock::new(dim, mlp_dim, vb.pp("mlp"))?,
             norm3: norm("norm3")?,
-            norm4: norm("norm4")?,
+            norm4: (
+                vb.pp("norm4").get(dim, "weight")?,
+                vb.pp("norm4").get(dim, "bias")?,
+            ),
             cross_attn_image_to_token: Attention::new(
                 dim,
                 num_heads,
@@ -267,7 +264,14 @@ impl TwoWayAttentionBlock {
         let attn = self
             .cross_attn_image_to_token
             .image_to_tokens(&keys_pe, &q, &queries)?;
-        let keys = self.norm4.forward(&(keys + attn)?)?;
+        let keys = crate::ops::add_layer_norm(
+            keys,
+            &attn,
+            self.cross_attn_image_to_token.out_proj.bias(),
+            &self.norm4.0,
+            &self.norm4.1,
+            1e-5,
+        )?;
         Ok((queries, keys))
     }
 }
@@ -413,7 +417,11 @@ mod tests {
         assert_eq!(got.dims(), &[b, t, 32]);
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
 
-        let got = att.image_to_tokens(&x_pe, &tok_pe, &tok).unwrap();
+        let got = att
+            .image_to_tokens(&x_pe, &tok_pe, &tok)
+            .unwrap()
+            .broadcast_add(att.out_proj.bias())
+            .unwrap();
         let want = reference(&att, &x_pe, &tok_pe, &tok).unwrap();
         assert_eq!(got.dims(), &[b, n, 32]);
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
