@@ -46,21 +46,21 @@ const TILE_BYTES: usize = 256 * 1024;
 
 /// Shapes of one convolution; `new` validates them.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    n: usize,
+pub(super) struct Geom {
+    pub(super) n: usize,
     cin: usize,
     h: usize,
     w: usize,
-    cout: usize,
+    pub(super) cout: usize,
     k: usize,
     pad: usize,
-    ho: usize,
-    wo: usize,
+    pub(super) ho: usize,
+    pub(super) wo: usize,
 }
 
 impl Geom {
     /// `x: [N, Cin, H, W]`, `w: [Cout, Cin, K, K]`.
-    fn new(x: &[usize], w: &[usize], pad: usize) -> Result<Self> {
+    pub(super) fn new(x: &[usize], w: &[usize], pad: usize) -> Result<Self> {
         let (&[n, cin, h, wd], &[cout, wcin, k, k2]) = (x, w) else {
             bail!("conv2d: expected [N, Cin, H, W] and [Cout, Cin, K, K], got {x:?} and {w:?}")
         };
@@ -108,7 +108,7 @@ impl Geom {
 }
 
 /// f32/f64 with a per-thread scratch buffer for im2col tiles.
-trait Elem: WithDType {
+pub(super) trait Elem: WithDType {
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
 }
 
@@ -221,7 +221,7 @@ fn plan<T>(g: &Geom) -> (usize, usize, Parallelism) {
 }
 
 /// Forward pass: `x: [N, Cin, H, W]`, `w: [Cout, Cin*K*K]` -> `[N, Cout, Ho, Wo]`.
-fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+pub(super) fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (img_len, out_len) = (g.cin * g.h * g.w, g.cout * g.ho * g.wo);
     let mut out = vec![T::from_f64(0.); g.n * out_len];
     let (items, rows, par) = plan::<T>(g);
@@ -366,19 +366,7 @@ impl CustomOp2 for Conv2d {
         let grad = grad.contiguous()?;
         // a leaf constant (the network input) needs no gradient
         let grad_x = if x.track_op() {
-            // [Cout, Cin, K, K] -> flipped, [Cin, Cout, K, K]
-            let wt = w.detach().flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-            let (g_in, pad) = if p < k {
-                (grad.clone(), k - 1 - p)
-            } else {
-                // padding beyond K-1: the outer rings of the output saw only zeros
-                let c = p + 1 - k;
-                let (_, _, ho, wo) = grad.dims4()?;
-                let g_in = grad.narrow(2, c, ho - 2 * c)?.narrow(3, c, wo - 2 * c)?;
-                (g_in.contiguous()?, 0)
-            };
-            // [N, Cout, Ho, Wo] -> [N, Cin, H, W]
-            Some(g_in.apply_op2_no_bwd(&wt, &Conv2d { padding: pad })?)
+            Some(input_grad(&grad, w, self.padding)?)
         } else {
             None
         };
@@ -391,10 +379,29 @@ impl CustomOp2 for Conv2d {
     }
 }
 
+/// The input gradient of a stride-1 convolution, itself a convolution with the flipped kernel:
+/// `grad: [N, Cout, Ho, Wo]` (contiguous), `w: [Cout, Cin, K, K]` -> `[N, Cin, H, W]`.
+pub(super) fn input_grad(grad: &Tensor, w: &Tensor, p: usize) -> Result<Tensor> {
+    let (_, _, k, _) = w.dims4()?;
+    // [Cout, Cin, K, K] -> flipped, [Cin, Cout, K, K]
+    let wt = w.detach().flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    let (g_in, pad) = if p < k {
+        (grad.clone(), k - 1 - p)
+    } else {
+        // padding beyond K-1: the outer rings of the output saw only zeros
+        let c = p + 1 - k;
+        let (_, _, ho, wo) = grad.dims4()?;
+        let g_in = grad.narrow(2, c, ho - 2 * c)?.narrow(3, c, wo - 2 * c)?;
+        (g_in.contiguous()?, 0)
+    };
+    // [N, Cout, Ho, Wo] -> [N, Cin, H, W]
+    g_in.apply_op2_no_bwd(&wt, &Conv2d { padding: pad })
+}
+
 /// Weight-gradient op: `(x: [N, Cin, H, W], grad: [N, Cout, Ho, Wo]) -> [Cout, Cin, K, K]`.
-struct WeightGrad {
-    k: usize,
-    padding: usize,
+pub(super) struct WeightGrad {
+    pub(super) k: usize,
+    pub(super) padding: usize,
 }
 
 impl CustomOp2 for WeightGrad {

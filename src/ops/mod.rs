@@ -17,6 +17,7 @@
 
 mod batch_norm;
 mod conv;
+mod conv_cat_up;
 mod depthwise;
 pub(crate) mod gelu;
 mod layer_norm;
@@ -25,6 +26,7 @@ mod upsample;
 
 pub use batch_norm::{batch_norm_train, channel_stats};
 pub use conv::conv2d;
+pub use conv_cat_up::conv2d_cat_up;
 pub use depthwise::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::add_layer_norm;

@@ -46,11 +46,15 @@ fn stencil(len: usize) -> Vec<[(usize, f64); 2]> {
 
 /// The CPU 2x bilinear upsampling (`adjoint: false`, `[.., H, W] -> [.., 2H, 2W]`) and its
 /// adjoint, the input gradient (`adjoint: true`, `[.., 2H, 2W] -> [.., H, W]`).
-struct Bilinear2x {
-    adjoint: bool,
+pub(super) struct Bilinear2x {
+    pub(super) adjoint: bool,
 }
 
-fn bilinear_planes<T: WithDType>(src: &[T], (h, w): (usize, usize), adjoint: bool) -> Vec<T> {
+pub(super) fn bilinear_planes<T: WithDType>(
+    src: &[T],
+    (h, w): (usize, usize),
+    adjoint: bool,
+) -> Vec<T> {
     // (h, w) is the small side; the big one is (2h, 2w)
     let (sy, sx) = (stencil(h), stencil(w));
     let (small, big) = (h * w, 4 * h * w);

@@ -3,7 +3,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::models::batch_norm::{BatchNorm2d, BatchNormConfig};
-use crate::ops::conv2d;
+use crate::ops::{conv2d, conv2d_cat_up};
 
 #[derive(Debug, Clone)]
 pub struct VggBlock {
@@ -39,7 +39,20 @@ impl VggBlock {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         // our conv op: same weights as candle_nn's Conv2d, faster and gradient-checked
         let x = conv2d(x, self.conv1.weight(), 1)?; // [N, C_in, H, W] -> [N, C_mid, H, W]
-        let x = self.bn1.forward_relu_t(&x, train)?;
+        self.rest_t(&x, train)
+    }
+
+    /// The block on `cat([skip, up(low)], 1)` (a decoder node: skip connections and the 2x
+    /// bilinear upsampling of the node below) without materialising the concatenation:
+    /// `skip [N, Cs, H, W]`, `low [N, Cu, H/2, W/2]` -> `[N, C_out, H, W]`.
+    pub fn forward_cat_up_t(&self, skip: &Tensor, low: &Tensor, train: bool) -> Result<Tensor> {
+        let x = conv2d_cat_up(skip, low, self.conv1.weight(), 1)?; // -> [N, C_mid, H, W]
+        self.rest_t(&x, train)
+    }
+
+    /// BN-ReLU, conv2, BN-ReLU after the first convolution.
+    fn rest_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.bn1.forward_relu_t(x, train)?;
         let x = conv2d(&x, self.conv2.weight(), 1)?; // -> [N, C_out, H, W]
         self.bn2.forward_relu_t(&x, train)
     }

@@ -16,7 +16,7 @@ use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::models::batch_norm::BatchNormConfig;
-use crate::ops::{max_pool2x2, upsample_bilinear2x};
+use crate::ops::max_pool2x2;
 
 /// Depth of the encoder (number of poolings): the network has nodes X(0..=4, *).
 pub const DEPTH: usize = 4;
@@ -164,10 +164,14 @@ impl UNetPlusPlus {
             // X(i, j) on the diagonal i + j = k
             for j in 1..=k {
                 let i = k - j;
-                let mut parts: Vec<Tensor> = grid[i][..j].to_vec();
-                parts.push(upsample_bilinear2x(&grid[i + 1][j - 1])?);
-                let cat = Tensor::cat(&parts, 1)?; // [N, f_i * j + f_{i+1}, H_i, W_i]
-                let node = self.nodes[i][j].forward_t(&cat, train)?;
+                // input cat([X(i, 0..j), up(X(i+1, j-1))]): [N, f_i * j + f_{i+1}, H_i, W_i],
+                // the upsampled part never stored
+                let skip = if j == 1 {
+                    grid[i][0].clone()
+                } else {
+                    Tensor::cat(&grid[i][..j], 1)? // [N, f_i * j, H_i, W_i]
+                };
+                let node = self.nodes[i][j].forward_cat_up_t(&skip, &grid[i + 1][j - 1], train)?;
                 grid[i].push(node);
             }
         }
