@@ -157,13 +157,15 @@ impl<T> SyncPtr<T> {
 
 /// im2col of output rows `y0..y1` of one image.
 ///
-/// `img: [Cin, H, W]` -> `col: [Cin*K*K, (y1-y0)*Wo]`, rows ordered `(ci, kh, kw)` like a
+/// `img: [Cin, H, W]`, given as consecutive channel blocks (the parts of a concatenation that
+/// is never materialised) -> `col: [Cin*K*K, (y1-y0)*Wo]`, rows ordered `(ci, kh, kw)` like a
 /// flattened `[Cout, Cin, K, K]` kernel. Every element of `col` is written.
-fn im2col_rows<T: Elem>(g: &Geom, img: &[T], y0: usize, y1: usize, col: &mut [T]) {
+fn im2col_rows<T: Elem>(g: &Geom, img: &[&[T]], y0: usize, y1: usize, col: &mut [T]) {
     let (k, p, h, w, wo) = (g.k, g.pad, g.h, g.w, g.wo);
     let npix = (y1 - y0) * wo;
     let zero = T::from_f64(0.);
-    for (ci, plane) in img.chunks_exact(h * w).enumerate() {
+    let planes = img.iter().flat_map(|part| part.chunks_exact(h * w));
+    for (ci, plane) in planes.enumerate() {
         for kh in 0..k {
             for kw in 0..k {
                 let row = (ci * k + kh) * k + kw;
@@ -192,12 +194,12 @@ fn im2col_rows<T: Elem>(g: &Geom, img: &[T], y0: usize, y1: usize, col: &mut [T]
 /// Runs `f(col_ptr, col_row_stride)` on the im2col tile of rows `y0..y1` of `img`.
 fn with_cols<T: Elem, R>(
     g: &Geom,
-    img: &[T],
+    img: &[&[T]],
     y0: usize,
     y1: usize,
     f: impl FnOnce(*const T, usize) -> R,
 ) -> R {
-    if g.is_pointwise() {
+    if let (true, [img]) = (g.is_pointwise(), img) {
         return f(img[y0 * g.w..].as_ptr(), g.h * g.w);
     }
     let npix = (y1 - y0) * g.wo;
@@ -220,9 +222,21 @@ fn plan<T>(g: &Geom) -> (usize, usize, Parallelism) {
     (items, rows, par)
 }
 
-/// Forward pass: `x: [N, Cin, H, W]`, `w: [Cout, Cin*K*K]` -> `[N, Cout, Ho, Wo]`.
-pub(super) fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
-    let (img_len, out_len) = (g.cin * g.h * g.w, g.cout * g.ho * g.wo);
+/// The channel blocks of image `b` of an input given as parts `[N, C_i, H, W]`.
+fn image<'a, T>(g: &Geom, x: &[&'a [T]], b: usize) -> Vec<&'a [T]> {
+    x.iter()
+        .map(|part| {
+            let len = part.len() / g.n;
+            &part[b * len..(b + 1) * len]
+        })
+        .collect()
+}
+
+/// Forward pass: `x: [N, Cin, H, W]` as channel blocks `[N, C_i, H, W]` (their concatenation
+/// along the channels, never built; one block for a plain input), `w: [Cout, Cin*K*K]` ->
+/// `[N, Cout, Ho, Wo]`.
+pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
+    let out_len = g.cout * g.ho * g.wo;
     let mut out = vec![T::from_f64(0.); g.n * out_len];
     let (items, rows, par) = plan::<T>(g);
     let tiles = items / g.n;
@@ -230,8 +244,8 @@ pub(super) fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     (0..items).into_par_iter().for_each(|item| {
         let (b, y0) = (item / tiles, (item % tiles) * rows);
         let y1 = (y0 + rows).min(g.ho);
-        let img = &x[b * img_len..(b + 1) * img_len];
-        with_cols(g, img, y0, y1, |col, col_rs| {
+        let img = image(g, x, b);
+        with_cols(g, &img, y0, y1, |col, col_rs| {
             // SAFETY: out[b, :, y0..y1, :] is written by this item only; `col` holds
             // ckk rows of (y1-y0)*Wo elements at stride col_rs; `w` is [Cout, ckk].
             unsafe {
@@ -262,12 +276,13 @@ pub(super) fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     out
 }
 
-/// Weight gradient: `x: [N, Cin, H, W]`, `grad: [N, Cout, Ho, Wo]` -> `[Cout, Cin*K*K]`.
+/// Weight gradient: `x: [N, Cin, H, W]` as channel blocks (see [`forward`]), `grad: [N, Cout,
+/// Ho, Wo]` -> `[Cout, Cin*K*K]`.
 ///
 /// Items are split into a fixed number of chunks per thread count, each summed in order, so
 /// the result is deterministic for a given thread count.
-fn weight_grad<T: Elem>(g: &Geom, x: &[T], grad: &[T]) -> Vec<T> {
-    let (img_len, out_len, wlen) = (g.cin * g.h * g.w, g.cout * g.ho * g.wo, g.cout * g.ckk());
+pub(super) fn weight_grad<T: Elem>(g: &Geom, x: &[&[T]], grad: &[T]) -> Vec<T> {
+    let (out_len, wlen) = (g.cout * g.ho * g.wo, g.cout * g.ckk());
     let (items, rows, par) = plan::<T>(g);
     let tiles = items / g.n;
     let chunks = items.min(2 * rayon::current_num_threads()).max(1);
@@ -278,9 +293,9 @@ fn weight_grad<T: Elem>(g: &Geom, x: &[T], grad: &[T]) -> Vec<T> {
             for item in (c * items / chunks)..((c + 1) * items / chunks) {
                 let (b, y0) = (item / tiles, (item % tiles) * rows);
                 let y1 = (y0 + rows).min(g.ho);
-                let img = &x[b * img_len..(b + 1) * img_len];
+                let img = image(g, x, b);
                 let gt = &grad[b * out_len + y0 * g.wo..];
-                with_cols(g, img, y0, y1, |col, col_rs| {
+                with_cols(g, &img, y0, y1, |col, col_rs| {
                     // SAFETY: acc is [Cout, ckk]; gt is [Cout, npix] at row stride Ho*Wo;
                     // col^T is [npix, ckk] (col rows at stride col_rs).
                     unsafe {
@@ -341,12 +356,12 @@ impl CustomOp2 for Conv2d {
         let out = match s1.dtype() {
             DType::F32 => f32::to_cpu_storage_owned(forward(
                 &g,
-                super::cpu_slice::<f32>(s1, l1, "conv2d")?,
+                &[super::cpu_slice::<f32>(s1, l1, "conv2d")?],
                 super::cpu_slice::<f32>(s2, l2, "conv2d")?,
             )),
             DType::F64 => f64::to_cpu_storage_owned(forward(
                 &g,
-                super::cpu_slice::<f64>(s1, l1, "conv2d")?,
+                &[super::cpu_slice::<f64>(s1, l1, "conv2d")?],
                 super::cpu_slice::<f64>(s2, l2, "conv2d")?,
             )),
             dt => bail!("conv2d: f32 or f64 expected, got {dt:?}"),
@@ -428,12 +443,12 @@ impl CustomOp2 for WeightGrad {
         let out = match s1.dtype() {
             DType::F32 => f32::to_cpu_storage_owned(weight_grad(
                 &g,
-                super::cpu_slice::<f32>(s1, l1, "conv2d")?,
+                &[super::cpu_slice::<f32>(s1, l1, "conv2d")?],
                 super::cpu_slice::<f32>(s2, l2, "conv2d")?,
             )),
             DType::F64 => f64::to_cpu_storage_owned(weight_grad(
                 &g,
-                super::cpu_slice::<f64>(s1, l1, "conv2d")?,
+                &[super::cpu_slice::<f64>(s1, l1, "conv2d")?],
                 super::cpu_slice::<f64>(s2, l2, "conv2d")?,
             )),
             dt => bail!("conv2d weight grad: f32 or f64 expected, got {dt:?}"),

@@ -1,15 +1,14 @@
 //! The first convolution of a U-Net++ decoder node, `conv2d(cat([skip, up(low)], 1), w)` with
 //! `up` the 2x bilinear upsampling, as one op that keeps neither the upsampled tensor nor the
-//! concatenation for the backward pass: both are rebuilt there from `skip` and `low`, which the
-//! graph holds anyway. With candle's `cat` both stayed alive until the end of the backward pass
+//! concatenation for the backward pass: the concatenation is never built (im2col reads the two
+//! parts in turn), and the upsampled part lives only inside the forward pass and the kernel
+//! gradient, rebuilt from `low`, which the graph holds anyway. With candle's `cat` both stayed alive until the end of the backward pass
 //! (at 256x256, batch 4, base 32 about a third of the training step's activations), and the
 //! gradient of the concatenation was materialised whole before being split.
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::conv::{forward, input_grad, Elem, Geom, WeightGrad};
+use super::conv::{forward, input_grad, weight_grad, Geom};
 use super::upsample::{bilinear_planes, Bilinear2x};
 use super::{conv2d, cpu_slice, upsample_bilinear2x};
 
@@ -34,22 +33,6 @@ pub fn conv2d_cat_up(skip: &Tensor, low: &Tensor, w: &Tensor, padding: usize) ->
     }
     skip.contiguous()?
         .apply_op3(&low.contiguous()?, &w.contiguous()?, ConvCatUp { padding })
-}
-
-/// `cat([skip, up(low)], 1)` on the host: `[N, Cs + Cu, H, W]`.
-fn cat_up<T: Elem>(
-    skip: &[T],
-    low: &[T],
-    (n, cs, cu, h, w): (usize, usize, usize, usize, usize),
-) -> Vec<T> {
-    let up = bilinear_planes(low, (h / 2, w / 2), false); // [N, Cu, H, W]
-    let (ps, pu) = (cs * h * w, cu * h * w);
-    let mut out = Vec::with_capacity(n * (ps + pu));
-    for i in 0..n {
-        out.extend_from_slice(&skip[i * ps..][..ps]);
-        out.extend_from_slice(&up[i * pu..][..pu]);
-    }
-    out
 }
 
 /// (N, Cs, Cu, H, W) of the two inputs.
@@ -77,26 +60,35 @@ impl CustomOp3 for ConvCatUp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = cat_dims(l1, l2)?;
-        let (n, cs, cu, h, w) = d;
+        let (n, cs, cu, h, w) = cat_dims(l1, l2)?;
         let g = Geom::new(&[n, cs + cu, h, w], l3.dims(), self.padding)?;
         let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
         let out = match s1.dtype() {
             DType::F32 => {
-                let x = cat_up(
-                    cpu_slice::<f32>(s1, l1, "conv2d_cat_up")?,
-                    cpu_slice(s2, l2, "conv2d_cat_up")?,
-                    d,
+                let skip = cpu_slice::<f32>(s1, l1, "conv2d_cat_up")?;
+                let up = bilinear_planes(
+                    cpu_slice::<f32>(s2, l2, "conv2d_cat_up")?,
+                    (h / 2, w / 2),
+                    false,
                 );
-                f32::to_cpu_storage_owned(forward(&g, &x, cpu_slice(s3, l3, "conv2d_cat_up")?))
+                f32::to_cpu_storage_owned(forward(
+                    &g,
+                    &[skip, &up],
+                    cpu_slice(s3, l3, "conv2d_cat_up")?,
+                ))
             }
             DType::F64 => {
-                let x = cat_up(
-                    cpu_slice::<f64>(s1, l1, "conv2d_cat_up")?,
-                    cpu_slice(s2, l2, "conv2d_cat_up")?,
-                    d,
+                let skip = cpu_slice::<f64>(s1, l1, "conv2d_cat_up")?;
+                let up = bilinear_planes(
+                    cpu_slice::<f64>(s2, l2, "conv2d_cat_up")?,
+                    (h / 2, w / 2),
+                    false,
                 );
-                f64::to_cpu_storage_owned(forward(&g, &x, cpu_slice(s3, l3, "conv2d_cat_up")?))
+                f64::to_cpu_storage_owned(forward(
+                    &g,
+                    &[skip, &up],
+                    cpu_slice(s3, l3, "conv2d_cat_up")?,
+                ))
             }
             dt => bail!("conv2d_cat_up: f32 or f64 expected, got {dt:?}"),
         };
@@ -114,14 +106,13 @@ impl CustomOp3 for ConvCatUp {
         let (_, _, k, _) = w.dims4()?;
         let grad = grad.contiguous()?;
         let grad_w = if w.track_op() {
-            let x = skip.apply_op2_no_bwd(low, &CatUp)?; // rebuilt, dropped right after
-            Some(x.apply_op2_no_bwd(
-                &grad,
-                &WeightGrad {
-                    k,
-                    padding: self.padding,
-                },
-            )?)
+            // the upsampled part rebuilt (dropped right after); the skip part read in place
+            let up = low.apply_op1_no_bwd(&Bilinear2x { adjoint: false })?;
+            let op = WeightGradParts {
+                k,
+                padding: self.padding,
+            };
+            Some(skip.apply_op3_no_bwd(&up, &grad, &op)?)
         } else {
             None
         };
@@ -147,12 +138,16 @@ impl CustomOp3 for ConvCatUp {
     }
 }
 
-/// `cat([skip, up(low)], 1)` as a tensor (no gradient): the backward pass's input rebuild.
-struct CatUp;
+/// The kernel gradient of the convolution of `cat([skip, up], 1)`: `(skip [N, Cs, H, W], up
+/// [N, Cu, H, W], grad [N, Cout, Ho, Wo]) -> [Cout, Cs + Cu, K, K]`.
+struct WeightGradParts {
+    k: usize,
+    padding: usize,
+}
 
-impl CustomOp2 for CatUp {
+impl CustomOp3 for WeightGradParts {
     fn name(&self) -> &'static str {
-        "medmine-cat-up"
+        "medmine-conv2d-cat-up-weight-grad"
     }
 
     fn cpu_fwd(
@@ -161,23 +156,41 @@ impl CustomOp2 for CatUp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = cat_dims(l1, l2)?;
-        let (n, cs, cu, h, w) = d;
+        let (n, cs, h, w) = l1.shape().dims4()?;
+        let (nu, cu, hu, wu) = l2.shape().dims4()?;
+        let (gn, cout, gh, gw) = l3.shape().dims4()?;
+        let g = Geom::new(
+            &[n, cs + cu, h, w],
+            &[cout, cs + cu, self.k, self.k],
+            self.padding,
+        )?;
+        if (nu, hu, wu) != (n, h, w) || (gn, gh, gw) != (n, g.ho, g.wo) {
+            bail!(
+                "conv2d_cat_up weight grad: shapes {:?}, {:?}, {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let shape = Shape::from((cout, cs + cu, self.k, self.k));
+        let what = "conv2d_cat_up weight grad";
         let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(cat_up(
-                cpu_slice::<f32>(s1, l1, "cat_up")?,
-                cpu_slice(s2, l2, "cat_up")?,
-                d,
+            DType::F32 => f32::to_cpu_storage_owned(weight_grad(
+                &g,
+                &[cpu_slice::<f32>(s1, l1, what)?, cpu_slice(s2, l2, what)?],
+                cpu_slice(s3, l3, what)?,
             )),
-            DType::F64 => f64::to_cpu_storage_owned(cat_up(
-                cpu_slice::<f64>(s1, l1, "cat_up")?,
-                cpu_slice(s2, l2, "cat_up")?,
-                d,
+            DType::F64 => f64::to_cpu_storage_owned(weight_grad(
+                &g,
+                &[cpu_slice::<f64>(s1, l1, what)?, cpu_slice(s2, l2, what)?],
+                cpu_slice(s3, l3, what)?,
             )),
-            dt => bail!("cat_up: f32 or f64 expected, got {dt:?}"),
+            dt => bail!("{what}: f32 or f64 expected, got {dt:?}"),
         };
-        Ok((out, Shape::from((n, cs + cu, h, w))))
+        Ok((out, shape))
     }
 }
 
