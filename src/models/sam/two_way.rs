@@ -114,7 +114,8 @@ impl Attention {
         let (b, t, _) = q.dims3()?;
         let scale = 1.0 / (self.head_dim() as f64).sqrt();
         let qh = self.split_heads(&self.q_proj.forward(q)?)?; // [H, BT, d]
-                                                              // q_h . (Wk_h x + bk_h) = (Wk_h^T q_h) . x + q_h . bk_h
+
+        // q_h . (Wk_h x + bk_h) = (Wk_h^T q_h) . x + q_h . bk_h
         let g = (qh.matmul(&self.wk_heads)? * scale)?; // [H, BT, C]
         let c = (qh.matmul(&self.bk_heads)? * scale)?; // [H, BT, 1]
         let g = self.heads_to_batch(&g, b)?; // [B, HT, C]
