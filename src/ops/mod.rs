@@ -19,9 +19,11 @@ mod batch_norm;
 mod conv;
 mod conv_cat_up;
 mod depthwise;
-pub(crate) mod gelu;
+pub mod fast_math;
+mod gelu;
 mod layer_norm;
 mod pool;
+mod softmax;
 mod upsample;
 
 pub use batch_norm::{batch_norm_train, channel_stats};
@@ -31,6 +33,7 @@ pub use depthwise::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::add_layer_norm;
 pub use pool::max_pool2x2;
+pub use softmax::{softmax_columns_t, softmax_groups};
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 
 #[cfg(test)]

@@ -36,9 +36,9 @@ struct Attention {
     wv_heads_t: Tensor,
     /// `out_proj.weight` per head, transposed: `[H, d, C]`.
     wo_heads_t: Tensor,
-    /// `q_proj.bias` and `k_proj.bias` per head: `[H, d, 1]`.
+    /// `q_proj.bias` per head: `[H, d, 1]` (`k_proj.bias` cancels in the softmax over the
+    /// image rows).
     bq_heads: Tensor,
-    bk_heads: Tensor,
 }
 
 impl Attention {
@@ -59,7 +59,6 @@ impl Attention {
             // out_proj.weight [C, D] -> [D, C] -> [H, d, C]
             wo_heads_t: heads(&out_proj.weight().t()?.contiguous()?)?,
             bq_heads: bias(&q_proj)?,
-            bk_heads: bias(&k_proj)?,
             q_proj,
             k_proj,
             v_proj,
@@ -115,13 +114,12 @@ impl Attention {
         let scale = 1.0 / (self.head_dim() as f64).sqrt();
         let qh = self.split_heads(&self.q_proj.forward(q)?)?; // [H, BT, d]
 
-        // q_h . (Wk_h x + bk_h) = (Wk_h^T q_h) . x + q_h . bk_h
+        // q_h . (Wk_h x + bk_h) = (Wk_h^T q_h) . x + q_h . bk_h; the second term is the same for
+        // every image row, so the softmax over the rows cancels it
         let g = (qh.matmul(&self.wk_heads)? * scale)?; // [H, BT, C]
-        let c = (qh.matmul(&self.bk_heads)? * scale)?; // [H, BT, 1]
         let g = self.heads_to_batch(&g, b)?; // [B, HT, C]
-        let c = self.heads_to_batch(&c, b)?; // [B, HT, 1]
-        let scores = g.matmul(&x_pe.t()?)?.broadcast_add(&c)?; // [B, HT, N]
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let scores = x_pe.matmul(&g.t()?)?; // [B, N, HT]
+        let p = crate::ops::softmax_columns_t(&scores)?; // [B, HT, N]
         let avg = p.matmul(x)?; // [B, HT, C]: attention-weighted image rows per head and token
         let (_, _, cdim) = avg.dims3()?;
         let h = self.num_heads;
@@ -142,7 +140,6 @@ impl Attention {
     /// (the caller adds it with the residual).
     fn image_to_tokens(&self, x_pe: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, t, _) = k.dims3()?;
-        let (_, n, _) = x_pe.dims3()?;
         let h = self.num_heads;
         let scale = 1.0 / (self.head_dim() as f64).sqrt();
         let kh = self.split_heads(&self.k_proj.forward(k)?)?; // [H, BT, d]
@@ -151,11 +148,10 @@ impl Attention {
         let m = (kh.matmul(&self.wq_heads)? * scale)?; // [H, BT, C]
         let c = (kh.matmul(&self.bq_heads)? * scale)?; // [H, BT, 1]
         let m = self.heads_to_batch(&m, b)?; // [B, HT, C]
-        let c = self.heads_to_batch(&c, b)?.reshape((b, 1, h * t))?; // [B, 1, HT]
-        let scores = x_pe.matmul(&m.t()?)?.broadcast_add(&c)?; // [B, N, HT]
-        let p = candle_nn::ops::softmax_last_dim(&scores.reshape((b, n, h, t))?)?;
-        let p = p.reshape((b, n, h * t))?;
-        // the output projection of each head's values: v_h Wo_h^T
+        let c = self.heads_to_batch(&c, b)?.reshape((b, h * t))?; // [B, HT]
+        let scores = x_pe.matmul(&m.t()?)?; // [B, N, HT]
+        let p = crate::ops::softmax_groups(&scores, &c, t)?; // softmax per head over the tokens
+                                                             // the output projection of each head's values: v_h Wo_h^T
         let u = self.heads_to_batch(&vh.matmul(&self.wo_heads_t)?, b)?; // [B, HT, C]
         p.matmul(&u) // [B, N, C]
     }

@@ -6,12 +6,14 @@
 //! output pixels come out as consecutive rows, with no transpose. On the CPU the elementwise
 //! steps are fused: bias + `LayerNorm2d` + GELU over each pixel's channels in one pass, and the
 //! last bias + GELU + hypernetwork dot product in another that writes the masks in raster order
-//! (the `[65536, C/8]` activations are never stored). Other devices compose candle ops.
+//! (the `[65536, C/8]` activations are never stored), with the vectorised GELU of
+//! [`crate::ops::fast_math`] (within 6e-7 of the libm one). Other devices compose candle ops.
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::ops::{cpu_slice, gelu::gelu};
+use crate::ops::cpu_slice;
+use crate::ops::fast_math::gelu_slice;
 
 /// `LayerNorm2d` of the official upscaling.
 const LN_EPS: f64 = 1e-6;
@@ -155,9 +157,10 @@ impl CustomOp1 for BiasLnGelu {
                     for (((o, &y), &g), &s) in
                         o.iter_mut().zip(&y).zip(&self.weight).zip(&self.shift)
                     {
-                        *o = gelu((y - mean) * inv * g + s);
+                        *o = (y - mean) * inv * g + s;
                     }
                 }
+                gelu_slice(o);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -206,18 +209,20 @@ impl CustomOp2 for GeluMix {
                 let bi = task / h;
                 let hyper = &hyper[bi * m * k..][..m * k];
                 let y = &y[task * 16 * w * k..][..16 * w * k];
-                let mut z = vec![0f32; k];
-                for (q, y) in y.chunks_exact(k).enumerate() {
+                // the task's pixels: bias + GELU in one vectorised pass, then the products
+                let mut z: Vec<f32> = y.to_vec();
+                for row in z.chunks_exact_mut(k) {
+                    row.iter_mut().zip(&self.bias).for_each(|(v, b)| *v += b);
+                }
+                gelu_slice(&mut z);
+                for (q, z) in z.chunks_exact(k).enumerate() {
                     // q = ((x * 4) + (u1, v1)) * 4 + (u2, v2) within the grid row
                     let (x, uv1, uv2) = (q / 16, (q / 4) % 4, q % 4);
                     let (u1, v1, u2, v2) = (uv1 / 2, uv1 % 2, uv2 / 2, uv2 % 2);
                     let row = 2 * u1 + u2;
                     let col = 4 * x + 2 * v1 + v2;
-                    for ((z, &y), &bias) in z.iter_mut().zip(y).zip(&self.bias) {
-                        *z = gelu(y + bias);
-                    }
                     for (mi, hy) in hyper.chunks_exact(k).enumerate() {
-                        let dot: f32 = hy.iter().zip(&z).map(|(a, b)| a * b).sum();
+                        let dot: f32 = hy.iter().zip(z).map(|(a, b)| a * b).sum();
                         out[(mi * 4 + row) * 4 * w + col] = dot;
                     }
                 }
