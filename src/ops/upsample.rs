@@ -30,20 +30,6 @@ pub fn upsample_bilinear2x(x: &Tensor) -> Result<Tensor> {
     upsample_axis(&x, 3) // [N, C, 2H, 2W]
 }
 
-/// Along one axis of length `len`: output `o` reads `(i0, w0), (i1, w1)`.
-fn stencil(len: usize) -> Vec<[(usize, f64); 2]> {
-    (0..2 * len)
-        .map(|o| {
-            let i = o / 2;
-            if o % 2 == 0 {
-                [(i.saturating_sub(1), 0.25), (i, 0.75)]
-            } else {
-                [(i, 0.75), ((i + 1).min(len - 1), 0.25)]
-            }
-        })
-        .collect()
-}
-
 /// The CPU 2x bilinear upsampling (`adjoint: false`, `[.., H, W] -> [.., 2H, 2W]`) and its
 /// adjoint, the input gradient (`adjoint: true`, `[.., 2H, 2W] -> [.., H, W]`).
 pub(super) struct Bilinear2x {
@@ -55,41 +41,69 @@ pub(super) fn bilinear_planes<T: WithDType>(
     (h, w): (usize, usize),
     adjoint: bool,
 ) -> Vec<T> {
-    // (h, w) is the small side; the big one is (2h, 2w)
-    let (sy, sx) = (stencil(h), stencil(w));
+    // (h, w) is the small side; the big one is (2h, 2w). Separable: along x, then along y (the
+    // adjoint: the transposed passes in the reverse order), in T, each pass a row operation
+    // the compiler vectorises.
     let (small, big) = (h * w, 4 * h * w);
     let planes = src.len() / if adjoint { big } else { small };
     let mut out = vec![T::zero(); planes * if adjoint { small } else { big }];
     let (in_len, out_len) = if adjoint { (big, small) } else { (small, big) };
+    let (q, t) = (T::from_f64(0.25), T::from_f64(0.75));
     out.par_chunks_mut(out_len)
         .zip(src.par_chunks(in_len))
         .for_each(|(o, x)| {
+            let mut across = vec![T::zero(); h * 2 * w]; // [h, 2w]
             if adjoint {
-                let mut acc = vec![0f64; small];
-                for (oy, ry) in sy.iter().enumerate() {
-                    for (ox, rx) in sx.iter().enumerate() {
-                        let g = x[oy * 2 * w + ox].to_f64();
-                        for &(iy, wy) in ry {
-                            for &(ix, wx) in rx {
-                                acc[iy * w + ix] += wy * wx * g;
-                            }
-                        }
+                // along y: row j of `across` collects big rows 2j, 2j+1 and its neighbours' share
+                for (j, a) in across.chunks_exact_mut(2 * w).enumerate() {
+                    let (r0, r1) = (
+                        &x[2 * j * 2 * w..][..2 * w],
+                        &x[(2 * j + 1) * 2 * w..][..2 * w],
+                    );
+                    a.iter_mut()
+                        .zip(r0.iter().zip(r1))
+                        .for_each(|(a, (&u, &v))| *a = t * (u + v));
+                }
+                for j in 0..h {
+                    let (up, down) = (j.saturating_sub(1), (j + 1).min(h - 1));
+                    for c in 0..2 * w {
+                        let (u, v) = (x[2 * j * 2 * w + c], x[(2 * j + 1) * 2 * w + c]);
+                        across[up * 2 * w + c] += q * u;
+                        across[down * 2 * w + c] += q * v;
                     }
                 }
-                for (o, a) in o.iter_mut().zip(acc) {
-                    *o = T::from_f64(a);
+                // along x
+                for (o, a) in o.chunks_exact_mut(w).zip(across.chunks_exact(2 * w)) {
+                    for i in 0..w {
+                        let (u, v) = (a[2 * i], a[2 * i + 1]);
+                        o[i] += t * (u + v);
+                        o[i.saturating_sub(1)] += q * u;
+                        o[(i + 1).min(w - 1)] += q * v;
+                    }
                 }
             } else {
-                for (oy, ry) in sy.iter().enumerate() {
-                    for (ox, rx) in sx.iter().enumerate() {
-                        let mut v = 0f64;
-                        for &(iy, wy) in ry {
-                            for &(ix, wx) in rx {
-                                v += wy * wx * x[iy * w + ix].to_f64();
-                            }
-                        }
-                        o[oy * 2 * w + ox] = T::from_f64(v);
+                // along x: [h, w] -> [h, 2w]
+                for (a, r) in across.chunks_exact_mut(2 * w).zip(x.chunks_exact(w)) {
+                    for i in 0..w {
+                        a[2 * i] = t * r[i] + q * r[i.saturating_sub(1)];
+                        a[2 * i + 1] = t * r[i] + q * r[(i + 1).min(w - 1)];
                     }
+                }
+                // along y: [h, 2w] -> [2h, 2w]
+                for (k, row) in o.chunks_exact_mut(2 * w).enumerate() {
+                    let j = k / 2;
+                    let other = if k % 2 == 0 {
+                        j.saturating_sub(1)
+                    } else {
+                        (j + 1).min(h - 1)
+                    };
+                    let (a, b) = (
+                        &across[j * 2 * w..][..2 * w],
+                        &across[other * 2 * w..][..2 * w],
+                    );
+                    row.iter_mut()
+                        .zip(a.iter().zip(b))
+                        .for_each(|(o, (&a, &b))| *o = t * a + q * b);
                 }
             }
         });
