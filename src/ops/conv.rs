@@ -51,8 +51,8 @@ const TILE_BYTES: usize = 1024 * 1024;
 pub(super) struct Geom {
     pub(super) n: usize,
     cin: usize,
-    h: usize,
-    w: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
     pub(super) cout: usize,
     k: usize,
     pad: usize,

@@ -6,9 +6,9 @@
 //! (at 256x256, batch 4, base 32 about a third of the training step's activations), and the
 //! gradient of the concatenation was materialised whole before being split.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::conv::{forward, input_grad, weight_grad, Geom};
+use super::conv::{forward, input_grad, weight_grad, Elem, Geom};
 use super::upsample::{bilinear_planes, Bilinear2x};
 use super::{conv2d, cpu_slice, upsample_bilinear2x};
 
@@ -42,6 +42,41 @@ fn cat_dims(skip: &Layout, low: &Layout) -> Result<(usize, usize, usize, usize, 
     Ok((n, cs, cu, h, w))
 }
 
+/// A CPU operand of the ops below: storage and layout.
+type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The forward pass in one element type: (skip, low, kernel) -> output.
+fn forward_typed<T: Elem>(g: &Geom, skip: Operand, low: Operand, k: Operand) -> Result<CpuStorage> {
+    let what = "conv2d_cat_up";
+    let (h, w) = (g.h, g.w);
+    let up = bilinear_planes(cpu_slice::<T>(low.0, low.1, what)?, (h / 2, w / 2), false);
+    let x = [cpu_slice::<T>(skip.0, skip.1, what)?, &up];
+    Ok(T::to_cpu_storage_owned(forward(
+        g,
+        &x,
+        cpu_slice(k.0, k.1, what)?,
+    )))
+}
+
+/// The kernel gradient in one element type: (skip, up, output gradient) -> kernel gradient.
+fn weight_grad_typed<T: Elem>(
+    g: &Geom,
+    skip: Operand,
+    up: Operand,
+    grad: Operand,
+) -> Result<CpuStorage> {
+    let what = "conv2d_cat_up weight grad";
+    let x = [
+        cpu_slice::<T>(skip.0, skip.1, what)?,
+        cpu_slice(up.0, up.1, what)?,
+    ];
+    Ok(T::to_cpu_storage_owned(weight_grad(
+        g,
+        &x,
+        cpu_slice(grad.0, grad.1, what)?,
+    )))
+}
+
 struct ConvCatUp {
     padding: usize,
 }
@@ -64,32 +99,8 @@ impl CustomOp3 for ConvCatUp {
         let g = Geom::new(&[n, cs + cu, h, w], l3.dims(), self.padding)?;
         let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
         let out = match s1.dtype() {
-            DType::F32 => {
-                let skip = cpu_slice::<f32>(s1, l1, "conv2d_cat_up")?;
-                let up = bilinear_planes(
-                    cpu_slice::<f32>(s2, l2, "conv2d_cat_up")?,
-                    (h / 2, w / 2),
-                    false,
-                );
-                f32::to_cpu_storage_owned(forward(
-                    &g,
-                    &[skip, &up],
-                    cpu_slice(s3, l3, "conv2d_cat_up")?,
-                ))
-            }
-            DType::F64 => {
-                let skip = cpu_slice::<f64>(s1, l1, "conv2d_cat_up")?;
-                let up = bilinear_planes(
-                    cpu_slice::<f64>(s2, l2, "conv2d_cat_up")?,
-                    (h / 2, w / 2),
-                    false,
-                );
-                f64::to_cpu_storage_owned(forward(
-                    &g,
-                    &[skip, &up],
-                    cpu_slice(s3, l3, "conv2d_cat_up")?,
-                ))
-            }
+            DType::F32 => forward_typed::<f32>(&g, (s1, l1), (s2, l2), (s3, l3))?,
+            DType::F64 => forward_typed::<f64>(&g, (s1, l1), (s2, l2), (s3, l3))?,
             dt => bail!("conv2d_cat_up: f32 or f64 expected, got {dt:?}"),
         };
         Ok((out, shape))
@@ -176,19 +187,10 @@ impl CustomOp3 for WeightGradParts {
             )
         }
         let shape = Shape::from((cout, cs + cu, self.k, self.k));
-        let what = "conv2d_cat_up weight grad";
         let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(weight_grad(
-                &g,
-                &[cpu_slice::<f32>(s1, l1, what)?, cpu_slice(s2, l2, what)?],
-                cpu_slice(s3, l3, what)?,
-            )),
-            DType::F64 => f64::to_cpu_storage_owned(weight_grad(
-                &g,
-                &[cpu_slice::<f64>(s1, l1, what)?, cpu_slice(s2, l2, what)?],
-                cpu_slice(s3, l3, what)?,
-            )),
-            dt => bail!("{what}: f32 or f64 expected, got {dt:?}"),
+            DType::F32 => weight_grad_typed::<f32>(&g, (s1, l1), (s2, l2), (s3, l3))?,
+            DType::F64 => weight_grad_typed::<f64>(&g, (s1, l1), (s2, l2), (s3, l3))?,
+            dt => bail!("conv2d_cat_up weight grad: f32 or f64 expected, got {dt:?}"),
         };
         Ok((out, shape))
     }
@@ -197,22 +199,8 @@ impl CustomOp3 for WeightGradParts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// Values and all three gradients equal those of candle's cat of our upsampling, fed to our
     /// convolution (each of which has its own finite-difference test).
@@ -229,7 +217,7 @@ mod tests {
             let cat =
                 Tensor::cat(&[skip.as_tensor(), &upsample_bilinear2x(&low).unwrap()], 1).unwrap();
             let composed = conv2d(&cat, &k, 1).unwrap();
-            assert!(max_diff(&fused, &composed) < 1e-12);
+            assert!(max_abs_diff(&fused, &composed) < 1e-12);
             let g1 = fused
                 .mul(&probe)
                 .unwrap()
@@ -246,7 +234,7 @@ mod tests {
                 .unwrap();
             for v in [&skip, &low, &k] {
                 let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert!(max_diff(a, b) < 1e-10, "{:?}", v.dims());
+                assert!(max_abs_diff(a, b) < 1e-10, "{:?}", v.dims());
             }
         }
     }

@@ -43,3 +43,14 @@ pub(crate) fn check_op(shape: &[usize], op: impl Fn(&Tensor) -> Result<Tensor>) 
     assert!(g.iter().any(|v| v.abs() > 0.), "gradient is all zero");
     Ok(())
 }
+
+/// `max |a - b|` over all elements, as f64 (any float dtype).
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_dtype(DType::F64))
+        .and_then(|d| d.to_scalar::<f64>())
+        .expect("max_abs_diff: tensors of one shape and dtype")
+}

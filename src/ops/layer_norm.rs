@@ -85,6 +85,7 @@ impl CustomOp2 for AddLayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -101,16 +102,7 @@ mod tests {
             1e-5,
         )
         .unwrap();
-        let d = (ours - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&ours, &want);
         assert!(d < 1e-5, "{d}");
     }
 }

@@ -135,20 +135,8 @@ impl CustomOp2 for Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::max_abs_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn equal_candles_softmax() {
@@ -162,7 +150,7 @@ mod tests {
             .unwrap();
         let got = softmax_columns_t(&x).unwrap();
         assert_eq!(got.dims(), &[2, 21, 301]);
-        assert!(max_diff(&got, &want) < 1e-6);
+        assert!(max_abs_diff(&got, &want) < 1e-6);
 
         let bias = Tensor::randn(0f32, 3f32, (2, 21), &dev).unwrap();
         let y = x.broadcast_add(&bias.reshape((2, 1, 21)).unwrap()).unwrap();
@@ -171,7 +159,7 @@ mod tests {
             .reshape((2, 301, 21))
             .unwrap();
         let got = softmax_groups(&x, &bias, 7).unwrap();
-        assert!(max_diff(&got, &want) < 1e-6);
+        assert!(max_abs_diff(&got, &want) < 1e-6);
         assert!(softmax_groups(&x, &bias, 5).is_err());
     }
 }

@@ -58,6 +58,7 @@ impl Module for TokenLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::max_abs_diff;
     use candle_core::{DType, Device};
 
     #[test]
@@ -77,16 +78,7 @@ mod tests {
         let ours = TokenLinear::new(3, 5, vb).unwrap();
         let theirs = candle_nn::Linear::new(w, Some(b));
         let x = Tensor::randn(0f32, 1f32, (2, 4, 3), &dev).unwrap();
-        let d = (ours.forward(&x).unwrap() - theirs.forward(&x).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&ours.forward(&x).unwrap(), &theirs.forward(&x).unwrap());
         assert!(d < 1e-6, "{d}");
         assert_eq!(ours.forward(&x).unwrap().dims(), &[2, 4, 5]);
     }

@@ -341,6 +341,7 @@ impl TwoWayTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::max_abs_diff;
     use candle_core::{DType, Device};
 
     /// The official attention, written as the PyTorch code does it (projections of every row).
@@ -386,19 +387,6 @@ mod tests {
         .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn reassociated_cross_attention_equals_the_official_form() {
         let dev = Device::Cpu;
@@ -412,7 +400,11 @@ mod tests {
         let got = att.tokens_to_image(&tok_pe, &x_pe, &x).unwrap();
         let want = reference(&att, &tok_pe, &x_pe, &x).unwrap();
         assert_eq!(got.dims(), &[b, t, 32]);
-        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5,
+            "{}",
+            max_abs_diff(&got, &want)
+        );
 
         let got = att
             .image_to_tokens(&x_pe, &tok_pe, &tok)
@@ -421,10 +413,18 @@ mod tests {
             .unwrap();
         let want = reference(&att, &x_pe, &tok_pe, &tok).unwrap();
         assert_eq!(got.dims(), &[b, n, 32]);
-        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5,
+            "{}",
+            max_abs_diff(&got, &want)
+        );
 
         let got = att.forward_tokens(&tok_pe, &tok_pe, &tok).unwrap();
         let want = reference(&att, &tok_pe, &tok_pe, &tok).unwrap();
-        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5,
+            "{}",
+            max_abs_diff(&got, &want)
+        );
     }
 }

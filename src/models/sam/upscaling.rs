@@ -244,20 +244,8 @@ impl CustomOp2 for GeluMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::max_abs_diff;
     use candle_core::{DType, Device};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     fn randn(shape: &[usize]) -> Tensor {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
@@ -288,14 +276,14 @@ mod tests {
             candle_nn::ops::layer_norm(&y.broadcast_add(&up.b1).unwrap(), &up.ln_w, &up.ln_b, 1e-6)
                 .unwrap();
         let composed = crate::ops::gelu_erf(&z).unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-5);
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
 
         let y = randn(&[b, h * w * 16, c / 8]);
         let hyper = randn(&[b, m, c / 8]);
         let fused = up.gelu_mix(&y, &hyper, (h, w)).unwrap();
         let composed = reference_gelu_mix(&y, &up.b2, &hyper, (h, w)).unwrap();
         assert_eq!(fused.dims(), &[b, m, 4 * h, 4 * w]);
-        assert!(max_diff(&fused, &composed) < 1e-5);
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
 
         // the transposed convolutions as matmuls equal candle's conv_transpose2d
         let x = randn(&[b, c, h, w]);
@@ -326,6 +314,6 @@ mod tests {
             .unwrap()
             .reshape((b, c / 4, 2 * h, 2 * w))
             .unwrap();
-        assert!(max_diff(&got, &want) < 1e-4);
+        assert!(max_abs_diff(&got, &want) < 1e-4);
     }
 }
