@@ -6,8 +6,11 @@
 //! node does). `conv2d` is a custom op (cache-tiled im2col + gemm on CPU, with an input
 //! gradient computed as a convolution instead of candle's slow direct-loop
 //! `conv_transpose2d`; other devices use candle's conv). Each op has a finite-difference
-//! gradient test, and the whole model has one in `tests/it/gradcheck.rs`. `depthwise_conv2d`
-//! and `gelu_erf` (all threads) are forward-only, for SAM.
+//! gradient test, and the whole model has one in `tests/it/gradcheck.rs`. `conv2d_cat_up` is a
+//! U-Net++ decoder node's first convolution over `cat([skips, up(below)])` without building or
+//! keeping the concatenation (checked against the composition, values and gradients).
+//! `depthwise_conv2d`, `gelu_erf`, `add_layer_norm` and the two attention softmaxes are
+//! forward-only (all threads), for SAM; `fast_math` holds their vectorised `exp`/`erf`.
 //!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;
