@@ -33,6 +33,9 @@ pub(super) struct Upscaling {
     w2: Tensor,
     /// `output_upscaling.3.bias` `[C/8]`
     b2: Tensor,
+    /// Host copies of the parameters the fused CPU passes read, taken once at load.
+    ln_gelu: BiasLnGelu,
+    b2_host: Vec<f32>,
 }
 
 /// `[C, O, 2, 2]` -> `[C, 4 O]` with the output pixel (u, v) major and the channel minor.
@@ -44,13 +47,23 @@ fn blocks_last(w: &Tensor) -> Result<Tensor> {
 impl Upscaling {
     pub(super) fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let (c4, c8) = (dim / 4, dim / 8);
+        let b1 = vb.pp("0").get(c4, "bias")?;
+        let ln_w = vb.pp("1").get(c4, "weight")?;
+        let ln_b = vb.pp("1").get(c4, "bias")?;
+        let b2 = vb.pp("3").get(c8, "bias")?;
         Ok(Self {
             w1: blocks_last(&vb.pp("0").get((dim, c4, 2, 2), "weight")?)?,
-            b1: vb.pp("0").get(c4, "bias")?,
-            ln_w: vb.pp("1").get(c4, "weight")?,
-            ln_b: vb.pp("1").get(c4, "bias")?,
             w2: blocks_last(&vb.pp("3").get((c4, c8, 2, 2), "weight")?)?,
-            b2: vb.pp("3").get(c8, "bias")?,
+            ln_gelu: BiasLnGelu {
+                bias: b1.to_vec1()?,
+                weight: ln_w.to_vec1()?,
+                shift: ln_b.to_vec1()?,
+            },
+            b2_host: b2.to_vec1()?,
+            b1,
+            ln_w,
+            ln_b,
+            b2,
         })
     }
 
@@ -77,12 +90,7 @@ impl Upscaling {
     /// `gelu(layer_norm(y + b1))` over the last axis.
     fn bias_ln_gelu(&self, y: &Tensor) -> Result<Tensor> {
         if y.device().is_cpu() {
-            let op = BiasLnGelu {
-                bias: self.b1.to_vec1()?,
-                weight: self.ln_w.to_vec1()?,
-                shift: self.ln_b.to_vec1()?,
-            };
-            return y.apply_op1_no_bwd(&op);
+            return y.apply_op1_no_bwd(&self.ln_gelu);
         }
         let z =
             candle_nn::ops::layer_norm(&y.broadcast_add(&self.b1)?, &self.ln_w, &self.ln_b, 1e-6)?;
@@ -94,7 +102,7 @@ impl Upscaling {
     fn gelu_mix(&self, y: &Tensor, hyper: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
         if y.device().is_cpu() {
             let op = GeluMix {
-                bias: self.b2.to_vec1()?,
+                bias: &self.b2_host,
                 h,
                 w,
             };
@@ -125,6 +133,7 @@ fn reference_gelu_mix(
 const ROWS_PER_TASK: usize = 256;
 
 /// `gelu(layer_norm(x + bias) * weight + shift)` over the last axis of `[R, K]`.
+#[derive(Debug)]
 struct BiasLnGelu {
     bias: Vec<f32>,
     weight: Vec<f32>,
@@ -168,13 +177,13 @@ impl CustomOp1 for BiasLnGelu {
 
 /// `out[b, m, pixel] = sum_c hyper[b, m, c] gelu(y[b, p, c] + bias[c])`, with the upscaled pixel
 /// p = (h, w, u1, v1, u2, v2) written at (4h + 2 u1 + u2, 4w + 2 v1 + v2).
-struct GeluMix {
-    bias: Vec<f32>,
+struct GeluMix<'a> {
+    bias: &'a [f32],
     h: usize,
     w: usize,
 }
 
-impl CustomOp2 for GeluMix {
+impl CustomOp2 for GeluMix<'_> {
     fn name(&self) -> &'static str {
         "medmine-sam-gelu-mix"
     }
@@ -212,7 +221,7 @@ impl CustomOp2 for GeluMix {
                 // the task's pixels: bias + GELU in one vectorised pass, then the products
                 let mut z: Vec<f32> = y.to_vec();
                 for row in z.chunks_exact_mut(k) {
-                    row.iter_mut().zip(&self.bias).for_each(|(v, b)| *v += b);
+                    row.iter_mut().zip(self.bias).for_each(|(v, b)| *v += b);
                 }
                 gelu_slice(&mut z);
                 for (q, z) in z.chunks_exact(k).enumerate() {
