@@ -21,6 +21,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::conv3x3;
+
 /// Stride-1 KxK convolution without bias, with a fast, accumulating backward on CPU.
 ///
 /// `x: [N, Cin, H, W]`, `w: [Cout, Cin, K, K]` -> `[N, Cout, H + 2p - K + 1, W + 2p - K + 1]`
@@ -44,18 +46,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
 /// Output bytes of one im2col tile aimed at. 1 MiB measured best of 256 KiB to 4 MiB on the
 /// 2-core EPYC (U-Net++ training step 128/8/32 about 5% faster than with 256 KiB, 256/4/32 the
 /// same): fewer, larger gemm calls, each packing the kernel once.
-const TILE_BYTES: usize = 1024 * 1024;
+pub(super) const TILE_BYTES: usize = 1024 * 1024;
 
 /// Shapes of one convolution; `new` validates them.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geom {
     pub(super) n: usize,
-    cin: usize,
+    pub(super) cin: usize,
     pub(super) h: usize,
     pub(super) w: usize,
     pub(super) cout: usize,
-    k: usize,
-    pad: usize,
+    pub(super) k: usize,
+    pub(super) pad: usize,
     pub(super) ho: usize,
     pub(super) wo: usize,
 }
@@ -147,12 +149,12 @@ elem!(f64, SCRATCH_F64);
 
 /// A raw pointer shared by rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
+pub(super) struct SyncPtr<T>(pub(super) *mut T);
 // SAFETY: only used for writes to disjoint regions (see the callers).
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 impl<T> SyncPtr<T> {
-    fn get(self) -> *mut T {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -225,7 +227,7 @@ fn plan<T>(g: &Geom) -> (usize, usize, Parallelism) {
 }
 
 /// The channel blocks of image `b` of an input given as parts `[N, C_i, H, W]`.
-fn image<'a, T>(g: &Geom, x: &[&'a [T]], b: usize) -> Vec<&'a [T]> {
+pub(super) fn image<'a, T>(g: &Geom, x: &[&'a [T]], b: usize) -> Vec<&'a [T]> {
     x.iter()
         .map(|part| {
             let len = part.len() / g.n;
@@ -236,8 +238,37 @@ fn image<'a, T>(g: &Geom, x: &[&'a [T]], b: usize) -> Vec<&'a [T]> {
 
 /// Forward pass: `x: [N, Cin, H, W]` as channel blocks `[N, C_i, H, W]` (their concatenation
 /// along the channels, never built; one block for a plain input), `w: [Cout, Cin*K*K]` ->
-/// `[N, Cout, Ho, Wo]`.
+/// `[N, Cout, Ho, Wo]`. 3x3 with padding 1 goes to `conv3x3`.
 pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
+    if conv3x3::applies(g) {
+        return conv3x3::forward(g, x, &conv3x3::pack_kernel(w, g.cout, g.cin, false));
+    }
+    forward_im2col(g, x, w)
+}
+
+/// The input gradient's convolution: `grad: [N, Cout, Ho, Wo]` with geometry `g` (its `cin`
+/// is the forward pass's Cout, its `cout` the forward Cin) and the *forward* kernel
+/// `w: [Cout, Cin, K, K]`, flipped and transposed here -> `[N, Cin, H, W]`.
+fn forward_adjoint<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
+    let (cout, cin, k) = (g.cin, g.cout, g.k);
+    if conv3x3::applies(g) {
+        return conv3x3::forward(g, &[grad], &conv3x3::pack_kernel(w, cout, cin, true));
+    }
+    // [Cout, Cin, K, K] -> [Cin, Cout, K, K], flipped spatially
+    let mut wt = Vec::with_capacity(w.len());
+    for ci in 0..cin {
+        for co in 0..cout {
+            for kh in (0..k).rev() {
+                for kw in (0..k).rev() {
+                    wt.push(w[((co * cin + ci) * k + kh) * k + kw]);
+                }
+            }
+        }
+    }
+    forward_im2col(g, &[grad], &wt)
+}
+
+fn forward_im2col<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
     let out_len = g.cout * g.ho * g.wo;
     let mut out = vec![T::from_f64(0.); g.n * out_len];
     let (items, rows, par) = plan::<T>(g);
@@ -400,8 +431,6 @@ impl CustomOp2 for Conv2d {
 /// `grad: [N, Cout, Ho, Wo]` (contiguous), `w: [Cout, Cin, K, K]` -> `[N, Cin, H, W]`.
 pub(super) fn input_grad(grad: &Tensor, w: &Tensor, p: usize) -> Result<Tensor> {
     let (_, _, k, _) = w.dims4()?;
-    // [Cout, Cin, K, K] -> flipped, [Cin, Cout, K, K]
-    let wt = w.detach().flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
     let (g_in, pad) = if p < k {
         (grad.clone(), k - 1 - p)
     } else {
@@ -412,7 +441,48 @@ pub(super) fn input_grad(grad: &Tensor, w: &Tensor, p: usize) -> Result<Tensor> 
         (g_in.contiguous()?, 0)
     };
     // [N, Cout, Ho, Wo] -> [N, Cin, H, W]
-    g_in.apply_op2_no_bwd(&wt, &Conv2d { padding: pad })
+    g_in.apply_op2_no_bwd(&w.detach().contiguous()?, &InputGrad { padding: pad })
+}
+
+/// Input-gradient op: `(grad: [N, Cout, Ho, Wo], w: [Cout, Cin, K, K]) -> [N, Cin, H, W]`, the
+/// convolution of `grad` with the flipped, transposed kernel (arranged on the host, no
+/// tensor ops) and padding `padding`.
+struct InputGrad {
+    padding: usize,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "medmine-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let &[cout, cin, k, k2] = l2.dims() else {
+            bail!("conv2d input grad: kernel {:?} is not 4-D", l2.dims())
+        };
+        let g = Geom::new(l1.dims(), &[cin, cout, k, k2], self.padding)?;
+        let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
+        let out = match s1.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(forward_adjoint(
+                &g,
+                super::cpu_slice::<f32>(s1, l1, "conv2d input grad")?,
+                super::cpu_slice::<f32>(s2, l2, "conv2d input grad")?,
+            )),
+            DType::F64 => f64::to_cpu_storage_owned(forward_adjoint(
+                &g,
+                super::cpu_slice::<f64>(s1, l1, "conv2d input grad")?,
+                super::cpu_slice::<f64>(s2, l2, "conv2d input grad")?,
+            )),
+            dt => bail!("conv2d input grad: f32 or f64 expected, got {dt:?}"),
+        };
+        Ok((out, shape))
+    }
 }
 
 /// Weight-gradient op: `(x: [N, Cin, H, W], grad: [N, Cout, Ho, Wo]) -> [Cout, Cin, K, K]`.

@@ -20,6 +20,7 @@
 
 mod batch_norm;
 mod conv;
+mod conv3x3;
 mod conv_cat_up;
 mod depthwise;
 pub mod fast_math;
