@@ -314,8 +314,20 @@ fn forward_im2col<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
 ///
 /// Items are split into a fixed number of chunks per thread count, each summed in order, so
 /// the result is deterministic for a given thread count.
+///
+/// With few output channels and many more input channels (U-Net++'s decoder nodes) the
+/// gradient is accumulated transposed, `[Cin*K*K, Cout]`: gemm then reads the im2col tile in
+/// place instead of repacking it (the decoder's 128x128 kernel gradients take 30% less time
+/// on the 2-core EPYC); otherwise the small gradient tile is the one repacked.
 pub(super) fn weight_grad<T: Elem>(g: &Geom, x: &[&[T]], grad: &[T]) -> Vec<T> {
     let (out_len, wlen) = (g.cout * g.ho * g.wo, g.cout * g.ckk());
+    let transposed = g.cout <= 128 && (g.cin >= 2 * g.cout || (g.cout <= 32 && g.cin >= g.cout));
+    // acc[co, r] at co * dst_rs + r * dst_cs
+    let (dst_cs, dst_rs) = if transposed {
+        (g.cout as isize, 1)
+    } else {
+        (1, g.ckk() as isize)
+    };
     let (items, rows, par) = plan::<T>(g);
     let tiles = items / g.n;
     let chunks = items.min(2 * rayon::current_num_threads()).max(1);
@@ -329,7 +341,7 @@ pub(super) fn weight_grad<T: Elem>(g: &Geom, x: &[&[T]], grad: &[T]) -> Vec<T> {
                 let img = image(g, x, b);
                 let gt = &grad[b * out_len + y0 * g.wo..];
                 with_cols(g, &img, y0, y1, |col, col_rs| {
-                    // SAFETY: acc is [Cout, ckk]; gt is [Cout, npix] at row stride Ho*Wo;
+                    // SAFETY: acc is [Cout, ckk] or [ckk, Cout]; gt is [Cout, npix] at row stride Ho*Wo;
                     // col^T is [npix, ckk] (col rows at stride col_rs).
                     unsafe {
                         gemm::gemm(
@@ -337,8 +349,8 @@ pub(super) fn weight_grad<T: Elem>(g: &Geom, x: &[&[T]], grad: &[T]) -> Vec<T> {
                             g.ckk(),
                             (y1 - y0) * g.wo,
                             acc.as_mut_ptr(),
-                            1,
-                            g.ckk() as isize,
+                            dst_cs,
+                            dst_rs,
                             true,
                             gt.as_ptr(),
                             1,
@@ -363,6 +375,13 @@ pub(super) fn weight_grad<T: Elem>(g: &Geom, x: &[&[T]], grad: &[T]) -> Vec<T> {
     let mut total = parts.next().unwrap_or_else(|| vec![T::from_f64(0.); wlen]);
     for part in parts {
         total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p);
+    }
+    if transposed {
+        // [Cin*K*K, Cout] -> [Cout, Cin*K*K]
+        let ckk = g.ckk();
+        return (0..wlen)
+            .map(|i| total[(i % ckk) * g.cout + i / ckk])
+            .collect();
     }
     total
 }
