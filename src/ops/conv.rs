@@ -240,10 +240,26 @@ pub(super) fn image<'a, T>(g: &Geom, x: &[&'a [T]], b: usize) -> Vec<&'a [T]> {
 /// along the channels, never built; one block for a plain input), `w: [Cout, Cin*K*K]` ->
 /// `[N, Cout, Ho, Wo]`. 3x3 with padding 1 goes to `conv3x3`.
 pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
-    if conv3x3::applies(g) {
-        return conv3x3::forward(g, x, &conv3x3::pack_kernel(w, g.cout, g.cin, false));
+    forward_bias(g, x, w, None)
+}
+
+/// [`forward`] plus a per-channel `bias: [Cout]` (written first, the products accumulated
+/// onto it: no extra pass).
+pub(super) fn forward_bias<T: Elem>(g: &Geom, x: &[&[T]], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    let plane = g.ho * g.wo;
+    let mut out = vec![T::from_f64(0.); g.n * g.cout * plane];
+    if let Some(bias) = bias {
+        out.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(i, p)| p.fill(bias[i % g.cout]));
     }
-    forward_im2col(g, x, w)
+    if conv3x3::applies(g) {
+        let wp = conv3x3::pack_kernel(w, g.cout, g.cin, false);
+        conv3x3::forward(g, x, &wp, &mut out, bias.is_some());
+    } else {
+        forward_im2col(g, x, w, &mut out, bias.is_some());
+    }
+    out
 }
 
 /// The input gradient's convolution: `grad: [N, Cout, Ho, Wo]` with geometry `g` (its `cin`
@@ -251,8 +267,11 @@ pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
 /// `w: [Cout, Cin, K, K]`, flipped and transposed here -> `[N, Cin, H, W]`.
 fn forward_adjoint<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
     let (cout, cin, k) = (g.cin, g.cout, g.k);
+    let mut out = vec![T::from_f64(0.); g.n * g.cout * g.ho * g.wo];
     if conv3x3::applies(g) {
-        return conv3x3::forward(g, &[grad], &conv3x3::pack_kernel(w, cout, cin, true));
+        let wp = conv3x3::pack_kernel(w, cout, cin, true);
+        conv3x3::forward(g, &[grad], &wp, &mut out, false);
+        return out;
     }
     // [Cout, Cin, K, K] -> [Cin, Cout, K, K], flipped spatially
     let mut wt = Vec::with_capacity(w.len());
@@ -265,12 +284,14 @@ fn forward_adjoint<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
             }
         }
     }
-    forward_im2col(g, &[grad], &wt)
+    forward_im2col(g, &[grad], &wt, &mut out, false);
+    out
 }
 
-fn forward_im2col<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
+/// `out: [N, Cout, Ho, Wo]` = (with `accumulate`, `out +`) the convolution, by im2col tiles.
+fn forward_im2col<T: Elem>(g: &Geom, x: &[&[T]], w: &[T], out: &mut [T], accumulate: bool) {
     let out_len = g.cout * g.ho * g.wo;
-    let mut out = vec![T::from_f64(0.); g.n * out_len];
+    assert_eq!(out.len(), g.n * out_len);
     let (items, rows, par) = plan::<T>(g);
     let tiles = items / g.n;
     let dst = SyncPtr(out.as_mut_ptr());
@@ -289,14 +310,14 @@ fn forward_im2col<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
                     dst.get().add(b * out_len + y0 * g.wo),
                     1,
                     (g.ho * g.wo) as isize,
-                    false,
+                    accumulate,
                     w.as_ptr(),
                     1,
                     g.ckk() as isize,
                     col,
                     1,
                     col_rs as isize,
-                    T::from_f64(0.),
+                    T::from_f64(1.),
                     T::from_f64(1.),
                     false,
                     false,
@@ -306,7 +327,6 @@ fn forward_im2col<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
             }
         })
     });
-    out
 }
 
 /// Weight gradient: `x: [N, Cin, H, W]` as channel blocks (see [`forward`]), `grad: [N, Cout,

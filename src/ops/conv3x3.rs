@@ -77,12 +77,12 @@ fn shifted_planes<T: Elem>(g: &Geom, img: &[&[T]], y0: usize, y1: usize, x3: &mu
 }
 
 /// Forward pass: `x: [N, Cin, H, W]` as channel blocks (see `conv::forward`), `wp` from
-/// [`pack_kernel`] -> `[N, Cout, H, W]`.
-pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], wp: &[T]) -> Vec<T> {
+/// [`pack_kernel`] -> `out: [N, Cout, H, W]` (with `accumulate`, added to what `out` holds).
+pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], wp: &[T], out: &mut [T], accumulate: bool) {
     debug_assert!(applies(g) && wp.len() == 9 * g.cout * g.cin);
     let (c3, hw) = (3 * g.cin, g.h * g.w);
     let out_len = g.cout * hw;
-    let mut out = vec![T::from_f64(0.); g.n * out_len];
+    assert_eq!(out.len(), g.n * out_len);
     // bands of about TILE_BYTES of shifted planes, at least ~4 per thread
     let pix = (TILE_BYTES / (c3 * std::mem::size_of::<T>())).max(1);
     let want = 4 * rayon::current_num_threads();
@@ -116,7 +116,7 @@ pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], wp: &[T]) -> Vec<T> {
                         dst.get().add(b * out_len + y0 * g.w),
                         1,
                         hw as isize,
-                        kh > 0,
+                        kh > 0 || accumulate,
                         wp.as_ptr().add(kh * g.cout * c3),
                         1,
                         c3 as isize,
@@ -134,7 +134,6 @@ pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], wp: &[T]) -> Vec<T> {
             }
         })
     });
-    out
 }
 
 #[cfg(test)]
@@ -207,7 +206,18 @@ mod tests {
             let w = values(cout * cin * 9, 2);
             let g = Geom::new(&[n, cin, h, wd], &[cout, cin, 3, 3], 1).unwrap();
             let want = direct(&x, &w, (n, cin, h, wd, cout));
-            let got = forward(&g, &[&x], &pack_kernel(&w, cout, cin, false));
+            let run = |parts: &[&[f64]]| {
+                let mut out = vec![0.; want.len()];
+                forward(
+                    &g,
+                    parts,
+                    &pack_kernel(&w, cout, cin, false),
+                    &mut out,
+                    false,
+                );
+                out
+            };
+            let got = run(&[&x]);
             assert!(
                 max_abs_diff(&got, &want) < 1e-12,
                 "{:?}",
@@ -220,7 +230,7 @@ mod tests {
                 a.extend_from_slice(&img[..hw]);
                 b.extend_from_slice(&img[hw..]);
             }
-            let got = forward(&g, &[&a, &b], &pack_kernel(&w, cout, cin, false));
+            let got = run(&[&a, &b]);
             assert!(max_abs_diff(&got, &want) < 1e-12);
         }
     }

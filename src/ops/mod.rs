@@ -21,6 +21,7 @@
 mod batch_norm;
 mod conv;
 mod conv3x3;
+mod conv_bias;
 mod conv_cat_up;
 mod depthwise;
 pub mod fast_math;
@@ -32,6 +33,7 @@ mod upsample;
 
 pub use batch_norm::{batch_norm_train, channel_stats};
 pub use conv::conv2d;
+pub use conv_bias::conv2d_bias;
 pub use conv_cat_up::conv2d_cat_up;
 pub use depthwise::depthwise_conv2d;
 pub use gelu::gelu_erf;
