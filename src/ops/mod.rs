@@ -28,6 +28,7 @@ pub mod fast_math;
 mod gelu;
 mod layer_norm;
 mod pool;
+mod rows;
 mod softmax;
 mod upsample;
 
@@ -39,6 +40,7 @@ pub use depthwise::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::add_layer_norm;
 pub use pool::max_pool2x2;
+pub use rows::add_to_rows;
 pub use softmax::{softmax_columns_t, softmax_groups};
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 

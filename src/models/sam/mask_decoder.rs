@@ -121,9 +121,8 @@ impl MaskDecoder {
 
         // the image tokens channels last, plus the dense prompt: [B, HW, C]
         let (_, _, h, w) = image_embeddings.dims4()?;
-        let image = image_embeddings.flatten_from(2)?.transpose(1, 2)?; // [1, HW, C]
-        let dense = dense.flatten_from(2)?.transpose(1, 2)?; // [B, HW, C]
-        let src = image.broadcast_add(&dense)?.contiguous()?;
+        // [1, C, H, W] + [B, C, H, W] -> [B, HW, C]
+        let src = crate::ops::add_to_rows(image_embeddings, dense)?;
         let (hs, src) = self.transformer.forward(&src, image_pe, &tokens)?; // [B, T, C], [B, HW, C]
         let iou_token_out = hs.i((.., 0))?; // [B, C]
         let mask_tokens_out = hs.i((.., 1..1 + self.num_mask_tokens))?; // [B, 4, C]
