@@ -1,16 +1,16 @@
-//! Our own tensor ops where candle 0.11.1 is wrong or lacks a backward pass.
+//! Our own tensor ops where candle 0.11.1 is wrong, slow, or lacks a backward pass.
 //!
-//! Pooling and upsampling are built from candle primitives whose backward pass is correct
-//! (narrow, cat, reshape, broadcast, affine, add, max-reduce), so autograd through them
-//! accumulates gradients properly when a tensor feeds several consumers (every U-Net++
-//! node does). `conv2d` is a custom op (cache-tiled im2col + gemm on CPU, with an input
-//! gradient computed as a convolution instead of candle's slow direct-loop
-//! `conv_transpose2d`; other devices use candle's conv). Each op has a finite-difference
-//! gradient test, and the whole model has one in `tests/it/gradcheck.rs`. `conv2d_cat_up` is a
-//! U-Net++ decoder node's first convolution over `cat([skips, up(below)])` without building or
-//! keeping the concatenation (checked against the composition, values and gradients).
-//! `depthwise_conv2d`, `gelu_erf`, `add_layer_norm` and the two attention softmaxes are
-//! forward-only (all threads), for SAM; `fast_math` holds their vectorised `exp`/`erf`.
+//! Each op with a gradient has a finite-difference test, and the whole model has one in
+//! `tests/it/gradcheck.rs`; every CPU op is also checked against the candle composition it
+//! replaces or a direct reference (other devices use that composition). `conv2d` is a custom op: 3x3 with padding 1
+//! as three gemms over kw-shifted planes (`conv3x3`), other kernels by cache-tiled im2col +
+//! gemm; the input gradient is itself such a convolution (instead of candle's direct-loop
+//! `conv_transpose2d`) and the kernel gradient is accumulated tile by tile. `conv2d_cat_up`
+//! is a U-Net++ decoder node's first convolution over `cat([skips, up(below)])` without
+//! building or keeping the concatenation. `max_pool2x2`, the bilinear upsampling and the
+//! training BatchNorm are one pass each way. `conv2d_bias`, `depthwise_conv2d`, `gelu_erf`,
+//! `add_layer_norm`, `add_to_rows` and the two attention softmaxes are forward-only (all
+//! threads), for SAM; `fast_math` holds their vectorised `exp`/`erf`.
 //!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;
