@@ -84,14 +84,10 @@ impl AdamW {
                 && theta.is_contiguous();
             if fused {
                 let g = g.contiguous()?.flatten_all()?;
-                slot.mv.inplace_op2(&g, &Moments { cfg: c })?;
-                let apply = Apply {
-                    cfg: c,
-                    lr,
-                    bc1,
-                    bc2,
-                };
-                theta.inplace_op2(&slot.mv, &apply)?;
+                let pass = Pass::Moments;
+                slot.mv.inplace_op2(&g, &Update { cfg: c, pass })?;
+                let pass = Pass::Apply { lr, bc1, bc2 };
+                theta.inplace_op2(&slot.mv, &Update { cfg: c, pass })?;
                 continue;
             }
             let shape = theta.shape();
@@ -160,14 +156,54 @@ impl AdamW {
 /// Elements per parallel task of the in-place passes.
 const CHUNK: usize = 1 << 16;
 
-/// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` in place on `mv: [2, n]`, `g: [n]`.
-struct Moments {
-    cfg: AdamWConfig,
+/// The two in-place passes of a step on the CPU.
+enum Pass {
+    /// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` on `mv: [2, n]`, from `g: [n]`.
+    Moments,
+    /// `theta = theta (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)`, from `mv: [2, n]`.
+    Apply { lr: f64, bc1: f64, bc2: f64 },
 }
 
-impl InplaceOp2 for Moments {
+/// One [`Pass`] as an in-place op: `(destination, source)`.
+struct Update {
+    cfg: AdamWConfig,
+    pass: Pass,
+}
+
+impl Update {
+    fn run<T: candle_core::WithDType>(&self, dst: &mut [T], src: &[T]) {
+        let c = self.cfg;
+        match self.pass {
+            Pass::Moments => {
+                let (m, v) = dst.split_at_mut(src.len());
+                let chunks = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
+                chunks.zip(src.par_chunks(CHUNK)).for_each(|((m, v), g)| {
+                    for ((m, v), g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                        let g = g.to_f64();
+                        *m = T::from_f64(c.beta1 * m.to_f64() + (1. - c.beta1) * g);
+                        *v = T::from_f64(c.beta2 * v.to_f64() + (1. - c.beta2) * g * g);
+                    }
+                });
+            }
+            Pass::Apply { lr, bc1, bc2 } => {
+                let (m, v) = src.split_at(dst.len());
+                let decay = 1. - lr * c.weight_decay;
+                let chunks = dst.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK));
+                chunks.zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
+                    for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                        let (m_hat, v_hat) = (m.to_f64() / bc1, v.to_f64() / bc2);
+                        let update = m_hat / (v_hat.sqrt() + c.eps);
+                        *p = T::from_f64(p.to_f64() * decay - update * lr);
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl InplaceOp2 for Update {
     fn name(&self) -> &'static str {
-        "medmine-adamw-moments"
+        "medmine-adamw"
     }
 
     fn cpu_fwd(
@@ -177,85 +213,22 @@ impl InplaceOp2 for Moments {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        fn run<T: candle_core::WithDType>(mv: &mut [T], g: &[T], (b1, b2): (f64, f64)) {
-            let (m, v) = mv.split_at_mut(g.len());
-            let chunks = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
-            chunks.zip(g.par_chunks(CHUNK)).for_each(|((m, v), g)| {
-                for ((m, v), g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                    let g = g.to_f64();
-                    *m = T::from_f64(b1 * m.to_f64() + (1. - b1) * g);
-                    *v = T::from_f64(b2 * v.to_f64() + (1. - b2) * g * g);
-                }
-            });
-        }
-        let (Some((a0, a1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        let (Some((d0, d1)), Some((s0, s1_))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
         else {
             bail!("adamw: operands must be contiguous")
         };
-        if a1 - a0 != 2 * (g1 - g0) {
-            bail!(
-                "adamw: moments {:?} do not fit gradient {:?}",
-                l1.dims(),
-                l2.dims()
-            )
-        }
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(g)) => run(&mut a[a0..a1], &g[g0..g1], (b1, b2)),
-            (CpuStorage::F64(a), CpuStorage::F64(g)) => run(&mut a[a0..a1], &g[g0..g1], (b1, b2)),
-            (a, _) => bail!("adamw: f32 or f64 expected, got {:?}", a.dtype()),
-        }
-        Ok(())
-    }
-}
-
-/// `theta = theta (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)` in place, from `mv: [2, n]`.
-struct Apply {
-    cfg: AdamWConfig,
-    lr: f64,
-    bc1: f64,
-    bc2: f64,
-}
-
-impl InplaceOp2 for Apply {
-    fn name(&self) -> &'static str {
-        "medmine-adamw-apply"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        fn run<T: candle_core::WithDType>(theta: &mut [T], mv: &[T], op: &Apply) {
-            let (m, v) = mv.split_at(theta.len());
-            let decay = 1. - op.lr * op.cfg.weight_decay;
-            let chunks = theta.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK));
-            chunks.zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
-                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                    let (m_hat, v_hat) = (m.to_f64() / op.bc1, v.to_f64() / op.bc2);
-                    let update = m_hat / (v_hat.sqrt() + op.cfg.eps);
-                    *p = T::from_f64(p.to_f64() * decay - update * op.lr);
-                }
-            });
-        }
-        let (Some((p0, p1)), Some((a0, a1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("adamw: operands must be contiguous")
+        // the moments are twice the size of the gradient or the variable
+        let fits = match self.pass {
+            Pass::Moments => d1 - d0 == 2 * (s1_ - s0),
+            Pass::Apply { .. } => s1_ - s0 == 2 * (d1 - d0),
         };
-        if a1 - a0 != 2 * (p1 - p0) {
-            bail!(
-                "adamw: moments {:?} do not fit variable {:?}",
-                l2.dims(),
-                l1.dims()
-            )
+        if !fits {
+            bail!("adamw: {:?} does not fit {:?}", l1.dims(), l2.dims())
         }
         match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(a)) => run(&mut p[p0..p1], &a[a0..a1], self),
-            (CpuStorage::F64(p), CpuStorage::F64(a)) => run(&mut p[p0..p1], &a[a0..a1], self),
-            (p, _) => bail!("adamw: f32 or f64 expected, got {:?}", p.dtype()),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.run(&mut d[d0..d1], &s[s0..s1_]),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => self.run(&mut d[d0..d1], &s[s0..s1_]),
+            (d, _) => bail!("adamw: f32 or f64 expected, got {:?}", d.dtype()),
         }
         Ok(())
     }
