@@ -8,7 +8,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::conv::{forward, input_grad, weight_grad, Elem, Geom};
+use super::conv::{forward, Elem, Geom};
+use super::conv_grad::{input_grad, weight_grad};
 use super::upsample::{bilinear_planes, Bilinear2x};
 use super::{conv2d, cpu_slice, upsample_bilinear2x};
 
