@@ -24,12 +24,20 @@ pub fn add_to_rows(image: &Tensor, dense: &Tensor) -> Result<Tensor> {
         let dense = dense.flatten_from(2)?.transpose(1, 2)?; // [B, HW, C]
         return image.broadcast_add(&dense)?.contiguous();
     }
-    image
-        .contiguous()?
-        .apply_op2_no_bwd(&dense.contiguous()?, &AddToRows)
+    let image = image.contiguous()?;
+    if dense.stride()[2..] == [0, 0] {
+        // one value per (batch element, channel) broadcast over the grid (SAM's "no mask"
+        // embedding): read as [B, C] instead of materialising [B, C, H, W]
+        let per_channel = dense.narrow(2, 0, 1)?.narrow(3, 0, 1)?.contiguous()?;
+        return image.apply_op2_no_bwd(&per_channel, &AddToRows { per_channel: true });
+    }
+    image.apply_op2_no_bwd(&dense.contiguous()?, &AddToRows { per_channel: false })
 }
 
-struct AddToRows;
+/// With `per_channel`, the dense operand is `[B, C, 1, 1]`.
+struct AddToRows {
+    per_channel: bool,
+}
 
 /// Rows per task of the transpose.
 const BLOCK: usize = 32;
@@ -52,24 +60,34 @@ impl CustomOp2 for AddToRows {
         let image = super::cpu_slice::<f32>(s1, l1, "add_to_rows")?;
         let dense = super::cpu_slice::<f32>(s2, l2, "add_to_rows")?;
         let mut out = vec![0f32; b * hw * c];
+        let per_channel = self.per_channel;
         // one task per (batch element, block of BLOCK rows): all channels of those rows
-        let per_image = out.par_chunks_mut(hw * c).zip(dense.par_chunks(c * hw));
-        per_image.for_each(|(out, d)| {
-            out.par_chunks_mut(BLOCK * c)
-                .enumerate()
-                .for_each(|(block, rows)| {
-                    let (p0, n) = (block * BLOCK, rows.len() / c);
-                    // the block's rows (BLOCK x C values) stay in L1 while every channel
-                    // is read contiguously
-                    for ch in 0..c {
-                        let src_i = &image[ch * hw + p0..ch * hw + p0 + n];
-                        let src_d = &d[ch * hw + p0..ch * hw + p0 + n];
-                        for (p, (a, b)) in src_i.iter().zip(src_d).enumerate() {
-                            rows[p * c + ch] = a + b;
+        out.par_chunks_mut(hw * c)
+            .enumerate()
+            .for_each(|(bi, out)| {
+                out.par_chunks_mut(BLOCK * c)
+                    .enumerate()
+                    .for_each(|(block, rows)| {
+                        let (p0, n) = (block * BLOCK, rows.len() / c);
+                        // the block's rows (BLOCK x C values) stay in L1 while every channel
+                        // is read contiguously
+                        for ch in 0..c {
+                            let src_i = &image[ch * hw + p0..ch * hw + p0 + n];
+                            if per_channel {
+                                let d = dense[bi * c + ch];
+                                for (p, a) in src_i.iter().enumerate() {
+                                    rows[p * c + ch] = a + d;
+                                }
+                            } else {
+                                let at = (bi * c + ch) * hw + p0;
+                                let src_d = &dense[at..at + n];
+                                for (p, (a, d)) in src_i.iter().zip(src_d).enumerate() {
+                                    rows[p * c + ch] = a + d;
+                                }
+                            }
                         }
-                    }
-                });
-        });
+                    });
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, hw, c))))
     }
 }
@@ -93,6 +111,15 @@ mod tests {
                 .broadcast_add(&dense.flatten_from(2)?.transpose(1, 2)?)?;
             let got = add_to_rows(&image, &dense)?;
             assert_eq!(got.dims(), &[b, h * w, c]);
+            assert_eq!(max_abs_diff(&got, &want), 0.);
+            // a per-channel value broadcast over the grid (read without materialising it)
+            let per_channel = Tensor::randn(0f32, 1., (b, c, 1, 1), &dev)?;
+            let dense = per_channel.broadcast_as((b, c, h, w))?;
+            let want = image
+                .flatten_from(2)?
+                .transpose(1, 2)?
+                .broadcast_add(&dense.contiguous()?.flatten_from(2)?.transpose(1, 2)?)?;
+            let got = add_to_rows(&image, &dense)?;
             assert_eq!(max_abs_diff(&got, &want), 0.);
         }
         let bad = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev)?;

@@ -168,11 +168,11 @@ impl PromptEncoder {
         };
         let dense = match masks {
             Some(m) => self.embed_masks(m)?,
+            // a broadcast view: the decoder reads it per channel (`ops::add_to_rows`)
             None => self
                 .no_mask_embed
                 .reshape((1, self.embed_dim, 1, 1))?
-                .broadcast_as((bs, self.embed_dim, EMBED_SIZE, EMBED_SIZE))?
-                .contiguous()?,
+                .broadcast_as((bs, self.embed_dim, EMBED_SIZE, EMBED_SIZE))?,
         };
         Ok((sparse, dense))
     }
