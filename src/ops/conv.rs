@@ -49,7 +49,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
 /// Output bytes of one im2col tile aimed at. 1 MiB measured best of 256 KiB to 4 MiB on the
 /// 2-core EPYC (U-Net++ training step 128/8/32 about 5% faster than with 256 KiB, 256/4/32 the
 /// same): fewer, larger gemm calls, each packing the kernel once.
-pub(super) const TILE_BYTES: usize = 1024 * 1024;
+const TILE_BYTES: usize = 1024 * 1024;
 
 /// Shapes of one convolution; `new` validates them.
 #[derive(Debug, Clone, Copy)]
@@ -104,10 +104,10 @@ impl Geom {
         self.k == 1 && self.pad == 0
     }
 
-    /// Output rows per work item: tiles of about `TILE_BYTES`, but at least ~4 items per
-    /// thread so rayon can balance the load.
-    fn rows_per_tile(&self, elem: usize) -> usize {
-        let pix = (TILE_BYTES / (self.ckk() * elem)).max(1);
+    /// Output rows per work item: tiles of about `TILE_BYTES` of scratch (`bytes_per_pixel` of
+    /// it per output pixel), but at least ~4 items per thread so rayon can balance the load.
+    fn rows_per_tile(&self, bytes_per_pixel: usize) -> usize {
+        let pix = (TILE_BYTES / bytes_per_pixel).max(1);
         let rows = (pix / self.wo).clamp(1, self.ho);
         let want = 4 * rayon::current_num_threads();
         rows.min((self.n * self.ho).div_ceil(want).max(1))
@@ -217,8 +217,10 @@ pub(super) fn with_cols<T: Elem, R>(
 }
 
 /// `(work items, rows per item, gemm parallelism)` for a pass over all (image, row band)s.
-pub(super) fn plan<T>(g: &Geom) -> (usize, usize, Parallelism) {
-    let rows = g.rows_per_tile(std::mem::size_of::<T>());
+///
+/// `scratch_per_pixel`: scratch elements per output pixel (im2col: `Cin*K*K`).
+pub(super) fn plan<T>(g: &Geom, scratch_per_pixel: usize) -> (usize, usize, Parallelism) {
+    let rows = g.rows_per_tile(scratch_per_pixel * std::mem::size_of::<T>());
     let items = g.n * g.ho.div_ceil(rows);
     // too few items to keep every thread busy: let gemm split them further
     let par = if items < rayon::current_num_threads() {
@@ -237,6 +239,50 @@ pub(super) fn image<'a, T>(g: &Geom, x: &[&'a [T]], b: usize) -> Vec<&'a [T]> {
             &part[b * len..(b + 1) * len]
         })
         .collect()
+}
+
+/// Which pass of a convolution [`run_pass`] computes from two CPU operands.
+#[derive(Clone, Copy)]
+pub(super) enum Pass {
+    /// `(x, w) -> y`, see [`forward`].
+    Forward,
+    /// `(grad, w) -> dx` with the forward kernel, see `conv_grad::forward_adjoint`.
+    InputGrad,
+    /// `(x, grad) -> dw`, see `conv_grad::weight_grad`.
+    WeightGrad,
+}
+
+/// `pass` with geometry `g` on two contiguous f32 or f64 operands (`what` names the op in
+/// errors).
+pub(super) fn run_pass(
+    pass: Pass,
+    g: &Geom,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    what: &str,
+) -> Result<CpuStorage> {
+    fn typed<T: Elem>(pass: Pass, g: &Geom, a: &[T], b: &[T]) -> Vec<T> {
+        match pass {
+            Pass::Forward => forward(g, &[a], b),
+            Pass::InputGrad => super::conv_grad::forward_adjoint(g, a, b),
+            Pass::WeightGrad => super::conv_grad::weight_grad(g, &[a], b),
+        }
+    }
+    Ok(match s1.dtype() {
+        DType::F32 => f32::to_cpu_storage_owned(typed(
+            pass,
+            g,
+            super::cpu_slice::<f32>(s1, l1, what)?,
+            super::cpu_slice::<f32>(s2, l2, what)?,
+        )),
+        DType::F64 => f64::to_cpu_storage_owned(typed(
+            pass,
+            g,
+            super::cpu_slice::<f64>(s1, l1, what)?,
+            super::cpu_slice::<f64>(s2, l2, what)?,
+        )),
+        dt => bail!("{what}: f32 or f64 expected, got {dt:?}"),
+    })
 }
 
 /// Forward pass: `x: [N, Cin, H, W]` as channel blocks `[N, C_i, H, W]` (their concatenation
@@ -275,7 +321,7 @@ pub(super) fn forward_im2col<T: Elem>(
 ) {
     let out_len = g.cout * g.ho * g.wo;
     assert_eq!(out.len(), g.n * out_len);
-    let (items, rows, par) = plan::<T>(g);
+    let (items, rows, par) = plan::<T>(g, g.ckk());
     let tiles = items / g.n;
     let dst = SyncPtr(out.as_mut_ptr());
     (0..items).into_par_iter().for_each(|item| {
@@ -331,19 +377,7 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.padding)?;
         let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
-        let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(forward(
-                &g,
-                &[super::cpu_slice::<f32>(s1, l1, "conv2d")?],
-                super::cpu_slice::<f32>(s2, l2, "conv2d")?,
-            )),
-            DType::F64 => f64::to_cpu_storage_owned(forward(
-                &g,
-                &[super::cpu_slice::<f64>(s1, l1, "conv2d")?],
-                super::cpu_slice::<f64>(s2, l2, "conv2d")?,
-            )),
-            dt => bail!("conv2d: f32 or f64 expected, got {dt:?}"),
-        };
+        let out = run_pass(Pass::Forward, &g, (s1, l1), (s2, l2), "conv2d")?;
         Ok((out, shape))
     }
 

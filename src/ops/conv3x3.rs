@@ -9,10 +9,9 @@
 //! K = 3 Cin instead of one with K = 9 Cin over a third of the copying. Measured on the 2-core
 //! EPYC over the convolutions of a U-Net++ training step (128/8/32, forward and input
 //! gradients): 12% less time than the im2col path.
-use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{image, Elem, Geom, SyncPtr, TILE_BYTES};
+use super::conv::{image, plan, Elem, Geom, SyncPtr};
 
 /// Whether [`forward`] computes this convolution.
 pub(super) fn applies(g: &Geom) -> bool {
@@ -83,19 +82,9 @@ pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], wp: &[T], out: &mut [T], ac
     let (c3, hw) = (3 * g.cin, g.h * g.w);
     let out_len = g.cout * hw;
     assert_eq!(out.len(), g.n * out_len);
-    // bands of about TILE_BYTES of shifted planes, at least ~4 per thread
-    let pix = (TILE_BYTES / (c3 * std::mem::size_of::<T>())).max(1);
-    let want = 4 * rayon::current_num_threads();
-    let rows = (pix / g.w)
-        .clamp(1, g.h)
-        .min((g.n * g.h).div_ceil(want).max(1));
-    let tiles = g.h.div_ceil(rows);
-    let items = g.n * tiles;
-    let par = if items < rayon::current_num_threads() {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
+    // bands of about TILE_BYTES of shifted planes (3 Cin values per output pixel)
+    let (items, rows, par) = plan::<T>(g, c3);
+    let tiles = items / g.n;
     let dst = SyncPtr(out.as_mut_ptr());
     (0..items).into_par_iter().for_each(|item| {
         let (b, y0) = (item / tiles, (item % tiles) * rows);

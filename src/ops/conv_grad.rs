@@ -1,17 +1,16 @@
 //! The gradients of the stride-1 convolution of `conv`: the input gradient is itself a
 //! convolution of the output gradient (with the flipped, transposed kernel; 3x3 with padding
 //! 1 through `conv3x3`), the kernel gradient a sum over im2col tiles.
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{forward_im2col, image, plan, with_cols, Elem, Geom};
+use super::conv::{forward_im2col, image, plan, run_pass, with_cols, Elem, Geom, Pass};
 use super::conv3x3;
 
 /// The input gradient's convolution: `grad: [N, Cout, Ho, Wo]` with geometry `g` (its `cin`
 /// is the forward pass's Cout, its `cout` the forward Cin) and the *forward* kernel
 /// `w: [Cout, Cin, K, K]`, flipped and transposed here -> `[N, Cin, H, W]`.
-fn forward_adjoint<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
+pub(super) fn forward_adjoint<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
     let (cout, cin, k) = (g.cin, g.cout, g.k);
     let mut out = vec![T::from_f64(0.); g.n * g.cout * g.ho * g.wo];
     if conv3x3::applies(g) {
@@ -53,7 +52,7 @@ pub(super) fn weight_grad<T: Elem>(g: &Geom, x: &[&[T]], grad: &[T]) -> Vec<T> {
     } else {
         (1, g.ckk() as isize)
     };
-    let (items, rows, par) = plan::<T>(g);
+    let (items, rows, par) = plan::<T>(g, g.ckk());
     let tiles = items / g.n;
     let chunks = items.min(2 * rayon::current_num_threads()).max(1);
     let partial: Vec<Vec<T>> = (0..chunks)
@@ -152,19 +151,7 @@ impl CustomOp2 for InputGrad {
         };
         let g = Geom::new(l1.dims(), &[cin, cout, k, k2], self.padding)?;
         let shape = Shape::from((g.n, g.cout, g.ho, g.wo));
-        let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(forward_adjoint(
-                &g,
-                super::cpu_slice::<f32>(s1, l1, "conv2d input grad")?,
-                super::cpu_slice::<f32>(s2, l2, "conv2d input grad")?,
-            )),
-            DType::F64 => f64::to_cpu_storage_owned(forward_adjoint(
-                &g,
-                super::cpu_slice::<f64>(s1, l1, "conv2d input grad")?,
-                super::cpu_slice::<f64>(s2, l2, "conv2d input grad")?,
-            )),
-            dt => bail!("conv2d input grad: f32 or f64 expected, got {dt:?}"),
-        };
+        let out = run_pass(Pass::InputGrad, &g, (s1, l1), (s2, l2), "conv2d input grad")?;
         Ok((out, shape))
     }
 }
@@ -196,19 +183,13 @@ impl CustomOp2 for WeightGrad {
             bail!("conv2d weight grad: gradient {g_dims:?} does not fit input {x_dims:?}")
         }
         let shape = Shape::from((cout, cin, self.k, self.k));
-        let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(weight_grad(
-                &g,
-                &[super::cpu_slice::<f32>(s1, l1, "conv2d")?],
-                super::cpu_slice::<f32>(s2, l2, "conv2d")?,
-            )),
-            DType::F64 => f64::to_cpu_storage_owned(weight_grad(
-                &g,
-                &[super::cpu_slice::<f64>(s1, l1, "conv2d")?],
-                super::cpu_slice::<f64>(s2, l2, "conv2d")?,
-            )),
-            dt => bail!("conv2d weight grad: f32 or f64 expected, got {dt:?}"),
-        };
+        let out = run_pass(
+            Pass::WeightGrad,
+            &g,
+            (s1, l1),
+            (s2, l2),
+            "conv2d weight grad",
+        )?;
         Ok((out, shape))
     }
 }

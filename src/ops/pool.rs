@@ -1,6 +1,6 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -85,19 +85,14 @@ impl CustomOp1 for MaxPool2x2 {
 
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(
-            &grad,
-            &MaxPoolGrad { y: res.clone() },
-        )?))
+        Ok(Some(x.apply_op3_no_bwd(res, &grad, &MaxPoolGrad)?))
     }
 }
 
-/// `(x, grad) -> dx` of [`MaxPool2x2`]; `y` is its output.
-struct MaxPoolGrad {
-    y: Tensor,
-}
+/// `(x, y, grad) -> dx` of [`MaxPool2x2`], `y` its output.
+struct MaxPoolGrad;
 
-impl CustomOp2 for MaxPoolGrad {
+impl CustomOp3 for MaxPoolGrad {
     fn name(&self) -> &'static str {
         "medmine-max-pool-2x2-grad"
     }
@@ -108,19 +103,17 @@ impl CustomOp2 for MaxPoolGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, _, h, w) = l1.shape().dims4()?;
-        let (y_storage, y_layout) = self.y.storage_and_layout();
-        let candle_core::Storage::Cpu(ys) = &*y_storage else {
-            bail!("max pool grad: the output is not on the CPU")
-        };
-        if l2.dims() != y_layout.dims()
-            || 4 * l2.shape().elem_count() != l1.shape().elem_count()
+        if l2.dims() != l3.dims()
+            || 4 * l3.shape().elem_count() != l1.shape().elem_count()
             || h % 2 != 0
         {
             bail!(
                 "max pool grad: gradient {:?} does not fit input {:?}",
-                l2.dims(),
+                l3.dims(),
                 l1.dims()
             )
         }
@@ -128,14 +121,14 @@ impl CustomOp2 for MaxPoolGrad {
         let dx = match s1.dtype() {
             DType::F32 => f32::to_cpu_storage_owned(pool_grad(
                 super::cpu_slice(s1, l1, what)?,
-                super::cpu_slice(ys, y_layout, what)?,
                 super::cpu_slice(s2, l2, what)?,
+                super::cpu_slice(s3, l3, what)?,
                 w,
             )),
             DType::F64 => f64::to_cpu_storage_owned(pool_grad(
                 super::cpu_slice(s1, l1, what)?,
-                super::cpu_slice(ys, y_layout, what)?,
                 super::cpu_slice(s2, l2, what)?,
+                super::cpu_slice(s3, l3, what)?,
                 w,
             )),
             dt => bail!("max pool grad: f32 or f64 expected, got {dt:?}"),

@@ -97,7 +97,7 @@ impl Module for Conv2dBN {
             return crate::ops::depthwise_conv2d(xs, &self.weight, &self.bias, c.stride, c.padding);
         }
         if c.groups == 1 && c.stride == 1 && c.dilation == 1 {
-            // the 1x1 ones: gemm on the image in place, onto the bias
+            // stride 1 (the 1x1s): gemm on the image in place, onto the bias
             return crate::ops::conv2d_bias(xs, &self.weight, &self.bias, c.padding);
         }
         xs.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
