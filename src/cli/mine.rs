@@ -103,6 +103,11 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
         &cfg,
         &device,
         &mut |done, total| {
+            if done == 0 {
+                // The images are chosen: from here on a person's review of one of them wins.
+                println!("selected {total} images");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         },
@@ -126,6 +131,7 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
     if a.auto_accept.is_some() {
         println!("auto-accepted       {}", s.auto_accepted.len());
     }
+    println!("skipped: reviewed meanwhile {}", s.skipped_reviewed.len());
     if s.cancelled {
         println!("cancelled: the images mined so far are stored");
     }

@@ -35,7 +35,7 @@ use crate::models::sam::{load_sam, EmbeddingCache, SamError, SamPredictor, Varia
 use crate::models::unetpp::InferenceMode;
 use crate::predict::Predictor;
 use crate::prompts::{PromptConfig, PromptError};
-use crate::store::{quality_score, Actor, NewPseudoLabel, Project, ReviewState, Role, StoreError};
+use crate::store::{quality_score, Actor, MachineWrite, NewPseudoLabel, Project, Role, StoreError};
 use crate::train::checkpoint::CheckpointError;
 
 /// Where to get SAM weights, for the "no checkpoint" message.
@@ -175,6 +175,10 @@ pub struct MiningSummary {
     pub component_count_changed: usize,
     /// Images accepted by `auto_accept`.
     pub auto_accepted: Vec<String>,
+    /// Images a person reviewed while this pass worked on them ("skipped: reviewed
+    /// meanwhile"): their pseudo-label or their auto-acceptance was not stored (see
+    /// [`crate::store::MachineWrite`]).
+    pub skipped_reviewed: Vec<String>,
     /// Stopped by the cancel flag before the end.
     pub cancelled: bool,
 }
@@ -202,8 +206,12 @@ fn is_eight_bit(path: &Path) -> bool {
 }
 
 /// Mines every unlabelled image of `project` (see the module doc for which ones and how
-/// rounds are stored). `progress(done, total)` after each candidate image; `cancel` is checked
-/// before each one (what is stored stays stored).
+/// rounds are stored). `progress(0, total)` once the images are selected, then
+/// `progress(done, total)` after each candidate image; `cancel` is checked before each one
+/// (what is stored stays stored). Each image's pseudo-labels, and its auto-acceptance, are
+/// stored only if no person changed the image since it was selected
+/// ([`Project::add_pseudo_labels_if`], [`Project::accept_if`]); otherwise it is counted in
+/// [`MiningSummary::skipped_reviewed`].
 pub fn mine_project(
     project: &mut Project,
     unet_checkpoint: &Path,
@@ -238,7 +246,7 @@ pub fn mine_project(
     let unet_id = unet_checkpoint.display().to_string();
 
     let mut summary = MiningSummary::default();
-    let mut todo: Vec<(String, i64)> = Vec::new(); // (image, first round to store)
+    let mut todo: Vec<(String, i64)> = Vec::new(); // (image, revision when selected)
     for rec in project.images()? {
         if rec.role != Role::Unlabelled {
             continue;
@@ -248,23 +256,24 @@ pub fn mine_project(
             image: rec.name.clone(),
             source,
         };
-        let base = match project.latest_pseudo_label(&rec.name).map_err(at)? {
-            None => 0,
-            Some(p) => {
-                let state = project.review(&rec.name).map_err(at)?.state;
-                if !cfg.remine || state.is_accepted() {
-                    summary.already_mined.push(rec.name);
-                    continue;
-                }
-                p.round + 1
-            }
-        };
-        todo.push((rec.name, base));
+        let review = project.review(&rec.name).map_err(at)?;
+        if project
+            .latest_pseudo_label(&rec.name)
+            .map_err(at)?
+            .is_some()
+            && (!cfg.remine || review.state.is_accepted())
+        {
+            summary.already_mined.push(rec.name);
+            continue;
+        }
+        todo.push((rec.name, review.revision));
     }
 
     let total = todo.len();
-    let mut finals: Vec<(String, f64, f64, f64, f64)> = Vec::new(); // name, q, iou, stab, agr
-    for (done, (name, base)) in todo.into_iter().enumerate() {
+    progress(0, total);
+    // name, revision after the write, q, iou, stab, agr
+    let mut finals: Vec<(String, i64, f64, f64, f64, f64)> = Vec::new();
+    for (done, (name, selected_revision)) in todo.into_iter().enumerate() {
         if cancel.load(Ordering::Relaxed) {
             summary.cancelled = true;
             break;
@@ -339,9 +348,12 @@ pub fn mine_project(
             progress(done + 1, total);
             continue;
         };
-        for (k, r) in mined.rounds.iter().enumerate() {
-            let label = NewPseudoLabel {
-                round: base + k as i64,
+        let labels: Vec<NewPseudoLabel> = mined
+            .rounds
+            .iter()
+            .enumerate()
+            .map(|(k, r)| NewPseudoLabel {
+                round: k as i64,
                 mask: r.mask.clone(),
                 prompts: r.prompts.clone(),
                 sam_iou: Some(r.sam_iou),
@@ -351,9 +363,21 @@ pub fn mine_project(
                 label_components: Some(r.label_components as i64),
                 sam_checkpoint: Some(sam_id.clone()),
                 unet_checkpoint: Some(unet_id.clone()),
-            };
-            project.add_pseudo_label(&name, &label).map_err(at)?;
-        }
+                unet_hash: None,
+                labeler: None,
+            })
+            .collect();
+        let revision = match project
+            .add_pseudo_labels_if(&name, selected_revision, &labels)
+            .map_err(at)?
+        {
+            MachineWrite::Written { revision } => revision,
+            MachineWrite::Skipped { .. } => {
+                summary.skipped_reviewed.push(name);
+                progress(done + 1, total);
+                continue;
+            }
+        };
         let last = mined.last();
         let change = last.label_components as i64 - last.unet_components as i64;
         let q = quality_score(
@@ -369,6 +393,7 @@ pub fn mine_project(
         summary.converged += usize::from(mined.converged);
         finals.push((
             name.clone(),
+            revision,
             q,
             last.sam_iou,
             last.stability,
@@ -377,25 +402,31 @@ pub fn mine_project(
         summary.mined.push(name);
         progress(done + 1, total);
     }
-    summary.mean_quality = quality::mean(finals.iter().map(|f| f.1));
-    summary.mean_sam_iou = quality::mean(finals.iter().map(|f| f.2));
-    summary.mean_stability = quality::mean(finals.iter().map(|f| f.3));
-    summary.mean_agreement = quality::mean(finals.iter().map(|f| f.4));
+    summary.mean_quality = quality::mean(finals.iter().map(|f| f.2));
+    summary.mean_sam_iou = quality::mean(finals.iter().map(|f| f.3));
+    summary.mean_stability = quality::mean(finals.iter().map(|f| f.4));
+    summary.mean_agreement = quality::mean(finals.iter().map(|f| f.5));
 
     if let Some(min) = cfg.auto_accept {
-        let names: Vec<&str> = finals
-            .iter()
-            .filter(|f| f.1 >= min)
-            .map(|f| f.0.as_str())
-            .collect();
-        if !names.is_empty() {
-            let note = format!("auto-accepted: quality >= {min}");
-            let actor = Actor {
-                reviewer: Some("medmine mine"),
-                note: Some(&note),
-            };
-            project.set_review(&names, ReviewState::Accepted, actor)?;
-            summary.auto_accepted = names.iter().map(|s| s.to_string()).collect();
+        let note = format!("auto-accepted: quality >= {min}");
+        let actor = Actor {
+            reviewer: Some("medmine mine"),
+            note: Some(&note),
+        };
+        for (name, revision, q, ..) in finals.into_iter().filter(|f| f.2 >= min) {
+            let write = project
+                .accept_if(&name, revision, actor)
+                .map_err(|source| MiningError::Store {
+                    image: name.clone(),
+                    source,
+                })?;
+            match write {
+                MachineWrite::Written { .. } => summary.auto_accepted.push(name),
+                MachineWrite::Skipped { .. } => {
+                    tracing::debug!("{name}: reviewed meanwhile, not auto-accepted (quality {q})");
+                    summary.skipped_reviewed.push(name);
+                }
+            }
         }
     }
     Ok(summary)

@@ -31,6 +31,8 @@ fn pseudo_label(width: usize, height: usize) -> NewPseudoLabel {
         label_components: None,
         sam_checkpoint: None,
         unet_checkpoint: None,
+        unet_hash: None,
+        labeler: None,
     }
 }
 

@@ -21,7 +21,7 @@ use crate::data::{self, Mask};
 use crate::mining::{MiningConfig, MiningError};
 use crate::predict::Predictor;
 use crate::prompts::{PromptConfig, Strategy};
-use crate::store::{Actor, BoxPrompt, NewPseudoLabel, Project, Prompts, Role};
+use crate::store::{Actor, BoxPrompt, MachineWrite, NewPseudoLabel, Project, Prompts, Role};
 
 /// The oracle's answer: `truth` restricted to the union of the boxes (`[x0, y0, x1, y1]`,
 /// inclusive-exclusive, in pixels).
@@ -102,7 +102,10 @@ pub fn oracle_objects(truth: &Mask, boxes: &[[f32; 4]]) -> Mask {
 
 /// Mining with the oracle labeler: prompts from the U-Net++ as in
 /// [`crate::mining::mine_project`], the answer from the ground truth; stored as pseudo-labels
-/// with quality 1, then accepted by `cfg.auto_accept`. Returns `(stored, accepted)`.
+/// with quality 1, then accepted by `cfg.auto_accept`. Returns `(stored, accepted)`. Like
+/// mining, each image's label is stored only if no person changed the image since it was
+/// selected ([`Project::add_pseudo_labels_if`]); acceptance takes pending images only, in one
+/// transaction ([`Project::accept_by_quality`]).
 pub fn oracle_mine(
     project: &mut Project,
     kind: OracleKind,
@@ -121,17 +124,21 @@ pub fn oracle_mine(
         strategy: Strategy::Box,
         ..cfg.prompt.clone()
     };
-    let mut stored = 0;
+    let mut selected = Vec::new(); // (image, ground truth, revision when selected)
     for rec in project.images()? {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(ExperimentError::Cancelled);
-        }
         if rec.role != Role::Unlabelled {
             continue;
         }
-        let Some(gt) = project.ground_truth(&rec.name)? else {
-            continue;
-        };
+        if let Some(gt) = project.ground_truth(&rec.name)? {
+            let revision = project.review(&rec.name)?.revision;
+            selected.push((rec, gt, revision));
+        }
+    }
+    let (mut stored, mut skipped) = (0, 0);
+    for (rec, gt, revision) in selected {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ExperimentError::Cancelled);
+        }
         let probs = predict_mask(&unet, project, &rec.name)?;
         let prompts =
             crate::prompts::prompts_from_probs(&probs.data, probs.width, probs.height, &prompt_cfg)
@@ -144,11 +151,8 @@ pub fn oracle_mine(
         }
         let boxes: Vec<[f32; 4]> = prompts.components.iter().map(|c| c.box_in_image).collect();
         let truth = data::load_mask(&gt)?;
-        let round = project
-            .latest_pseudo_label(&rec.name)?
-            .map_or(0, |p| p.round + 1);
         let label = NewPseudoLabel {
-            round,
+            round: 0, // the store appends after the image's newest round
             mask: kind.answer(&truth, &boxes),
             prompts: Prompts {
                 boxes_in_image: boxes
@@ -171,9 +175,16 @@ pub fn oracle_mine(
             label_components: None,
             sam_checkpoint: Some(kind.name().into()),
             unet_checkpoint: Some(unet_checkpoint.display().to_string()),
+            unet_hash: None,
+            labeler: None,
         };
-        project.add_pseudo_label(&rec.name, &label)?;
-        stored += 1;
+        match project.add_pseudo_labels_if(&rec.name, revision, &[label])? {
+            MachineWrite::Written { .. } => stored += 1,
+            MachineWrite::Skipped { .. } => skipped += 1,
+        }
+    }
+    if skipped > 0 {
+        tracing::info!("oracle mining: {skipped} images skipped, reviewed meanwhile");
     }
     let accepted = match cfg.auto_accept {
         Some(min) => {
@@ -186,6 +197,7 @@ pub fn oracle_mine(
                         note: Some(&note),
                     },
                 )?
+                .accepted
                 .len()
         }
         None => 0,
