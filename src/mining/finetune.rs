@@ -14,11 +14,11 @@ use std::sync::atomic::AtomicBool;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{self, DataError, Sample};
+use crate::data::{self, DataError, Prepared, Sample};
 use crate::progress::{Progress, TrainEvent};
 use crate::store::{Project, Role, RunStatus, StoreError};
 use crate::train::checkpoint::{self, CheckpointError};
-use crate::train::{self, TrainConfig, TrainError, TrainRun, TrainStatus};
+use crate::train::{self, TrainConfig, TrainError, TrainOutcome, TrainRun, TrainStatus};
 
 /// Settings of one fine-tuning round (the size and width come from the checkpoint).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -238,30 +238,14 @@ pub fn finetune_project(
         source,
     })?;
     let size = meta.size;
+    let samples = round_samples(project, cfg)?;
     let FinetuneSamples {
         labelled,
-        mut pseudo,
+        pseudo,
         val,
-    } = finetune_samples(project)?;
-    if labelled.is_empty() && pseudo.is_empty() {
-        return Err(FinetuneError::NoData);
-    }
-    if cfg.pseudo_weight == 0. {
-        // weight 0: the same round as on the labelled images alone (same batches, same
-        // BatchNorm statistics), not one that also runs the pseudo-labels at weight 0
-        if labelled.is_empty() {
-            return Err(FinetuneError::OnlyZeroWeight(pseudo.len()));
-        }
-        pseudo.clear();
-    }
-    let mut train_set = data::prepare(&labelled, size)?;
-    let mut pseudo_set = data::prepare(&pseudo, size)?;
-    for p in &mut pseudo_set {
-        p.weight = cfg.pseudo_weight;
-    }
-    train_set.append(&mut pseudo_set);
-    let val_set = data::prepare(&val, size)?;
-    let all_train: Vec<Sample> = labelled.iter().chain(&pseudo).cloned().collect();
+    } = &samples;
+    let (train_set, val_set) = prepare_sets(&samples, cfg.pseudo_weight, size)?;
+    let all_train: Vec<Sample> = labelled.iter().chain(pseudo).cloned().collect();
 
     let train_cfg = TrainConfig {
         size,
@@ -286,21 +270,7 @@ pub fn finetune_project(
         "val": val.len(),
     });
     let run_id = project.start_run(&name, &config, &dir)?;
-    progress.event(&TrainEvent::Message(format!(
-        "fine-tuning run {run_id} ({name}): {} labelled + {} pseudo-labelled (weight {}), {} \
-         validation images at size {size}",
-        labelled.len(),
-        pseudo.len(),
-        cfg.pseudo_weight,
-        val.len()
-    )));
-    if val_set.is_empty() {
-        progress.event(&TrainEvent::Message(
-            "no validation image with ground truth: the best epoch is the one with the lowest \
-             training loss"
-                .into(),
-        ));
-    }
+    announce(progress, run_id, &name, &samples, cfg.pseudo_weight, size);
     let run = TrainRun {
         cfg: train_cfg,
         train: &train_set,
@@ -309,7 +279,7 @@ pub fn finetune_project(
         device: device.clone(),
         init: Some(checkpoint.to_path_buf()),
         resume: false,
-        data_fingerprint: train::fingerprint(&all_train, &val, size),
+        data_fingerprint: train::fingerprint(&all_train, val, size),
     };
     let mut rec = Recording {
         inner: progress,
@@ -323,57 +293,149 @@ pub fn finetune_project(
         error: record_error,
         ..
     } = rec;
-    let best = dir.join("best.safetensors");
-    let last = dir.join("last.safetensors");
-    let existing = |p: &Path| p.is_file().then(|| p.to_path_buf());
-    match result {
-        Ok(outcome) => {
-            let status = match outcome.status {
-                TrainStatus::Cancelled => RunStatus::Cancelled,
-                TrainStatus::Finished | TrainStatus::EarlyStopped => RunStatus::Done,
-            };
-            let message = record_error
-                .as_ref()
-                .map(|e| format!("some epochs were not recorded: {e}"));
-            project.finish_run(
-                run_id,
-                status,
-                existing(&outcome.best).as_deref(),
-                existing(&last).as_deref(),
-                message.as_deref(),
-            )?;
-            Ok(FinetuneOutcome {
-                run_id,
-                dir,
-                best: outcome.best,
-                last,
-                status: outcome.status,
-                epochs_done: outcome.epochs_done,
-                best_epoch: outcome.best_epoch,
-                best_dice: outcome.best_dice,
-                best_train_loss: outcome.best_train_loss,
-                initial_dice: outcome.initial_dice,
-                improved: outcome.improved,
-                optimizer_steps: outcome.optimizer_steps,
-                labelled: labelled.len(),
-                pseudo: pseudo.len(),
-                val: val.len(),
-            })
+    let finished = Finished {
+        run_id,
+        dir,
+        record_error,
+        samples: &samples,
+    };
+    finished.record(project, result)
+}
+
+/// Tells what the round trains and validates on.
+fn announce(
+    progress: &mut dyn Progress,
+    run_id: i64,
+    name: &str,
+    samples: &FinetuneSamples,
+    pseudo_weight: f32,
+    size: usize,
+) {
+    progress.event(&TrainEvent::Message(format!(
+        "fine-tuning run {run_id} ({name}): {} labelled + {} pseudo-labelled (weight \
+         {pseudo_weight}), {} validation images at size {size}",
+        samples.labelled.len(),
+        samples.pseudo.len(),
+        samples.val.len()
+    )));
+    if samples.val.is_empty() {
+        progress.event(&TrainEvent::Message(
+            "no validation image with ground truth: the best epoch is the one with the lowest \
+             training loss"
+                .into(),
+        ));
+    }
+}
+
+/// The samples of a round: at pseudo-label weight 0 the pseudo-labels are left out (the same
+/// round as on the labelled images alone: same batches, same BatchNorm statistics, not one
+/// that also runs them at weight 0). Errors when nothing is left to train on.
+fn round_samples(
+    project: &Project,
+    cfg: &FinetuneConfig,
+) -> Result<FinetuneSamples, FinetuneError> {
+    let mut samples = finetune_samples(project)?;
+    if samples.labelled.is_empty() && samples.pseudo.is_empty() {
+        return Err(FinetuneError::NoData);
+    }
+    if cfg.pseudo_weight == 0. {
+        if samples.labelled.is_empty() {
+            return Err(FinetuneError::OnlyZeroWeight(samples.pseudo.len()));
         }
-        Err(source) => {
-            // Best effort: the training error is the one to report.
-            let _ = project.finish_run(
-                run_id,
-                RunStatus::Failed,
-                existing(&best).as_deref(),
-                existing(&last).as_deref(),
-                Some(&source.to_string()),
-            );
-            Err(FinetuneError::Train {
-                run: run_id,
-                source,
-            })
-        }
+        samples.pseudo.clear();
+    }
+    Ok(samples)
+}
+
+/// The training set (labelled images, then pseudo-labels at `pseudo_weight`) and the
+/// validation set, prepared at `size`.
+fn prepare_sets(
+    samples: &FinetuneSamples,
+    pseudo_weight: f32,
+    size: usize,
+) -> Result<(Vec<Prepared>, Vec<Prepared>), DataError> {
+    let mut train_set = data::prepare(&samples.labelled, size)?;
+    let mut pseudo_set = data::prepare(&samples.pseudo, size)?;
+    for p in &mut pseudo_set {
+        p.weight = pseudo_weight;
+    }
+    train_set.append(&mut pseudo_set);
+    Ok((train_set, data::prepare(&samples.val, size)?))
+}
+
+/// A round whose training has ended, to record in the store.
+struct Finished<'a> {
+    run_id: i64,
+    dir: PathBuf,
+    record_error: Option<StoreError>,
+    samples: &'a FinetuneSamples,
+}
+
+impl Finished<'_> {
+    /// Records the run as done, cancelled or failed (with its checkpoints) and returns the
+    /// outcome, or the training error.
+    fn record(
+        self,
+        project: &mut Project,
+        result: Result<TrainOutcome, TrainError>,
+    ) -> Result<FinetuneOutcome, FinetuneError> {
+        let Self {
+            run_id,
+            dir,
+            record_error,
+            samples,
+        } = self;
+        let best = dir.join("best.safetensors");
+        let last = dir.join("last.safetensors");
+        let existing = |p: &Path| p.is_file().then(|| p.to_path_buf());
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(source) => {
+                // Best effort: the training error is the one to report.
+                let _ = project.finish_run(
+                    run_id,
+                    RunStatus::Failed,
+                    existing(&best).as_deref(),
+                    existing(&last).as_deref(),
+                    Some(&source.to_string()),
+                );
+                return Err(FinetuneError::Train {
+                    run: run_id,
+                    source,
+                });
+            }
+        };
+        let status = match outcome.status {
+            TrainStatus::Cancelled => RunStatus::Cancelled,
+            TrainStatus::Finished | TrainStatus::EarlyStopped => RunStatus::Done,
+        };
+        let message = record_error
+            .as_ref()
+            .map(|e| format!("some epochs were not recorded: {e}"));
+        project.finish_run(
+            run_id,
+            status,
+            existing(&outcome.best).as_deref(),
+            existing(&last).as_deref(),
+            message.as_deref(),
+        )?;
+        Ok(FinetuneOutcome {
+            run_id,
+            dir,
+            best: outcome.best,
+            last,
+            status: outcome.status,
+            epochs_done: outcome.epochs_done,
+            best_epoch: outcome.best_epoch,
+            best_dice: outcome.best_dice,
+            best_train_loss: outcome.best_train_loss,
+            initial_dice: outcome.initial_dice,
+            improved: outcome.improved,
+            optimizer_steps: outcome.optimizer_steps,
+            labelled: samples.labelled.len(),
+            pseudo: samples.pseudo.len(),
+            val: samples.val.len(),
+        })
     }
 }
 

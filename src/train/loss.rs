@@ -100,7 +100,7 @@ mod tests {
         // the normaliser is the batch size (2), not the weights' sum (1)
         assert!((l.to_scalar::<f32>()? - per[0] / 2.).abs() < 1e-6);
         let both = Tensor::new(&[1f32, 1.], &dev)?;
-        let l = deep_supervision_loss(&[x.clone()], &t, &both)?;
+        let l = deep_supervision_loss(std::slice::from_ref(&x), &t, &both)?;
         assert!((l.to_scalar::<f32>()? - (per[0] + per[1]) / 2.).abs() < 1e-6);
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Fine-tuning rounds end to end: a tiny U-Net++ trained on the demo X-rays, a project with an
 //! unlabelled pool, two pseudo-labels (one accepted, one left pending), `medmine finetune`.
 
-use crate::common::{field, medmine, ok, root, s};
+use crate::common::{self, field, medmine, ok, root, s};
+use crate::train::{cfg, run, weights};
 use std::sync::atomic::AtomicBool;
 
 use medmine::data::Mask;
@@ -396,4 +397,71 @@ fn fine_tuning_without_training_data_is_a_clear_error() {
         "{err}"
     );
     assert!(Project::open(&proj).unwrap().runs().unwrap().is_empty());
+}
+
+/// The rule under `finetune`, through the library's `train` with `init`: the input model is
+/// validated first and stays the best unless an epoch beats it.
+#[test]
+fn fine_tuning_never_returns_a_model_worse_than_its_input() {
+    let set = common::demo_set(32, "train.txt");
+    let val = common::demo_set(32, "val.txt");
+    let dev = candle_core::Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    // the input: a model trained for a few epochs
+    let input_dir = tmp.path().join("input");
+    let input = medmine::train::train(
+        &run(cfg(32, 4, 6), &set, &val, &input_dir),
+        &mut medmine::progress::NoProgress,
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+    .best;
+    let input_dice = {
+        let m = medmine::train::checkpoint::load_model(&input, &dev).unwrap();
+        medmine::train::validate(&m.model, &val, 32, 4, &dev)
+            .unwrap()
+            .dice
+    };
+
+    // a learning rate that wrecks it: no epoch beats the input, which stays the best
+    let mut c = cfg(32, 4, 2);
+    c.lr = 0.5;
+    let dir = tmp.path().join("wrecked");
+    let mut r = run(c, &set, &val, &dir);
+    r.init = Some(input.clone());
+    let mut rec = Recorder::default();
+    let out = medmine::train::train(&r, &mut rec, &AtomicBool::new(false)).unwrap();
+    assert_eq!(out.initial_dice, Some(input_dice));
+    let epochs = rec.epochs();
+    assert_eq!(epochs.len(), 2);
+    assert!(
+        epochs
+            .iter()
+            .all(|e| e.val_dice.unwrap() < input_dice && !e.best),
+        "input Dice {input_dice}, epochs {epochs:?}"
+    );
+    assert!(!out.improved);
+    assert_eq!((out.best_epoch, out.best_dice), (0, Some(input_dice)));
+    assert_eq!(weights(&out.best), weights(&input));
+    let meta = medmine::train::checkpoint::load_meta(&out.best).unwrap();
+    assert_eq!((meta.epoch, meta.best_dice), (0, Some(input_dice)));
+
+    // from a fresh model, the first good epoch beats the input and becomes the best
+    let fresh =
+        medmine::train::checkpoint::fresh_checkpoint(&tmp.path().join("fresh"), 4, 32, 0, &dev)
+            .unwrap();
+    let mut r = run(cfg(32, 4, 2), &set, &val, &tmp.path().join("improved"));
+    r.init = Some(fresh);
+    let out = medmine::train::train(
+        &r,
+        &mut medmine::progress::NoProgress,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let initial = out.initial_dice.unwrap();
+    assert!(out.improved && out.best_epoch > 0, "{out:?}");
+    assert!(
+        out.best_dice.unwrap() > initial + medmine::train::MIN_DELTA,
+        "{out:?}"
+    );
 }
