@@ -4,7 +4,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::models::unetpp::{Config, InferenceMode, UNetPlusPlus};
+use crate::models::unetpp::{Config, InferenceMode, SeededInit, UNetPlusPlus};
 use crate::train::loss::deep_supervision_loss;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::trainable_vars;
@@ -27,13 +27,11 @@ pub fn bench_train(
     device: &Device,
     mut report: impl FnMut(usize, f64),
 ) -> candle_core::Result<f64> {
-    // the CPU device cannot be seeded in candle 0.11; GPUs can
-    let _ = device.set_seed(b.seed);
     let map = VarMap::new();
-    let model = UNetPlusPlus::new(
-        &Config::with_base(b.base),
-        VarBuilder::from_varmap(&map, DType::F32, device),
-    )?;
+    let model =
+        SeededInit::new(b.seed).model(&Config::with_base(b.base), &map, DType::F32, device)?;
+    // the data: candle's generator (the CPU one cannot be seeded in candle 0.11; GPUs can)
+    let _ = device.set_seed(b.seed);
     let mut opt = AdamW::new(trainable_vars(&map), AdamWConfig::default())?;
     let x = Tensor::rand(0f32, 1., (b.batch, 3, b.size, b.size), device)?;
     let y = Tensor::rand(0f32, 1., (b.batch, 1, b.size, b.size), device)?
@@ -77,7 +75,7 @@ pub fn bench_infer(
 ) -> candle_core::Result<f64> {
     let cfg = Config::with_base(b.base);
     let map = VarMap::new();
-    UNetPlusPlus::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, device))?;
+    SeededInit::new(0).model(&cfg, &map, DType::F32, device)?;
     let tensors = crate::models::plain_tensors(&map);
     let model = UNetPlusPlus::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
     let x = Tensor::rand(0f32, 1., (b.batch, 3, b.size, b.size), device)?;

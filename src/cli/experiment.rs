@@ -114,6 +114,7 @@ pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<
             pseudo_weight: a.pseudo_weight,
             patience: a.patience,
             seed: 0,
+            max_steps: None,
         },
         mining: MiningConfig {
             prompt: PromptConfig {

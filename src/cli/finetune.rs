@@ -8,7 +8,9 @@ use anyhow::Result;
 use clap::Args;
 
 use super::CliProgress;
-use crate::mining::finetune::{finetune_project, finetune_samples, FinetuneConfig};
+use crate::mining::finetune::{
+    finetune_project, finetune_samples, FinetuneConfig, FinetuneOutcome,
+};
 use crate::store::Project;
 use crate::train::TrainStatus;
 
@@ -31,8 +33,12 @@ pub struct FinetuneArgs {
     /// Early stopping patience in epochs (0 = off).
     #[arg(long, default_value_t = 5)]
     patience: usize,
+    /// Seeds the batch order and the augmentation (the weights come from the checkpoint).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Train for exactly this many optimiser steps instead of --epochs epochs.
+    #[arg(long)]
+    max_steps: Option<usize>,
 }
 
 pub fn finetune_cmd(a: FinetuneArgs, device: candle_core::Device) -> Result<()> {
@@ -43,6 +49,7 @@ pub fn finetune_cmd(a: FinetuneArgs, device: candle_core::Device) -> Result<()> 
         pseudo_weight: a.pseudo_weight,
         patience: a.patience,
         seed: a.seed,
+        max_steps: a.max_steps,
     };
     let mut project = Project::open(&a.project)?;
     let samples = finetune_samples(&project)?;
@@ -67,12 +74,30 @@ pub fn finetune_cmd(a: FinetuneArgs, device: candle_core::Device) -> Result<()> 
         TrainStatus::Cancelled => "cancelled",
     };
     println!(
-        "{verdict} after {} epochs (run {}); best epoch {} (validation Dice {})",
-        o.epochs_done,
-        o.run_id,
-        o.best_epoch,
-        o.best_dice.map_or("n/a".into(), |d| format!("{d:.4}"))
+        "{verdict} after {} epochs (run {})",
+        o.epochs_done, o.run_id
     );
+    println!("{}", verdict_line(&o));
     println!("best checkpoint     {}", o.best.display());
     Ok(())
+}
+
+/// Whether the round improved on its input model, and by what measure.
+fn verdict_line(o: &FinetuneOutcome) -> String {
+    match (o.initial_dice, o.best_dice, o.best_train_loss) {
+        (Some(initial), _, _) if !o.improved => {
+            format!("kept the input model: no epoch beat its validation Dice {initial:.4}")
+        }
+        (Some(initial), Some(best), _) => format!(
+            "improved: best epoch {} has validation Dice {best:.4} (input model {initial:.4})",
+            o.best_epoch
+        ),
+        (_, Some(best), _) => format!("best epoch {} (validation Dice {best:.4})", o.best_epoch),
+        (_, _, Some(loss)) => format!(
+            "no validation set: best epoch by training loss {} (loss {loss:.4}); whether it \
+             beats the input model is not measured",
+            o.best_epoch
+        ),
+        _ => format!("best epoch {} (no epoch finished)", o.best_epoch),
+    }
 }

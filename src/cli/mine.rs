@@ -126,7 +126,11 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
         &mut |done, total| {
             if !announced {
                 // printed once the images are chosen (before any is mined)
-                bar.suspend(|| println!("selected {total} images"));
+                // from here on a person's review of one of them wins
+                bar.suspend(|| {
+                    println!("selected {total} images");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                });
                 announced = true;
             }
             bar.set_length(total as u64);

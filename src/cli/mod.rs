@@ -396,13 +396,24 @@ fn train_cmd(a: TrainArgs, device: candle_core::Device) -> Result<()> {
         TrainStatus::EarlyStopped => "stopped early",
         TrainStatus::Cancelled => "cancelled",
     };
+    let best = match (outcome.best_dice, outcome.best_train_loss) {
+        (Some(d), _) => format!("best epoch {} (validation Dice {d:.4})", outcome.best_epoch),
+        (None, Some(l)) => format!(
+            "no validation set: best epoch by training loss {} (loss {l:.4})",
+            outcome.best_epoch
+        ),
+        (None, None) => format!("best epoch {} (no epoch finished)", outcome.best_epoch),
+    };
+    let kept = match outcome.initial_dice {
+        Some(d) if !outcome.improved => {
+            format!("; kept the input model: no epoch beat its validation Dice {d:.4}")
+        }
+        Some(d) => format!("; input model validation Dice {d:.4}"),
+        None => String::new(),
+    };
     println!(
-        "{verdict} after {} epochs; best epoch {} (validation Dice {}); checkpoint {}",
+        "{verdict} after {} epochs; {best}{kept}; checkpoint {}",
         outcome.epochs_done,
-        outcome.best_epoch,
-        outcome
-            .best_dice
-            .map_or("n/a".into(), |d| format!("{d:.4}")),
         outcome.best.display()
     );
     Ok(())
@@ -449,15 +460,16 @@ impl Progress for CliProgress {
                 }
                 let val = match (r.val_dice, r.val_iou) {
                     (Some(d), Some(i)) => format!("val Dice {d:.4} IoU {i:.4}"),
-                    _ => "no validation".into(),
+                    _ => "no validation set".into(),
+                };
+                let best = match (r.best, r.val_dice.is_some()) {
+                    (false, _) => "",
+                    (true, true) => "  *best",
+                    (true, false) => "  *best by training loss",
                 };
                 println!(
-                    "epoch {:>3}  loss {:.4}  {val}  {:.2} img/s  {:.0} s{}",
-                    r.epoch,
-                    r.train_loss,
-                    r.images_per_s,
-                    r.seconds,
-                    if r.best { "  *best" } else { "" }
+                    "epoch {:>3}  loss {:.4}  {val}  {:.2} img/s  {:.0} s{best}",
+                    r.epoch, r.train_loss, r.images_per_s, r.seconds,
                 );
             }
             TrainEvent::Message(m) => {

@@ -1,6 +1,9 @@
 //! `medmine project …` and `medmine review …`: thin wrappers over [`crate::store`].
-use std::io::Write;
+mod stress;
+
 use std::path::{Path, PathBuf};
+pub use stress::StressAction;
+use stress::{stress_review, StressPlan};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -8,6 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use crate::data;
 use crate::store::{
     Actor, ExportFormat, ImportOptions, NewPseudoLabel, Project, Prompts, ReviewEvent, ReviewState,
+    Role,
 };
 
 #[derive(Subcommand)]
@@ -66,6 +70,19 @@ pub enum ProjectCommand {
         /// Written into each action's note as `TAG:N`.
         #[arg(long, default_value = "stress")]
         tag: String,
+        /// The actions to cycle through (comma-separated: accept, reject, edit, pending).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "accept,reject,edit,pending"
+        )]
+        actions: Vec<StressAction>,
+        /// Act on images of this role only (labelled, unlabelled, val, test).
+        #[arg(long)]
+        role: Option<String>,
+        /// Pause a random 0..=MS milliseconds before each action (a person's pace).
+        #[arg(long, default_value_t = 0)]
+        max_pause_ms: u64,
     },
 }
 
@@ -234,7 +251,23 @@ pub fn project_cmd(c: ProjectCommand) -> Result<()> {
             count,
             seed,
             tag,
-        } => stress_review(&dir, count, seed, &tag),
+            actions,
+            role,
+            max_pause_ms,
+        } => {
+            let role = role
+                .map(|r| r.parse::<Role>().map_err(anyhow::Error::msg))
+                .transpose()?;
+            let plan = StressPlan {
+                count,
+                seed,
+                tag: &tag,
+                actions: &actions,
+                role,
+                max_pause_ms,
+            };
+            stress_review(&dir, &plan)
+        }
     }
 }
 
@@ -372,6 +405,8 @@ fn add_pseudo_cmd(a: AddPseudoArgs) -> Result<()> {
                 label_components: None,
                 sam_checkpoint: a.sam_checkpoint.clone(),
                 unet_checkpoint: a.unet_checkpoint.clone(),
+                unet_hash: None,
+                labeler: None,
             },
         ));
     }
@@ -428,12 +463,24 @@ pub fn review_cmd(a: ReviewArgs) -> Result<()> {
         if !a.images.is_empty() {
             bail!("give either image names or --min-score, not both");
         }
-        let events = p.accept_by_quality(min, actor)?;
-        print_events(&events);
+        let r = p.accept_by_quality(min, actor)?;
+        print_events(&r.accepted);
         println!(
             "accepted {} pending images with quality >= {min}",
-            events.len()
+            r.accepted.len()
         );
+        if !r.skipped.is_empty() {
+            let names: Vec<String> = r
+                .skipped
+                .iter()
+                .map(|(n, state)| format!("{n} ({state})"))
+                .collect();
+            println!(
+                "skipped: already reviewed {} ({})",
+                r.skipped.len(),
+                names.join(", ")
+            );
+        }
         return Ok(());
     }
     if a.images.is_empty() {
@@ -517,47 +564,4 @@ fn action_name(a: ReviewAction) -> &'static str {
         ReviewAction::Redo => "redo",
         _ => "do",
     }
-}
-
-/// Review actions one at a time (accept, reject, pending, edit with a random mask), each
-/// acknowledged on stdout (flushed) only after its commit: the crash-safety tests kill this
-/// process at random moments and check that every acknowledged action survived.
-fn stress_review(dir: &Path, count: usize, seed: u64, tag: &str) -> Result<()> {
-    use rand::{Rng, SeedableRng};
-    let mut p = Project::open(dir)?;
-    let images = p.images()?;
-    if images.is_empty() {
-        bail!("{}: project has no images", dir.display());
-    }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let stdout = std::io::stdout();
-    for n in 0..count {
-        let rec = &images[rng.gen_range(0..images.len())];
-        let note = format!("{tag}:{n}");
-        let actor = Actor {
-            reviewer: Some("stress"),
-            note: Some(&note),
-        };
-        let state = match n % 4 {
-            0 => p.set_review(&[&rec.name], ReviewState::Accepted, actor)?[0].state,
-            1 => p.set_review(&[&rec.name], ReviewState::Rejected, actor)?[0].state,
-            2 => {
-                let data = (0..rec.width * rec.height)
-                    .map(|_| u8::from(rng.gen_bool(0.3)))
-                    .collect();
-                let mask = data::Mask {
-                    width: rec.width,
-                    height: rec.height,
-                    data,
-                };
-                p.save_edit(&rec.name, &mask, actor)?;
-                ReviewState::Edited
-            }
-            _ => p.set_review(&[&rec.name], ReviewState::Pending, actor)?[0].state,
-        };
-        let mut out = stdout.lock();
-        writeln!(out, "ack {n} {} {state}", rec.name)?;
-        out.flush()?;
-    }
-    Ok(())
 }

@@ -2,6 +2,12 @@
 //! truth, weight 1) plus the accepted or edited pseudo-labels (weight `pseudo_weight`),
 //! validates on the project's val split and keeps the best epoch; the new model mines the next
 //! round. The run, its epochs and its checkpoints are recorded in the project store.
+//!
+//! The input checkpoint's validation Dice is the one to beat: the best checkpoint of a round is
+//! never worse than its input on the val split ([`FinetuneOutcome::improved`] says whether an
+//! epoch beat it). A pseudo-label's weight scales its share of each batch's loss against a
+//! fixed normaliser (see [`crate::train::loss`]); a weight of 0 leaves the pseudo-labels out
+//! altogether, so the round is exactly the one on the labelled images alone.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -25,6 +31,11 @@ pub struct FinetuneConfig {
     /// Stop after this many epochs without a better validation Dice (0 = never).
     pub patience: usize,
     pub seed: u64,
+    /// Train for exactly this many optimiser steps instead of `epochs` epochs (see
+    /// [`TrainConfig::max_steps`]): gives two rounds on different amounts of data the same
+    /// number of steps.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
 }
 
 impl Default for FinetuneConfig {
@@ -36,6 +47,7 @@ impl Default for FinetuneConfig {
             pseudo_weight: 0.5,
             patience: 5,
             seed: 0,
+            max_steps: None,
         }
     }
 }
@@ -49,8 +61,8 @@ impl FinetuneConfig {
                 self.pseudo_weight
             ));
         }
-        if self.epochs == 0 || self.batch == 0 {
-            return bad("epochs and batch must be at least 1".into());
+        if self.epochs == 0 || self.batch == 0 || self.max_steps == Some(0) {
+            return bad("epochs, batch and max steps must be at least 1".into());
         }
         if !self.lr.is_finite() || self.lr <= 0. {
             return bad(format!("learning rate {} is not positive", self.lr));
@@ -74,6 +86,11 @@ pub enum FinetuneError {
          pseudo-label"
     )]
     NoData,
+    #[error(
+        "nothing to fine-tune on: no labelled image with ground truth, and a pseudo-label \
+         weight of 0 leaves out the {0} accepted or edited pseudo-labels"
+    )]
+    OnlyZeroWeight(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -98,12 +115,21 @@ pub struct FinetuneOutcome {
     pub last: PathBuf,
     pub status: TrainStatus,
     pub epochs_done: usize,
+    /// 0 when no epoch beat the input model (then `best` holds the input's weights).
     pub best_epoch: usize,
     /// None without a validation set (the best epoch is then the lowest training loss).
     pub best_dice: Option<f64>,
+    /// Without a validation set: the best epoch's mean training loss (the lowest).
+    pub best_train_loss: Option<f64>,
+    /// The input checkpoint's validation Dice (None without a validation set).
+    pub initial_dice: Option<f64>,
+    /// Whether an epoch beat the input model (`best_epoch > 0`); false: `best` is the input.
+    pub improved: bool,
+    /// Optimiser steps taken.
+    pub optimizer_steps: usize,
     /// Labelled images with ground truth used (weight 1).
     pub labelled: usize,
-    /// Accepted or edited pseudo-labels used (weight `pseudo_weight`).
+    /// Accepted or edited pseudo-labels used (weight `pseudo_weight`; 0 when that is 0).
     pub pseudo: usize,
     /// Validation images with ground truth.
     pub val: usize,
@@ -214,11 +240,19 @@ pub fn finetune_project(
     let size = meta.size;
     let FinetuneSamples {
         labelled,
-        pseudo,
+        mut pseudo,
         val,
     } = finetune_samples(project)?;
     if labelled.is_empty() && pseudo.is_empty() {
         return Err(FinetuneError::NoData);
+    }
+    if cfg.pseudo_weight == 0. {
+        // weight 0: the same round as on the labelled images alone (same batches, same
+        // BatchNorm statistics), not one that also runs the pseudo-labels at weight 0
+        if labelled.is_empty() {
+            return Err(FinetuneError::OnlyZeroWeight(pseudo.len()));
+        }
+        pseudo.clear();
     }
     let mut train_set = data::prepare(&labelled, size)?;
     let mut pseudo_set = data::prepare(&pseudo, size)?;
@@ -237,6 +271,7 @@ pub fn finetune_project(
         lr: cfg.lr,
         patience: cfg.patience,
         seed: cfg.seed,
+        max_steps: cfg.max_steps,
         ..TrainConfig::default()
     };
     let runs = project.runs_dir();
@@ -316,6 +351,10 @@ pub fn finetune_project(
                 epochs_done: outcome.epochs_done,
                 best_epoch: outcome.best_epoch,
                 best_dice: outcome.best_dice,
+                best_train_loss: outcome.best_train_loss,
+                initial_dice: outcome.initial_dice,
+                improved: outcome.improved,
+                optimizer_steps: outcome.optimizer_steps,
                 labelled: labelled.len(),
                 pseudo: pseudo.len(),
                 val: val.len(),

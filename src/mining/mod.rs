@@ -304,7 +304,10 @@ enum Outcome {
 /// Mines the unlabelled images of `project` that the [`Remine`] policy selects (see the
 /// module doc) with `labeler`, from the predictions of the U-Net++ `unet_checkpoint`.
 /// `progress(done, total)` once the images are selected (`done` 0) and after each one;
-/// `cancel` is checked before each one (what is stored stays stored).
+/// `cancel` is checked before each one (what is stored stays stored). Each image's
+/// pseudo-labels, and its auto-acceptance, are stored only if no person changed the image
+/// since it was selected ([`Project::add_pseudo_labels_if`], [`Project::accept_if`]);
+/// otherwise it is counted in [`MiningSummary::skipped_reviewed`].
 pub fn mine_project(
     project: &mut Project,
     unet_checkpoint: &Path,
@@ -403,7 +406,7 @@ fn mine_one(
         .store_order()
         .into_iter()
         .enumerate()
-        .map(|(k, r)| new_pseudo_label(r, cand.base + k as i64, who))
+        .map(|(k, r)| new_pseudo_label(r, k as i64, who))
         .collect();
     let Some(revision) = select::write_rounds(project, &cand, &labels)? else {
         return Ok(Outcome::SkippedReviewed);
@@ -434,7 +437,8 @@ fn predict(unet: &Predictor, name: &str, img: &ImageF32) -> Result<ProbMap, Mini
         })
 }
 
-/// One round as the store's row.
+/// One round as the store's row (`round` is the position in this pass's write; the store
+/// appends after the image's newest round).
 fn new_pseudo_label(r: &RoundResult, round: i64, who: &Provenance) -> NewPseudoLabel {
     NewPseudoLabel {
         round,
@@ -447,6 +451,8 @@ fn new_pseudo_label(r: &RoundResult, round: i64, who: &Provenance) -> NewPseudoL
         label_components: r.label_components.map(|n| n as i64),
         sam_checkpoint: Some(who.labeler_source.clone()),
         unet_checkpoint: Some(who.unet_path.clone()),
+        unet_hash: Some(who.unet_hash.clone()),
+        labeler: Some(who.labeler_id.clone()),
     }
 }
 

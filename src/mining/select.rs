@@ -1,7 +1,7 @@
 //! Which unlabelled images a pass mines ([`plan_image`], the [`Remine`] policy), and the
 //! pass's two store writes (the rounds of one image, the auto-accept).
 use super::{MiningError, MiningSummary, Provenance, Remine};
-use crate::store::{Actor, NewPseudoLabel, Project, PseudoLabel, ReviewState, Role};
+use crate::store::{Actor, MachineWrite, NewPseudoLabel, Project, PseudoLabel, ReviewState, Role};
 
 /// What a pass does with one unlabelled image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,16 +42,13 @@ pub fn plan_image(
 /// An image selected for mining.
 pub(super) struct Candidate {
     pub name: String,
-    /// The first round number of this pass (one past the highest stored).
-    pub base: i64,
     /// The image's revision when it was selected (compare-and-set of the writes).
     pub revision: i64,
 }
 
 /// The models a stored pseudo-label records.
 fn made_by(p: &PseudoLabel) -> (Option<&str>, Option<&str>) {
-    let _ = p;
-    (None, None)
+    (p.unet_hash.as_deref(), p.labeler.as_deref())
 }
 
 /// The images to mine, in the project's order, and a summary with the others counted.
@@ -89,8 +86,7 @@ pub(super) fn select_images(
             Plan::Unchanged => summary.unchanged.push(rec.name),
             Plan::Mine => todo.push(Candidate {
                 name: rec.name,
-                base: latest.map_or(0, |p| p.round + 1),
-                revision: 0,
+                revision: review.revision,
             }),
         }
     }
@@ -98,39 +94,42 @@ pub(super) fn select_images(
     Ok((todo, summary))
 }
 
-/// Stores the rounds of one image (the last one is the pseudo-label reviewed); `None` when
-/// a person reviewed the image since it was selected (nothing written).
+/// Stores the rounds of one image in one compare-and-set ([`Project::add_pseudo_labels_if`]:
+/// rounds appended after the image's newest, the last label the newest row, the one
+/// reviewed); the image's revision after the write, or `None` when a person reviewed the
+/// image since it was selected (nothing written).
 pub(super) fn write_rounds(
     project: &mut Project,
     cand: &Candidate,
     labels: &[NewPseudoLabel],
 ) -> Result<Option<i64>, MiningError> {
-    let at = |source| MiningError::Store {
-        image: cand.name.clone(),
-        source,
-    };
-    for label in labels {
-        project.add_pseudo_label(&cand.name, label).map_err(at)?;
-    }
-    Ok(Some(cand.revision))
+    let write = project
+        .add_pseudo_labels_if(&cand.name, cand.revision, labels)
+        .map_err(|source| MiningError::Store {
+            image: cand.name.clone(),
+            source,
+        })?;
+    Ok(match write {
+        MachineWrite::Written { revision } => Some(revision),
+        MachineWrite::Skipped { .. } => None,
+    })
 }
 
-/// Accepts one image if it is still at `revision` (nobody reviewed it since the machine
-/// wrote it); whether it was accepted.
+/// Accepts one image if it is still pending at `revision` (nobody reviewed it since the
+/// machine wrote it: [`Project::accept_if`]); whether it was accepted.
 pub(super) fn accept(
     project: &mut Project,
     image: &str,
     revision: i64,
     actor: Actor<'_>,
 ) -> Result<bool, MiningError> {
-    let _ = revision;
-    project
-        .set_review(&[image], ReviewState::Accepted, actor)
+    let write = project
+        .accept_if(image, revision, actor)
         .map_err(|source| MiningError::Store {
             image: image.to_string(),
             source,
         })?;
-    Ok(true)
+    Ok(write.is_written())
 }
 
 #[cfg(test)]

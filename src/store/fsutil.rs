@@ -121,24 +121,56 @@ pub fn mask_png_bytes(mask: &Mask) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Stores a mask in `masks_dir` under its content address (`<sha256 of the PNG>.png`),
-/// durably; returns the file name. An identical mask already stored is reused.
-pub fn store_mask(masks_dir: &Path, mask: &Mask) -> Result<String> {
-    let bytes = mask_png_bytes(mask)?;
-    store_png_bytes(masks_dir, &bytes)
-}
-
 /// Stores PNG bytes under their content address; returns the file name.
 pub fn store_png_bytes(masks_dir: &Path, bytes: &[u8]) -> Result<String> {
     let name = format!("{}.png", sha256_hex(bytes));
-    let path = masks_dir.join(&name);
+    store_named(masks_dir, &name, bytes)?;
+    Ok(name)
+}
+
+/// Writes `bytes` as `masks_dir/name` unless a complete file is there; returns whether this
+/// call wrote it.
+fn store_named(masks_dir: &Path, name: &str, bytes: &[u8]) -> Result<bool> {
+    let path = masks_dir.join(name);
     let complete = std::fs::metadata(&path)
         .map(|m| m.is_file() && m.len() == bytes.len() as u64)
         .unwrap_or(false);
     if !complete {
         write_durable(&path, bytes)?;
     }
-    Ok(name)
+    Ok(!complete)
+}
+
+/// A mask encoded as PNG under its content address (`<sha256 of the PNG>.png`), stored in
+/// `masks/` durably and at most once. It keeps its bytes so that a writer can
+/// store it before its transaction and make sure again, inside the transaction, that it is
+/// still there (a machine write that was refused removes the files it created, see
+/// [`super::MachineWrite`]).
+#[derive(Clone, Debug)]
+pub struct MaskPng {
+    /// `<sha256 of bytes>.png`.
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl MaskPng {
+    /// Encodes a mask (see [`mask_png_bytes`]).
+    pub fn encode(mask: &Mask) -> Result<MaskPng> {
+        Ok(Self::from_bytes(mask_png_bytes(mask)?))
+    }
+
+    /// PNG bytes as they are.
+    pub fn from_bytes(bytes: Vec<u8>) -> MaskPng {
+        MaskPng {
+            name: format!("{}.png", sha256_hex(&bytes)),
+            bytes,
+        }
+    }
+
+    /// Stores the file durably unless it is there already; returns whether this call wrote it.
+    pub fn store(&self, masks_dir: &Path) -> Result<bool> {
+        store_named(masks_dir, &self.name, &self.bytes)
+    }
 }
 
 #[cfg(test)]
@@ -161,9 +193,14 @@ mod tests {
             height: 2,
             data: vec![0, 1, 1, 0, 0, 1],
         };
-        let a = store_mask(dir.path(), &m).unwrap();
-        let b = store_mask(dir.path(), &m).unwrap();
-        assert_eq!(a, b);
+        let png = MaskPng::encode(&m).unwrap();
+        assert!(png.store(dir.path()).unwrap(), "written");
+        assert!(
+            !png.store(dir.path()).unwrap(),
+            "an identical mask is reused"
+        );
+        let a = png.name.clone();
+        assert_eq!(MaskPng::encode(&m).unwrap().name, a);
         let bytes = std::fs::read(dir.path().join(&a)).unwrap();
         assert_eq!(format!("{}.png", sha256_hex(&bytes)), a);
         let back = crate::data::load_mask(&dir.path().join(&a)).unwrap();

@@ -257,6 +257,12 @@ impl Project {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
+        // A refused machine write may have removed an identical file it had just created.
+        for c in &ok {
+            if let Some((_, bytes, _)) = &c.mask {
+                fsutil::store_png_bytes(&masks_dir, bytes)?;
+            }
+        }
         for (c, file) in ok.iter().zip(&mask_files) {
             tx.execute(
                 "INSERT INTO images (name, path, sha256, width, height, role, added_at)

@@ -43,9 +43,37 @@
 //! accepting by score never picks it). The component count change is the number of connected
 //! components of the pseudo-label minus that of the U-Net++ prediction it was mined from
 //! (schema v3 stores both counts; labels stored before have none, and keep their score).
+//!
+//! # Who wrote what, and who wins
+//!
+//! Every write to an image's review is either a person's or the machine's, and the review log
+//! says which: the machine's entries have the action `pseudo_label` (a new pseudo-label,
+//! reviewer `medmine`) or `auto_accept` (acceptance by quality score: `mine --auto-accept`,
+//! `review accept --min-score`), see [`MACHINE_ACTIONS`] and [`ReviewEvent::is_machine`];
+//! a person's are `review`, `edit`, `undo` and `redo`.
+//!
+//! Every image has a revision number ([`Review::revision`], schema v4) that every write to
+//! its review bumps, a person's and the machine's alike. The rule:
+//!
+//! * **A person's write always wins.** [`Project::set_review`], [`Project::save_edit`],
+//!   [`Project::undo_edit`] and [`Project::redo_edit`] check nothing and always apply.
+//! * **A machine write is a compare-and-set.** It passes the revision it read when it chose
+//!   the image, and inside its own `BEGIN IMMEDIATE` transaction the store checks that the
+//!   revision is unchanged and the state still one the machine may change (pending or
+//!   rejected for a new pseudo-label, pending for an acceptance). Otherwise it writes nothing
+//!   and returns [`MachineWrite::Skipped`]; callers count such images as "skipped: reviewed
+//!   meanwhile". This holds however long the machine worked between reading and writing
+//!   (an hours-long mining pass).
+//! * The machine writes are [`Project::add_pseudo_labels_if`], [`Project::accept_if`] and
+//!   [`Project::accept_by_quality`] (selection and writes in one transaction, pending images
+//!   only). [`Project::add_pseudo_label`] (no revision at hand) re-checks the state inside its
+//!   transaction and refuses an accepted or edited image with [`StoreError::Decided`].
+//! * A refused pseudo-label write removes the mask files it created; every writer makes sure,
+//!   inside its transaction, that the content-addressed mask files it references are there.
 mod export;
 mod fsutil;
 mod import;
+mod machine;
 mod queue;
 mod records;
 mod review;
@@ -64,11 +92,12 @@ use crate::data::DataError;
 pub use export::{ExportFormat, ExportReport};
 pub use fsutil::{is_disk_full, sha256_file, sha256_hex};
 pub use import::{ImportOptions, ImportReport, RelinkReport};
+pub use machine::{BatchAccept, MachineWrite, MACHINE_REVIEWER};
 pub use queue::QueueEntry;
 pub use records::{
     component_change, component_factor, quality_score, BoxPrompt, ImageRecord, MaskVersion,
     NewPseudoLabel, PointPrompt, Prediction, Prompts, PseudoLabel, Review, ReviewEvent,
-    ReviewState, Role, RunStatus, TrainingRun,
+    ReviewState, Role, RunStatus, TrainingRun, MACHINE_ACTIONS,
 };
 pub use review::Actor;
 pub use status::{ImageStatus, ProjectStatus};
@@ -135,6 +164,13 @@ pub enum StoreError {
     /// An image or mask could not be read or written.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// A machine write (a pseudo-label) refused because a decision on the image stands.
+    #[error(
+        "image {name} is {state}: a new pseudo-label would overwrite that decision, so nothing \
+         was stored (to label it again, first set it back to pending: \
+         `medmine review PROJECT pending {name}`)"
+    )]
+    Decided { name: String, state: ReviewState },
     /// An image name that the project does not hold.
     #[error("{}: no image named {name} in this project", .project.display())]
     UnknownImage { project: PathBuf, name: String },

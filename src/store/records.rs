@@ -217,6 +217,10 @@ pub struct NewPseudoLabel {
     /// Identifiers (path or hash) of the checkpoints that produced it.
     pub sam_checkpoint: Option<String>,
     pub unet_checkpoint: Option<String>,
+    /// SHA-256 (lower-case hex) of the U-Net++ checkpoint file that made it.
+    pub unet_hash: Option<String>,
+    /// Who labelled it, e.g. `sam:<sha256 of the SAM checkpoint>`, `unet`, `oracle-object`.
+    pub labeler: Option<String>,
 }
 
 /// A stored pseudo-label.
@@ -235,6 +239,10 @@ pub struct PseudoLabel {
     pub label_components: Option<i64>,
     pub sam_checkpoint: Option<String>,
     pub unet_checkpoint: Option<String>,
+    /// SHA-256 of the U-Net++ checkpoint file that made it (`None` before schema v4).
+    pub unet_hash: Option<String>,
+    /// The labeler's identity (`None` before schema v4).
+    pub labeler: Option<String>,
     pub created_at: String,
 }
 
@@ -266,14 +274,24 @@ pub struct Review {
     pub note: Option<String>,
     /// The current edited mask version, if the mask was edited.
     pub mask_version: Option<i64>,
+    /// The image's revision: bumped by every write to its review, by a person or the machine.
+    /// A machine write passes the revision it read and is refused when it changed (see
+    /// [`crate::store::MachineWrite`]).
+    pub revision: i64,
 }
+
+/// The review-log actions the machine writes: a new pseudo-label (`pseudo_label`) and an
+/// acceptance by quality score (`auto_accept`: `mine --auto-accept`, `review accept
+/// --min-score`). Every other action (`review`, `edit`, `undo`, `redo`) is a person's.
+pub const MACHINE_ACTIONS: &[&str] = &["pseudo_label", "auto_accept"];
 
 /// One entry of the review log (every action, in order).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReviewEvent {
     pub id: i64,
     pub image: String,
-    /// `review`, `edit`, `undo`, `redo` or `pseudo_label`.
+    /// A person's `review`, `edit`, `undo`, `redo`, or the machine's `pseudo_label`,
+    /// `auto_accept` ([`MACHINE_ACTIONS`]).
     pub action: String,
     /// The state after the action.
     pub state: ReviewState,
@@ -282,6 +300,13 @@ pub struct ReviewEvent {
     pub note: Option<String>,
     pub pseudo_label_id: Option<i64>,
     pub mask_version_id: Option<i64>,
+}
+
+impl ReviewEvent {
+    /// Whether the machine wrote this entry (its action is one of [`MACHINE_ACTIONS`]).
+    pub fn is_machine(&self) -> bool {
+        MACHINE_ACTIONS.contains(&self.action.as_str())
+    }
 }
 
 /// One version of an image's edited mask; versions form a tree through `parent_id`

@@ -1,17 +1,19 @@
-//! Pseudo-labels, review actions, mask edits with undo/redo, and the review log.
+//! A person's review actions (accept, reject, pending, mask edits with undo/redo), reading
+//! pseudo-labels, and the review log. The machine's writes are in [`super::machine`].
 //!
 //! Each public write is one `BEGIN IMMEDIATE` transaction committed before the call
-//! returns; a mask file is written durably before the row that points to it.
+//! returns; a mask file is written durably before the row that points to it. Every write to
+//! an image's review goes through [`record`], which also bumps the image's revision.
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::fsutil;
-use super::records::{MaskVersion, NewPseudoLabel, Prompts, PseudoLabel, Review, ReviewEvent};
+use super::fsutil::MaskPng;
+use super::records::{MaskVersion, Prompts, PseudoLabel, Review, ReviewEvent};
 use super::{now_rfc3339, ImageRecord, Project, Result, ReviewState, StoreError};
 use crate::data::Mask;
 
 const PSEUDO_SELECT: &str = "SELECT p.id, i.name, p.round, p.mask_file, p.prompts, p.sam_iou,
     p.stability, p.agreement, p.sam_checkpoint, p.unet_checkpoint, p.created_at,
-    p.unet_components, p.label_components
+    p.unet_components, p.label_components, p.unet_hash, p.labeler
     FROM pseudo_labels p JOIN images i ON i.id = p.image_id";
 
 const VERSION_SELECT: &str = "SELECT v.id, i.name, v.seq, v.parent_id, v.mask_file, v.author,
@@ -36,6 +38,8 @@ fn pseudo_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(PseudoLabel, Stri
             label_components: r.get(12)?,
             sam_checkpoint: r.get(8)?,
             unet_checkpoint: r.get(9)?,
+            unet_hash: r.get(13)?,
+            labeler: r.get(14)?,
             created_at: r.get(10)?,
         },
         prompts,
@@ -76,8 +80,10 @@ pub struct Actor<'a> {
     pub note: Option<&'a str>,
 }
 
-/// Sets the review row and appends to the log inside `tx`; returns the log entry id.
-fn record(
+/// Sets the review row, appends to the log and bumps the image's revision inside `tx`;
+/// returns the log entry id. Every write to an image's review, a person's or the machine's,
+/// goes through here.
+pub(super) fn record(
     tx: &Transaction<'_>,
     image_id: i64,
     action: &str,
@@ -122,10 +128,18 @@ fn record(
             mask_version
         ],
     )?;
-    Ok(tx.last_insert_rowid())
+    let id = tx.last_insert_rowid();
+    tx.execute(
+        "UPDATE images SET revision = revision + 1 WHERE id = ?1",
+        [image_id],
+    )?;
+    Ok(id)
 }
 
-fn current_version(tx: &Transaction<'_>, image_id: i64) -> rusqlite::Result<Option<i64>> {
+pub(super) fn current_version(
+    tx: &Transaction<'_>,
+    image_id: i64,
+) -> rusqlite::Result<Option<i64>> {
     Ok(tx
         .query_row(
             "SELECT mask_version_id FROM reviews WHERE image_id = ?1",
@@ -137,7 +151,7 @@ fn current_version(tx: &Transaction<'_>, image_id: i64) -> rusqlite::Result<Opti
 }
 
 impl Project {
-    fn check_mask_size(&self, rec: &ImageRecord, mask: &Mask) -> Result<()> {
+    pub(super) fn check_mask_size(&self, rec: &ImageRecord, mask: &Mask) -> Result<()> {
         if (mask.width, mask.height) != (rec.width, rec.height) {
             return Err(StoreError::MaskSize {
                 name: rec.name.clone(),
@@ -150,7 +164,7 @@ impl Project {
         Ok(())
     }
 
-    fn begin(&mut self) -> Result<Transaction<'_>> {
+    pub(super) fn begin(&mut self) -> Result<Transaction<'_>> {
         let path = self.db_path.clone();
         self.conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -191,42 +205,25 @@ impl Project {
         self.events_by_ids(&ids)
     }
 
-    /// Accepts every `pending` image whose newest pseudo-label has a quality score
-    /// ([`super::quality_score`]) of at least `min_score`, in one transaction.
-    pub fn accept_by_quality(
-        &mut self,
-        min_score: f64,
-        actor: Actor<'_>,
-    ) -> Result<Vec<ReviewEvent>> {
-        let mut names = Vec::new();
-        for rec in self.images()? {
-            if self.review(&rec.name)?.state != ReviewState::Pending {
-                continue;
-            }
-            if let Some(p) = self.latest_pseudo_label(&rec.name)? {
-                if p.quality().is_some_and(|q| q >= min_score) {
-                    names.push(rec.name);
-                }
-            }
-        }
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        if refs.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.set_review(&refs, ReviewState::Accepted, actor)
-    }
-
     /// The current review of an image.
     pub fn review(&self, image: &str) -> Result<Review> {
         let rec = self.image(image)?;
-        let row = self
+        let (revision, row) = self
             .conn
             .query_row(
-                "SELECT state, reviewer, at, note, mask_version_id FROM reviews WHERE image_id = ?1",
+                "SELECT i.revision, r.image_id, r.state, r.reviewer, r.at, r.note,
+                   r.mask_version_id
+                 FROM images i LEFT JOIN reviews r ON r.image_id = i.id WHERE i.id = ?1",
                 [rec.id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| {
+                    let found: Option<i64> = r.get(1)?;
+                    let row = match found {
+                        Some(_) => Some((r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+                        None => None,
+                    };
+                    Ok((r.get(0)?, row))
+                },
             )
-            .optional()
             .map_err(|e| self.db(e))?;
         let (state, reviewer, at, note, mask_version) =
             row.unwrap_or((ReviewState::Pending, None, None, None, None));
@@ -237,85 +234,11 @@ impl Project {
             at,
             note,
             mask_version,
+            revision,
         })
     }
 
-    /// Stores a pseudo-label (mask file first, then the row) and puts the image back to
-    /// `pending` review. Replaces an earlier pseudo-label of the same round.
-    pub fn add_pseudo_label(&mut self, image: &str, label: &NewPseudoLabel) -> Result<PseudoLabel> {
-        let rec = self.image(image)?;
-        self.check_mask_size(&rec, &label.mask)?;
-        for (what, n) in [
-            ("U-Net++ component count", label.unet_components),
-            ("pseudo-label component count", label.label_components),
-        ] {
-            if n.is_some_and(|n| n < 0) {
-                return Err(StoreError::Invalid(format!(
-                    "{}: {what} {} is negative",
-                    rec.name,
-                    n.unwrap_or_default()
-                )));
-            }
-        }
-        let file = fsutil::store_mask(&self.masks_dir(), &label.mask)?;
-        let prompts = serde_json::to_string(&label.prompts)
-            .map_err(|e| StoreError::Invalid(format!("cannot serialise prompts: {e}")))?;
-        let at = now_rfc3339();
-        let db = self.db_path.clone();
-        let err = super::schema::db_err(&db);
-        let tx = self.begin()?;
-        tx.execute(
-            "INSERT INTO pseudo_labels (image_id, round, mask_file, prompts, sam_iou, stability,
-               agreement, sam_checkpoint, unet_checkpoint, created_at, unet_components,
-               label_components)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-             ON CONFLICT(image_id, round) DO UPDATE SET mask_file = excluded.mask_file,
-               prompts = excluded.prompts, sam_iou = excluded.sam_iou,
-               stability = excluded.stability, agreement = excluded.agreement,
-               sam_checkpoint = excluded.sam_checkpoint,
-               unet_checkpoint = excluded.unet_checkpoint, created_at = excluded.created_at,
-               unet_components = excluded.unet_components,
-               label_components = excluded.label_components",
-            params![
-                rec.id,
-                label.round,
-                file,
-                prompts,
-                label.sam_iou,
-                label.stability,
-                label.agreement,
-                label.sam_checkpoint,
-                label.unet_checkpoint,
-                at,
-                label.unet_components,
-                label.label_components
-            ],
-        )
-        .map_err(err)?;
-        let actor = Actor {
-            reviewer: None,
-            note: Some("new pseudo-label"),
-        };
-        record(
-            &tx,
-            rec.id,
-            "pseudo_label",
-            ReviewState::Pending,
-            actor,
-            None,
-            &at,
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)?;
-        self.latest_pseudo_label(&rec.name)?.ok_or_else(|| {
-            StoreError::Invalid(format!(
-                "pseudo-label of {} vanished after commit",
-                rec.name
-            ))
-        })
-    }
-
-    fn pseudo_labels_where(&self, filter: &str, name: &str) -> Result<Vec<PseudoLabel>> {
+    pub(super) fn pseudo_labels_where(&self, filter: &str, name: &str) -> Result<Vec<PseudoLabel>> {
         let sql = format!("{PSEUDO_SELECT} WHERE i.name = ?1 {filter}");
         let mut stmt = self.conn.prepare(&sql).map_err(|e| self.db(e))?;
         let rows = stmt
@@ -353,11 +276,16 @@ impl Project {
     pub fn save_edit(&mut self, image: &str, mask: &Mask, actor: Actor<'_>) -> Result<MaskVersion> {
         let rec = self.image(image)?;
         self.check_mask_size(&rec, mask)?;
-        let file = fsutil::store_mask(&self.masks_dir(), mask)?;
+        let masks_dir = self.masks_dir();
+        let png = MaskPng::encode(mask)?;
+        png.store(&masks_dir)?;
+        let file = png.name.clone();
         let at = now_rfc3339();
         let db = self.db_path.clone();
         let err = super::schema::db_err(&db);
         let tx = self.begin()?;
+        // A refused machine write may have removed an identical file it had just created.
+        png.store(&masks_dir)?;
         let parent = current_version(&tx, rec.id).map_err(err)?;
         let seq: i64 = tx
             .query_row(
@@ -481,7 +409,7 @@ impl Project {
             .map(|p| (self.masks_dir().join(p.mask_file), "pseudo_label")))
     }
 
-    fn events_by_ids(&self, ids: &[i64]) -> Result<Vec<ReviewEvent>> {
+    pub(super) fn events_by_ids(&self, ids: &[i64]) -> Result<Vec<ReviewEvent>> {
         let sql = format!("{LOG_SELECT} WHERE l.id = ?1");
         let mut stmt = self.conn.prepare(&sql).map_err(|e| self.db(e))?;
         ids.iter()

@@ -181,17 +181,24 @@ impl Project {
                 image_h: rec.height,
             });
         }
-        let file = fsutil::store_mask(&self.masks_dir(), mask)?;
+        let masks_dir = self.masks_dir();
+        let png = fsutil::MaskPng::encode(mask)?;
+        png.store(&masks_dir)?;
         let at = now_rfc3339();
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO predictions (image_id, model, mask_file, created_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(image_id, model) DO UPDATE SET mask_file = excluded.mask_file,
-                   created_at = excluded.created_at",
-                params![rec.id, model, file, at],
-            )
-        })?;
+        let db = self.db_path.clone();
+        let err = super::schema::db_err(&db);
+        let tx = self.begin()?;
+        // A refused machine write may have removed an identical file it had just created.
+        png.store(&masks_dir)?;
+        tx.execute(
+            "INSERT INTO predictions (image_id, model, mask_file, created_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(image_id, model) DO UPDATE SET mask_file = excluded.mask_file,
+               created_at = excluded.created_at",
+            params![rec.id, model, png.name, at],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
         self.prediction(image, model)?.ok_or_else(|| {
             StoreError::Invalid(format!("prediction of {image} vanished after commit"))
         })

@@ -130,6 +130,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE pseudo_labels ADD COLUMN label_components INTEGER
         CHECK (label_components IS NULL OR label_components >= 0);
     "#,
+    // v4: a per-image revision, bumped by every write to the image's review (human or machine),
+    // so machine writes can compare-and-set; the content hash of the U-Net++ checkpoint and the
+    // labeler's identity of each pseudo-label (NULL for labels stored before).
+    r#"
+    ALTER TABLE images ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pseudo_labels ADD COLUMN unet_hash TEXT;
+    ALTER TABLE pseudo_labels ADD COLUMN labeler TEXT;
+    "#,
 ];
 
 /// The schema version this medmine writes and understands.

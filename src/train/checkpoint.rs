@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::models::unetpp::{Config, UNetPlusPlus};
+use crate::models::unetpp::{Config, SeededInit, UNetPlusPlus};
 use crate::progress::EpochRecord;
 
 pub const FORMAT: &str = "medmine-unetpp";
@@ -53,11 +53,41 @@ pub struct CheckpointMeta {
     /// Free-form training settings (the `TrainConfig` as JSON).
     #[serde(default)]
     pub train: serde_json::Value,
-    /// Best validation Dice so far and its epoch (for resume and early stopping).
+    /// Best validation Dice so far and its epoch (for resume and early stopping). None
+    /// without a validation set: the best epoch is then the one with the lowest training
+    /// loss ([`CheckpointMeta::best_train_loss`]), never labelled a Dice.
     #[serde(default)]
     pub best_dice: Option<f64>,
     #[serde(default)]
     pub best_epoch: usize,
+    /// Without a validation set: the lowest mean training loss of an epoch so far (the best
+    /// epoch's).
+    #[serde(default)]
+    pub best_train_loss: Option<f64>,
+    /// A fine-tuning run's input model's validation Dice (its "epoch 0"): the Dice to beat.
+    #[serde(default)]
+    pub initial_dice: Option<f64>,
+    /// Optimiser (AdamW) steps taken when saved; None in files written before it was kept.
+    #[serde(default)]
+    pub optimizer_steps: Option<usize>,
+    /// Set when the run was cancelled inside epoch `epoch + 1`: how far that epoch got, so a
+    /// resume continues at the exact step.
+    #[serde(default)]
+    pub partial_epoch: Option<PartialEpoch>,
+}
+
+/// How far an unfinished epoch got (a run cancelled mid-epoch).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Optimiser steps of this epoch already taken.
+    pub steps: usize,
+    /// Sum of the batch losses times their sizes, and the samples seen, so far.
+    pub loss_sum: f64,
+    pub seen: usize,
+    /// Seconds spent in this epoch so far.
+    pub seconds: f64,
+    /// The batch size the steps were taken with (a resume must use the same).
+    pub batch: usize,
 }
 
 impl CheckpointMeta {
@@ -73,6 +103,10 @@ impl CheckpointMeta {
             train: serde_json::Value::Null,
             best_dice: None,
             best_epoch: 0,
+            best_train_loss: None,
+            initial_dice: None,
+            optimizer_steps: None,
+            partial_epoch: None,
         }
     }
 }
@@ -146,7 +180,7 @@ pub fn save(map: &VarMap, meta: &CheckpointMeta, path: &Path) -> Result<(), Chec
 
 /// A freshly initialised U-Net++ (base `base`, input `size`) saved as `dir/init.safetensors`:
 /// the starting point of a first training round from the GUI (fine-tuning from it is training
-/// from scratch). `seed` seeds the initialisation where the device supports it.
+/// from scratch). The weights come from `seed` alone ([`SeededInit`]), on every device.
 pub fn fresh_checkpoint(
     dir: &Path,
     base: usize,
@@ -155,16 +189,15 @@ pub fn fresh_checkpoint(
     device: &Device,
 ) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let _ = device.set_seed(seed);
     let map = VarMap::new();
     let cfg = Config::with_base(base);
     let path = dir.join("init.safetensors");
-    UNetPlusPlus::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, device)).map_err(|e| {
-        CheckpointError::Weights {
+    SeededInit::new(seed)
+        .model(&cfg, &map, DType::F32, device)
+        .map_err(|e| CheckpointError::Weights {
             path: path.clone(),
             message: e.to_string(),
-        }
-    })?;
+        })?;
     save(&map, &CheckpointMeta::new(cfg, size), &path)?;
     Ok(path)
 }

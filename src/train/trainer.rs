@@ -1,24 +1,17 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{self, CheckpointMeta};
-use super::loss::deep_supervision_loss;
-use super::optim::{AdamW, AdamWConfig};
-use super::schedule::Schedule;
+use super::session::Session;
 use super::TrainError;
-use crate::data::{augment, AugmentConfig, Prepared};
+use crate::data::{AugmentConfig, Prepared};
 use crate::metrics::{Confusion, Scores};
-use crate::models::unetpp::{Config, InferenceMode, UNetPlusPlus};
-use crate::progress::{EpochRecord, Progress, TrainEvent};
+use crate::models::unetpp::{InferenceMode, UNetPlusPlus};
+use crate::progress::{EpochRecord, Progress};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -35,8 +28,15 @@ pub struct TrainConfig {
     pub min_lr_ratio: f64,
     /// Stop after this many epochs without a better validation Dice (0 = never).
     pub patience: usize,
+    /// Seeds everything random in a run: the initial weights, the batch order of each epoch
+    /// and the augmentation of each step.
     pub seed: u64,
     pub augment: AugmentConfig,
+    /// Train for exactly this many optimiser steps in total instead of `epochs` epochs (as
+    /// many epochs as that takes, the last one possibly partial; early stopping and
+    /// cancellation still end a run sooner). The learning-rate schedule spans these steps.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -53,6 +53,7 @@ impl Default for TrainConfig {
             patience: 10,
             seed: 0,
             augment: AugmentConfig::default(),
+            max_steps: None,
         }
     }
 }
@@ -82,12 +83,26 @@ pub enum TrainStatus {
     Cancelled,
 }
 
+/// What a training run did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainOutcome {
     pub status: TrainStatus,
+    /// Completed epochs (a cancelled run's unfinished epoch not counted).
     pub epochs_done: usize,
+    /// The epoch saved as `best`; 0 = the input model of a fine-tuning run (no epoch beat it)
+    /// or, for a run cancelled before its first epoch ended, the weights at the cancel.
     pub best_epoch: usize,
+    /// Validation Dice of the best checkpoint; None without a validation set.
     pub best_dice: Option<f64>,
+    /// Without a validation set: the best epoch's mean training loss (the lowest).
+    pub best_train_loss: Option<f64>,
+    /// Validation Dice of the input model of a fine-tuning run (`init`), before any step.
+    pub initial_dice: Option<f64>,
+    /// Whether an epoch became the best (`best_epoch > 0`); false when a fine-tuning run
+    /// kept its input model because no epoch beat its validation Dice by [`MIN_DELTA`].
+    pub improved: bool,
+    /// Optimiser steps taken in total (over resumes).
+    pub optimizer_steps: usize,
     pub best: PathBuf,
 }
 
@@ -150,26 +165,41 @@ pub fn validate(
     Ok(Scores::mean(&scores))
 }
 
-struct State {
-    epoch: usize,
-    best_dice: Option<f64>,
-    best_epoch: usize,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Runs training to the end, early stop, cancellation (checked every batch) or a non-finite
-/// loss (an error; the checkpoints of the last good epoch stay in place).
+/// Runs training to the end, `max_steps`, early stop, cancellation (checked every batch) or a
+/// non-finite loss (an error; the checkpoints of the last good epoch stay in place).
+///
+/// The initial weights come from `cfg.seed` ([`crate::models::unetpp::SeededInit`]), or from
+/// `init`. A fine-tuning run (`init`) with a validation set first validates its input model:
+/// that Dice (epoch 0, saved as `best`) is the one to beat, so the best checkpoint is never
+/// worse than the input on the validation split. Without a validation set the best epoch is
+/// the one with the lowest training loss, and no Dice is reported.
+///
+/// A run cancelled mid-epoch saves its exact position (see
+/// [`checkpoint::PartialEpoch`](super::checkpoint::PartialEpoch)); `resume` continues at that
+/// step with the same batch order, augmentation and optimiser step count.
 pub fn train(
     run: &TrainRun,
     progress: &mut dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<TrainOutcome, TrainError> {
+    check_run(run)?;
+    let mut session = Session::open(run, progress)?;
+    let mut status = TrainStatus::Finished;
+    while !session.done() {
+        if session.run_epoch(progress, cancel)? {
+            status = TrainStatus::Cancelled;
+            session.cancelled(progress)?;
+            break;
+        }
+        if session.finish_epoch(progress)? {
+            status = TrainStatus::EarlyStopped;
+            break;
+        }
+    }
+    Ok(session.outcome(status))
+}
+
+fn check_run(run: &TrainRun) -> Result<(), TrainError> {
     let cfg = &run.cfg;
     if cfg.size == 0 || !cfg.size.is_multiple_of(16) {
         return Err(TrainError::Config(format!(
@@ -177,9 +207,9 @@ pub fn train(
             cfg.size
         )));
     }
-    if cfg.batch == 0 || cfg.epochs == 0 {
+    if cfg.batch == 0 || cfg.epochs == 0 || cfg.max_steps == Some(0) {
         return Err(TrainError::Config(
-            "batch and epochs must be at least 1".into(),
+            "batch, epochs and max_steps must be at least 1".into(),
         ));
     }
     if run.train.is_empty() {
@@ -195,221 +225,19 @@ pub fn train(
             bad.name, cfg.size
         )));
     }
-    let dir = &run.out_dir;
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let device = &run.device;
+    Ok(())
+}
 
-    let map = VarMap::new();
-    let model_cfg = Config::with_base(cfg.base);
-    let model = UNetPlusPlus::new(
-        &model_cfg,
-        VarBuilder::from_varmap(&map, DType::F32, device),
-    )?;
-    let mut opt = AdamW::new(
-        trainable_vars(&map),
-        AdamWConfig {
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
-
-    let last = dir.join("last.safetensors");
-    let best = dir.join("best.safetensors");
-    let optim_path = dir.join("last.optim.safetensors");
-    let metrics_path = dir.join("metrics.jsonl");
-    let mut state = State {
-        epoch: 0,
-        best_dice: None,
-        best_epoch: 0,
-    };
-    if run.resume {
-        let meta = checkpoint::load_meta(&last)?;
-        if meta.model != model_cfg || meta.size != cfg.size {
-            return Err(TrainError::Config(format!(
-                "{} was trained with base {} at size {}, not base {} at size {}",
-                last.display(),
-                meta.model.base,
-                meta.size,
-                cfg.base,
-                cfg.size
-            )));
-        }
-        checkpoint::load_into(&map, &last, cfg.base)?;
-        let opt_state = checkpoint::load_tensors(&optim_path, device)?;
-        let steps = meta.epoch * steps_per_epoch(run.train.len(), cfg.batch);
-        opt.load_state(&opt_state, steps)?;
-        state = State {
-            epoch: meta.epoch,
-            best_dice: meta.best_dice,
-            best_epoch: meta.best_epoch,
-        };
-    } else {
-        if let Some(init) = &run.init {
-            let meta = checkpoint::load_meta(init)?;
-            if meta.model != model_cfg {
-                return Err(TrainError::Config(format!(
-                    "{} is a U-Net++ with base {}, this run uses base {}",
-                    init.display(),
-                    meta.model.base,
-                    cfg.base
-                )));
-            }
-            checkpoint::load_into(&map, init, cfg.base)?;
-        }
-        // a fresh run starts a fresh metrics log
-        std::fs::write(&metrics_path, b"").map_err(io_err(&metrics_path))?;
+pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
     }
-
-    let steps = steps_per_epoch(run.train.len(), cfg.batch);
-    let schedule = Schedule {
-        lr: cfg.lr,
-        warmup_steps: (cfg.warmup_epochs * steps as f64).round() as usize,
-        total_steps: cfg.epochs * steps,
-        min_ratio: cfg.min_lr_ratio,
-    };
-    let mut meta = CheckpointMeta::new(model_cfg.clone(), cfg.size);
-    meta.data_fingerprint = run.data_fingerprint.clone();
-    meta.train = serde_json::to_value(cfg).unwrap_or_default();
-
-    progress.event(&TrainEvent::Started {
-        first_epoch: state.epoch + 1,
-        epochs: cfg.epochs,
-        steps_per_epoch: steps,
-    });
-
-    let save_last = |meta: &mut CheckpointMeta, opt: &AdamW, state: &State| {
-        meta.epoch = state.epoch;
-        meta.best_dice = state.best_dice;
-        meta.best_epoch = state.best_epoch;
-        let (tensors, _) = opt.state();
-        checkpoint::save_tensors(&tensors, &optim_path)?;
-        checkpoint::save(&map, meta, &last)
-    };
-
-    let mut status = TrainStatus::Finished;
-    'epochs: while state.epoch < cfg.epochs {
-        let epoch = state.epoch + 1;
-        let started = Instant::now();
-        let mut order: Vec<usize> = (0..run.train.len()).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(
-            cfg.seed ^ (epoch as u64) << 32,
-        ));
-        let mut loss_sum = 0.;
-        let mut lr = cfg.lr;
-        let mut seen = 0usize;
-        for (step, idx) in order.chunks(cfg.batch).take(steps).enumerate() {
-            let global_step = (epoch - 1) * steps + step;
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(global_step as u64 * 7919));
-            let items: Vec<_> = idx
-                .iter()
-                .map(|&i| {
-                    let p = &run.train[i];
-                    let (img, msk) = augment(&p.image, &p.mask, cfg.size, &cfg.augment, &mut rng);
-                    (img, msk, p.weight)
-                })
-                .collect();
-            let (x, y, w) = batch_tensors(&items, cfg.size, device)?;
-            let heads = model.forward_t(&x, true)?;
-            let loss = deep_supervision_loss(&heads, &y, &w)?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
-            if !loss_value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    epoch,
-                    step: step + 1,
-                    loss: loss_value,
-                    dir: dir.clone(),
-                });
-            }
-            let grads = loss.backward()?;
-            lr = schedule.lr_at(global_step);
-            opt.step(&grads, lr)?;
-            loss_sum += loss_value * idx.len() as f64;
-            seen += idx.len();
-            progress.event(&TrainEvent::Step {
-                epoch,
-                step: step + 1,
-                steps_per_epoch: steps,
-                loss: loss_value,
-                lr,
-            });
-            if cancel.load(Ordering::Relaxed) {
-                status = TrainStatus::Cancelled;
-                break 'epochs;
-            }
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let val = if run.val.is_empty() {
-            None
-        } else {
-            Some(validate(&model, run.val, cfg.size, cfg.batch, device)?)
-        };
-        let train_loss = loss_sum / seen.max(1) as f64;
-        // without a validation set, the best epoch is the one with the lowest training loss
-        let criterion = val.map(|s| s.dice).unwrap_or(-train_loss);
-        let improved = state.best_dice.is_none_or(|b| criterion > b + MIN_DELTA);
-        let record = EpochRecord {
-            epoch,
-            train_loss,
-            val_dice: val.map(|s| s.dice),
-            val_iou: val.map(|s| s.iou),
-            lr,
-            seconds,
-            images_per_s: seen as f64 / seconds.max(1e-9),
-            best: improved,
-        };
-        state.epoch = epoch;
-        if improved {
-            state.best_dice = Some(criterion);
-            state.best_epoch = epoch;
-        }
-        meta.metrics = Some(record.clone());
-        if improved {
-            meta.epoch = epoch;
-            meta.best_dice = state.best_dice;
-            meta.best_epoch = epoch;
-            checkpoint::save(&map, &meta, &best)?;
-        }
-        save_last(&mut meta, &opt, &state)?;
-        append_metrics(&metrics_path, &record)?;
-        progress.event(&TrainEvent::Epoch(record));
-        if cfg.patience > 0 && epoch - state.best_epoch >= cfg.patience {
-            progress.event(&TrainEvent::Message(format!(
-                "early stop: no better validation Dice for {} epochs (best {:.4} at epoch {})",
-                cfg.patience,
-                state.best_dice.unwrap_or(0.),
-                state.best_epoch
-            )));
-            status = TrainStatus::EarlyStopped;
-            break;
-        }
-    }
-
-    if status == TrainStatus::Cancelled {
-        // a cancelled run leaves usable weights: the current ones as `last`, and as `best`
-        // too when no epoch has finished yet
-        save_last(&mut meta, &opt, &state)?;
-        if !best.exists() {
-            checkpoint::save(&map, &meta, &best)?;
-        }
-        progress.event(&TrainEvent::Message(format!(
-            "cancelled during epoch {}; weights saved to {}",
-            state.epoch + 1,
-            last.display()
-        )));
-    }
-    Ok(TrainOutcome {
-        status,
-        epochs_done: state.epoch,
-        best_epoch: state.best_epoch,
-        best_dice: state.best_dice,
-        best,
-    })
 }
 
 /// Steps per epoch: full batches, plus the remainder when it has at least 2 samples
 /// (BatchNorm needs more than one value per channel).
-fn steps_per_epoch(n: usize, batch: usize) -> usize {
+pub(super) fn steps_per_epoch(n: usize, batch: usize) -> usize {
     let full = n / batch;
     if n % batch >= 2 || full == 0 {
         full + 1
@@ -418,7 +246,7 @@ fn steps_per_epoch(n: usize, batch: usize) -> usize {
     }
 }
 
-fn append_metrics(path: &Path, record: &EpochRecord) -> Result<(), TrainError> {
+pub(super) fn append_metrics(path: &Path, record: &EpochRecord) -> Result<(), TrainError> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

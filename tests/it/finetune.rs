@@ -31,6 +31,8 @@ fn pseudo_label(width: usize, height: usize) -> NewPseudoLabel {
         label_components: None,
         sam_checkpoint: None,
         unet_checkpoint: None,
+        unet_hash: None,
+        labeler: None,
     }
 }
 
@@ -169,6 +171,18 @@ fn finetune_a_project_end_to_end() {
     // The best checkpoint loads with the original model's size and width.
     let m = load_model(&best, &candle_core::Device::Cpu).unwrap();
     assert_eq!((m.meta.size, m.meta.model.base), (32, 2));
+    // The output says whether an epoch beat the input model (epoch 0 in the sidecar: kept).
+    let initial = m.meta.initial_dice.expect("the input model was validated");
+    let verdict = if m.meta.epoch == 0 {
+        format!("kept the input model: no epoch beat its validation Dice {initial:.4}")
+    } else {
+        format!(
+            "improved: best epoch {} has validation Dice {:.4} (input model {initial:.4})",
+            m.meta.epoch,
+            m.meta.best_dice.unwrap()
+        )
+    };
+    assert!(out.contains(&verdict), "{verdict}\n{out}");
     drop(project);
 
     // The library call with the cancel flag already set: recorded as cancelled, in a new folder,
@@ -201,4 +215,185 @@ fn finetune_a_project_end_to_end() {
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[1].status, RunStatus::Cancelled);
     assert!(runs[1].finished_at.is_some());
+}
+
+/// A project on the demo X-rays (half of train.txt labelled) with a U-Net++ (size 32, base 4,
+/// one epoch) and `accepted` unlabelled images carrying an accepted pseudo-label.
+fn project_with_accepted_pseudo_labels(
+    tmp: &std::path::Path,
+    accepted: usize,
+) -> (std::path::PathBuf, std::path::PathBuf, Vec<String>) {
+    let demo = root().join("assets/demo");
+    let run = tmp.join("run");
+    ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        s(&demo),
+        "--train-list",
+        s(&demo.join("train.txt")),
+        "--val-list",
+        s(&demo.join("val.txt")),
+        "--size",
+        "32",
+        "--base",
+        "4",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--out",
+        s(&run),
+    ]);
+    let proj = tmp.join("proj");
+    ok(&["project", "init", s(&proj)]);
+    ok(&[
+        "project",
+        "import",
+        s(&proj),
+        "--data",
+        s(&demo),
+        "--split-dir",
+        s(&demo),
+        "--labelled-fraction",
+        "0.5",
+    ]);
+    let mut project = Project::open(&proj).unwrap();
+    let pool: Vec<_> = project
+        .images()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.role == Role::Unlabelled)
+        .take(accepted)
+        .collect();
+    assert_eq!(pool.len(), accepted);
+    for r in &pool {
+        project
+            .add_pseudo_label(&r.name, &pseudo_label(r.width, r.height))
+            .unwrap();
+    }
+    let names: Vec<String> = pool.iter().map(|r| r.name.clone()).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    project
+        .set_review(&refs, ReviewState::Accepted, Actor::default())
+        .unwrap();
+    (proj, run.join("best.safetensors"), names)
+}
+
+fn tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<_> = medmine::train::checkpoint::load_tensors(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn pseudo_weight_zero_equals_training_on_the_labelled_images_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (proj, unet, names) = project_with_accepted_pseudo_labels(tmp.path(), 3);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut project = Project::open(&proj).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let finetune = |project: &mut Project, pseudo_weight: f32| {
+        let cfg = FinetuneConfig {
+            epochs: 2,
+            batch: 4,
+            lr: 1e-3,
+            pseudo_weight,
+            patience: 0,
+            seed: 3,
+            ..Default::default()
+        };
+        let never = AtomicBool::new(false);
+        finetune_project(project, &unet, &cfg, &dev, &mut Recorder::default(), &never).unwrap()
+    };
+    // W = 0 with three accepted pseudo-labels: they are left out
+    let zero = finetune(&mut project, 0.0);
+    assert_eq!(zero.pseudo, 0);
+    // the same round on the project without them (rejected: not training data)
+    project
+        .set_review(&refs, ReviewState::Rejected, Actor::default())
+        .unwrap();
+    let without = finetune(&mut project, 0.5);
+    assert_eq!((without.pseudo, without.labelled), (0, zero.labelled));
+    // Measured: bitwise equal (the same batches, the same BatchNorm statistics).
+    assert_eq!(tensors(&zero.last), tensors(&without.last));
+    assert_eq!(tensors(&zero.best), tensors(&without.best));
+    assert_eq!(zero.best_dice, without.best_dice);
+    // and the pseudo-labels do pull when they weigh something
+    project
+        .set_review(&refs, ReviewState::Accepted, Actor::default())
+        .unwrap();
+    let with = finetune(&mut project, 0.5);
+    assert_eq!(with.pseudo, 3);
+    assert_ne!(tensors(&with.last), tensors(&without.last));
+}
+
+#[test]
+fn fine_tuning_without_training_data_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // a dataset without masks: every image is unlabelled
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("images")).unwrap();
+    let demo = root().join("assets/demo/images");
+    for name in ["covid_1015.png", "covid_1028.png", "covid_1030.png"] {
+        std::fs::copy(demo.join(name), data.join("images").join(name)).unwrap();
+    }
+    let proj = tmp.path().join("proj");
+    ok(&["project", "init", s(&proj)]);
+    ok(&["project", "import", s(&proj), "--data", s(&data)]);
+    let unet = medmine::train::checkpoint::fresh_checkpoint(
+        &tmp.path().join("init"),
+        2,
+        32,
+        0,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let finetune = |weight: &str| {
+        medmine(&[
+            "finetune",
+            s(&proj),
+            "--device",
+            "cpu",
+            "--checkpoint",
+            s(&unet),
+            "--epochs",
+            "1",
+            "--pseudo-weight",
+            weight,
+        ])
+    };
+    let out = finetune("0.5");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "nothing to fine-tune on: no labelled image with ground truth and no accepted"
+        ),
+        "{err}"
+    );
+
+    // one accepted pseudo-label, but weight 0 leaves it out
+    {
+        let mut project = Project::open(&proj).unwrap();
+        project
+            .add_pseudo_label("covid_1015.png", &pseudo_label(256, 256))
+            .unwrap();
+        project
+            .set_review(&["covid_1015.png"], ReviewState::Accepted, Actor::default())
+            .unwrap();
+    }
+    let out = finetune("0");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a pseudo-label weight of 0 leaves out the 1 accepted"),
+        "{err}"
+    );
+    assert!(Project::open(&proj).unwrap().runs().unwrap().is_empty());
 }

@@ -5,39 +5,20 @@
 //! gradients, max-pool's scaled gradient).
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use medmine::models::unetpp::{Config, UNetPlusPlus};
+use medmine::models::unetpp::{Config, SeededInit, UNetPlusPlus};
 use medmine::train::loss::deep_supervision_loss;
 use medmine::train::trainable_vars;
 use rand::{Rng, SeedableRng};
 
-/// Deterministic weights (candle cannot seed its CPU generator): uniform in
-/// +-1/sqrt(fan_in) for convolutions, 1 +- 0.1 for BatchNorm scales, +-0.1 for shifts.
+/// Deterministic weights (candle cannot seed its CPU generator): the training init, with
+/// BatchNorm scales 1 +- 0.1 and shifts +-0.1 so that none sits at a symmetric point.
 fn seeded_init(map: &VarMap, seed: u64) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let data = map.data().lock().unwrap();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let (centre, half) = if name.ends_with("running_mean") {
-            (0., 0.)
-        } else if name.ends_with("running_var") {
-            (1., 0.)
-        } else if dims.len() == 4 {
-            (0., 1. / ((dims[1] * dims[2] * dims[3]) as f64).sqrt())
-        } else if name.contains(".bn") && name.ends_with("weight") {
-            (1., 0.1)
-        } else {
-            (0., 0.1)
-        };
-        let v: Vec<f64> = (0..n)
-            .map(|_| centre + rng.gen_range(-1.0..=1.0) * half)
-            .collect();
-        var.set(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap())
-            .unwrap();
+    SeededInit {
+        seed,
+        batch_norm_jitter: 0.1,
     }
+    .apply(map)
+    .unwrap();
 }
 
 fn seeded_input(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {

@@ -67,6 +67,8 @@ fn lung_project(tmp: &Path) -> PathBuf {
                 label_components: Some(2),
                 sam_checkpoint: None,
                 unet_checkpoint: None,
+                unet_hash: None,
+                labeler: None,
             },
         )
         .unwrap();

@@ -197,6 +197,10 @@ fn mine_a_project_with_sam_end_to_end() {
     let rounds = field(&out, "rounds");
     assert!((mined..=3 * mined).contains(&rounds), "{out}");
 
+    // every row records its models by content hash
+    let unet_hash = medmine::fsutil::sha256_file(&unet).unwrap();
+    let sam_id = format!("sam:{}", medmine::fsutil::sha256_file(&sam).unwrap());
+    assert!(out.contains(&sam_id), "{out}");
     let mut with_label = 0;
     let mut earlier = 0;
     for rec in &unlabelled {
@@ -230,6 +234,8 @@ fn mine_a_project_with_sam_end_to_end() {
             for b in &p.prompts.boxes_in_image {
                 assert!(b.x0 <= b.x1 && b.y0 <= b.y1 && b.x1 <= rec.width as f32);
             }
+            assert_eq!(p.unet_hash.as_deref(), Some(unet_hash.as_str()));
+            assert_eq!(p.labeler.as_deref(), Some(sam_id.as_str()));
             let name = p.prompts.strategy.clone().expect("round name");
             // round 0 gets no mask prompt with box+points; refinements use SAM's logits
             assert_eq!(p.prompts.mask_prompt, name != "box+points", "{name}");
@@ -470,6 +476,7 @@ fn every_round_mines_what_no_person_decided() {
         assert_eq!(p.agreement, Some(1.0));
         assert_eq!(p.quality(), p.stability, "the score is the map's stability");
         assert_eq!(p.unet_components, p.label_components);
+        assert_eq!(p.labeler.as_deref(), Some("unet"));
     }
 
     // A person reviews: accept one, reject one, edit one, leave six pending.
@@ -510,6 +517,10 @@ fn every_round_mines_what_no_person_decided() {
         medmine::fsutil::sha256_file(&unet2).unwrap(),
     );
     assert_ne!(h1, h2, "fine-tuning changed the weights");
+    for name in &names {
+        let p = &round1[name].0[0];
+        assert_eq!(p.unet_hash.as_deref(), Some(h1.as_str()), "{name}");
+    }
 
     // Round 2 with the new model: the six pending and the rejected one, nothing else.
     let out = mine(&unet2, &[]);
@@ -527,6 +538,12 @@ fn every_round_mines_what_no_person_decided() {
         assert_eq!(labels.len(), 2, "{name}: round 2 added one");
         assert_eq!(&labels[..1], &reviewed[name].0[..], "{name}: round 1 kept");
         assert_eq!(labels[1].round, 1);
+        assert_eq!(
+            labels[1].unet_hash.as_deref(),
+            Some(h2.as_str()),
+            "{name}: new model"
+        );
+        assert_eq!(labels[1].labeler.as_deref(), Some("unet"));
         assert_eq!(
             *state,
             ReviewState::Pending,
@@ -569,8 +586,8 @@ fn oracle_labelers_answer_with_the_ground_truth() {
     let proj = tmp.path().join("proj");
     demo_project(&proj);
     let names = unlabelled(&proj);
-    let mine = |labeler: &str| {
-        ok(&[
+    let mine = |labeler: &str, extra: &[&str]| {
+        let mut args = vec![
             "mine",
             s(&proj),
             "--device",
@@ -581,11 +598,13 @@ fn oracle_labelers_answer_with_the_ground_truth() {
             s(&unet),
             "--threshold",
             "0",
-            "--auto-accept",
-            "1",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
     };
-    let out = mine("oracle-box");
+    assert_eq!(field(&mine("unet", &[]), "mined"), 9);
+    // the same U-Net++, another labeler: every pending image is mined again
+    let out = mine("oracle-box", &["--auto-accept", "1"]);
     assert_eq!(field(&out, "mined"), 9, "{out}");
     assert_eq!(
         field(&out, "auto-accepted"),
@@ -594,9 +613,12 @@ fn oracle_labelers_answer_with_the_ground_truth() {
     );
     let project = Project::open(&proj).unwrap();
     for name in &names {
-        let p = project.latest_pseudo_label(name).unwrap().unwrap();
+        let labels = project.pseudo_labels(name).unwrap();
+        assert_eq!(labels.len(), 2, "{name}: self-training, then the oracle");
+        let p = labels.last().unwrap();
         assert_eq!(p.quality(), Some(1.0));
         assert_eq!(p.prompts.strategy.as_deref(), Some("oracle-box"));
+        assert_eq!(p.labeler.as_deref(), Some("oracle-box"));
         // the box is the whole image (threshold 0): the answer is the ground truth
         let truth = data::load_mask(&project.ground_truth(name).unwrap().unwrap()).unwrap();
         let label = data::load_mask(&project.masks_dir().join(&p.mask_file)).unwrap();

@@ -200,7 +200,7 @@ fn cli_import_status_review_export() {
         "{report}"
     );
     assert!(
-        report.contains(&format!("{},review,accepted,auto,", unl[6])),
+        report.contains(&format!("{},auto_accept,accepted,auto,", unl[6])),
         "{report}"
     );
 }

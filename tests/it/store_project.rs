@@ -273,6 +273,8 @@ fn label(mask: Mask, round: i64, iou: f64, stab: f64) -> NewPseudoLabel {
         label_components: Some(1),
         sam_checkpoint: Some("sam-vit-b".into()),
         unet_checkpoint: Some("unet-round0".into()),
+        unet_hash: None,
+        labeler: None,
     }
 }
 
@@ -303,7 +305,9 @@ fn pseudo_labels_reviews_and_edit_history_survive_reopening() {
         reviewer: Some("ana"),
         note: None,
     };
-    let ev = p.accept_by_quality(0.8, who).unwrap();
+    let batch = p.accept_by_quality(0.8, who).unwrap();
+    assert_eq!((batch.below, batch.skipped.len()), (1, 0));
+    let ev = batch.accepted;
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].image, "img_4.png");
     // edits, undo, redo
@@ -346,7 +350,7 @@ fn pseudo_labels_reviews_and_edit_history_survive_reopening() {
         [
             "pseudo_label",
             "pseudo_label",
-            "review",
+            "auto_accept",
             "edit",
             "edit",
             "undo",
@@ -360,7 +364,7 @@ fn pseudo_labels_reviews_and_edit_history_survive_reopening() {
         csv.lines()
             .nth(3)
             .unwrap()
-            .contains(",img_4.png,review,accepted,ana,"),
+            .contains(",img_4.png,auto_accept,accepted,ana,"),
         "{csv}"
     );
     assert_eq!(p.integrity_check().unwrap(), "ok");

@@ -38,6 +38,8 @@ fn label(
         label_components: comps.map(|c| c.1),
         sam_checkpoint: None,
         unet_checkpoint: None,
+        unet_hash: None,
+        labeler: None,
     }
 }
 

@@ -7,9 +7,14 @@
 //!
 //! Inference modes: `Accurate` averages the logits of the four heads; `Fast(L)` computes only
 //! the nodes X(i, j) with i + j <= L and returns head L (the pruned network of the paper).
+//!
+//! [`UNetPlusPlus::new`] initialises with candle's generator, which cannot be seeded on the
+//! CPU; [`SeededInit`] draws the same distributions from a seed (what training uses).
 mod block;
+mod init;
 
 pub use block::VggBlock;
+pub use init::SeededInit;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
