@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::mining::{mine_project, MiningConfig, SAM_DOWNLOAD_HINT};
+use crate::mining::{mine_project, open_labeler, LabelerKind, MiningConfig, MiningSummary, Remine};
 use crate::models::sam::Variant;
 use crate::models::unetpp::InferenceMode;
 use crate::prompts::{PromptConfig, Strategy};
@@ -17,8 +17,14 @@ use crate::store::Project;
 pub struct MineArgs {
     /// Project folder.
     project: PathBuf,
+    /// Who labels: sam (SAM prompted by the U-Net++), unet (self-training: the U-Net++'s own
+    /// thresholded prediction, no SAM), oracle / oracle-box (the ground truth answering the
+    /// prompted boxes; needs masks for the unlabelled images).
+    #[arg(long, default_value = "sam")]
+    labeler: String,
     /// SAM checkpoint (.pth/.pt as published, or .safetensors), e.g.
-    /// weights/sam_vit_b_01ec64.pth (`medmine weights download vit_b` fetches it).
+    /// weights/sam_vit_b_01ec64.pth (`medmine weights download vit_b` fetches it); needed by
+    /// --labeler sam only.
     #[arg(long)]
     sam: Option<PathBuf>,
     /// auto | vit_b | vit_l | vit_h | vit_t (auto: detected from the checkpoint's keys).
@@ -33,7 +39,7 @@ pub struct MineArgs {
     /// box | points | box+points | box+points+mask
     #[arg(long, default_value = "box+points")]
     strategy: String,
-    /// SAM rounds per image: 1 = no refinement.
+    /// SAM rounds per image: 1 = no refinement (the best-scoring round is the pseudo-label).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Stop refining when two successive masks have at least this IoU.
@@ -42,7 +48,7 @@ pub struct MineArgs {
     /// Foreground threshold of the U-Net++ probability.
     #[arg(long, default_value_t = 0.5)]
     threshold: f32,
-    /// Components with fewer pixels are not prompted.
+    /// Components with fewer pixels are not prompted (nor kept by self-training).
     #[arg(long, default_value_t = 25)]
     min_area: usize,
     /// Ask SAM for three masks per prompt and keep the most confident.
@@ -52,15 +58,15 @@ pub struct MineArgs {
     /// 1/(1 + |component count change|)) is at least S.
     #[arg(long, value_name = "S")]
     auto_accept: Option<f64>,
-    /// Also re-mine images that already have a pseudo-label (never accepted or edited ones).
-    #[arg(long)]
-    remine: bool,
+    /// Which pending or rejected images with a pseudo-label are mined again: changed (made by
+    /// another U-Net++ checkpoint or labeler, by content hash), all, or none. Accepted and
+    /// edited images are never re-mined.
+    #[arg(long, default_value = "changed")]
+    remine: String,
 }
 
 pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
-    let Some(sam) = a.sam.clone() else {
-        bail!("mining needs a SAM checkpoint (--sam FILE); {SAM_DOWNLOAD_HINT}");
-    };
+    let kind: LabelerKind = a.labeler.parse()?;
     let strategy: Strategy = a.strategy.parse()?;
     let cfg = MiningConfig {
         prompt: PromptConfig {
@@ -73,14 +79,24 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
         stop_iou: a.stop_iou,
         multimask: a.multimask,
         auto_accept: a.auto_accept,
-        remine: a.remine,
+        remine: a.remine.parse::<Remine>()?,
         sam_variant: Variant::parse(&a.sam_variant)?,
         unet_mode: a
             .mode
             .parse::<InferenceMode>()
             .map_err(anyhow::Error::msg)?,
     };
+    if kind != LabelerKind::Sam && a.sam.is_some() {
+        eprintln!("note: --sam is not used by --labeler {kind}");
+    }
     let mut project = Project::open(&a.project)?;
+    let cache = project.cache_dir();
+    let sam = if kind == LabelerKind::Sam {
+        a.sam.as_deref()
+    } else {
+        None
+    };
+    let mut labeler = open_labeler(kind, sam, cfg.sam_variant, &device, Some(&cache))?;
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     // Ctrl-C stops after the current image; what is stored stays stored.
@@ -91,22 +107,31 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     println!(
-        "mining {} with strategy {strategy}, up to {} rounds (stop at IoU {})",
+        "mining {} with labeler {} ({}), strategy {strategy}, up to {} rounds (stop at IoU {}), \
+         re-mining {}",
         a.project.display(),
+        kind,
+        labeler.id(),
         cfg.rounds,
-        cfg.stop_iou
+        cfg.stop_iou,
+        cfg.remine
     );
+    let mut announced = false;
     let s = mine_project(
         &mut project,
         &a.checkpoint,
-        &sam,
+        labeler.as_mut(),
         &cfg,
         &device,
         &mut |done, total| {
-            if done == 0 {
-                // The images are chosen: from here on a person's review of one of them wins.
-                println!("selected {total} images");
-                let _ = std::io::Write::flush(&mut std::io::stdout());
+            if !announced {
+                // printed once the images are chosen (before any is mined)
+                // from here on a person's review of one of them wins
+                bar.suspend(|| {
+                    println!("selected {total} images");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                });
+                announced = true;
             }
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -114,34 +139,43 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
         &cancel,
     )?;
     bar.finish_and_clear();
-    let f = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
-    println!("unlabelled images   {}", s.unlabelled);
-    println!("mined               {}", s.mined.len());
-    println!("components          {}", s.components);
-    println!("sam rounds          {}", s.rounds);
-    println!("converged           {}", s.converged);
-    println!("no component        {}", s.no_component.len());
-    println!("already mined       {}", s.already_mined.len());
-    println!("failed              {}", s.failed.len());
-    println!("mean quality        {}", f(s.mean_quality));
-    println!("mean sam iou        {}", f(s.mean_sam_iou));
-    println!("mean stability      {}", f(s.mean_stability));
-    println!("mean agreement      {}", f(s.mean_agreement));
-    println!("component count changed {}", s.component_count_changed);
-    if a.auto_accept.is_some() {
-        println!("auto-accepted       {}", s.auto_accepted.len());
-    }
-    println!("skipped: reviewed meanwhile {}", s.skipped_reviewed.len());
-    if s.cancelled {
-        println!("cancelled: the images mined so far are stored");
-    }
+    print_summary(&s, a.auto_accept.is_some());
     if !s.failed.is_empty() {
         let lines: Vec<String> = s.failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
         bail!(
-            "{} images could not be read:\n{}",
+            "{} images could not be mined:\n{}",
             s.failed.len(),
             lines.join("\n")
         );
     }
     Ok(())
+}
+
+/// One `name value` line per count (the tests read them by name).
+fn print_summary(s: &MiningSummary, auto_accept: bool) {
+    let f = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+    println!("u-net++ sha256      {}", s.unet_hash);
+    println!("labeler id          {}", s.labeler);
+    println!("unlabelled images   {}", s.unlabelled);
+    println!("mined               {}", s.mined.len());
+    println!("unchanged           {}", s.unchanged.len());
+    println!("kept: accepted/edited {}", s.kept.len());
+    println!("skipped: reviewed meanwhile {}", s.skipped_reviewed.len());
+    println!("no component        {}", s.no_component.len());
+    println!("failed              {}", s.failed.len());
+    println!("components          {}", s.components);
+    println!("rounds              {}", s.rounds);
+    println!("converged           {}", s.converged);
+    println!("earlier round chosen {}", s.earlier_round_chosen);
+    println!("mean quality        {}", f(s.mean_quality));
+    println!("mean sam iou        {}", f(s.mean_sam_iou));
+    println!("mean stability      {}", f(s.mean_stability));
+    println!("mean agreement      {}", f(s.mean_agreement));
+    println!("component count changed {}", s.component_count_changed);
+    if auto_accept {
+        println!("auto-accepted       {}", s.auto_accepted.len());
+    }
+    if s.cancelled {
+        println!("cancelled: the images mined so far are stored");
+    }
 }

@@ -13,6 +13,7 @@ use candle_core::Device;
 use super::worker::{guarded, Event, FinetuneJob, FinetuneResult, ModelCommand, Outbox};
 use crate::data::{self, Mask};
 use crate::mining::finetune::finetune_project;
+use crate::mining::labeler::SamLabeler;
 use crate::mining::mine_project;
 use crate::models::sam::cache::EmbeddingCache;
 use crate::models::sam::checkpoint::load_sam;
@@ -208,10 +209,16 @@ impl ModelThread {
                 self.start_job("mining");
                 let mut p = Project::open(&project)?;
                 let out = self.out.clone();
+                let cache = p.cache_dir();
+                let labeler = SamLabeler::load(&sam, cfg.sam_variant, &self.device, Some(&cache));
+                let mut labeler = match labeler {
+                    Ok(l) => l,
+                    Err(e) => return self.job_failed("mining", e.into()),
+                };
                 let summary = mine_project(
                     &mut p,
                     &unet,
-                    &sam,
+                    &mut labeler,
                     &cfg,
                     &self.device,
                     &mut |done, total| out.send(Event::JobProgress { done, total }),

@@ -1,42 +1,55 @@
 //! Knowledge mining (issue 5): a U-Net++ trained on the labelled images predicts each
-//! unlabelled image; its connected components become SAM prompts ([`crate::prompts`]); SAM's
-//! masks (one decoder call per component, batched on one embedding) are united, refined for up
-//! to K rounds ([`refine`]) and scored ([`quality`]: SAM's predicted IoU, stability, Dice
+//! unlabelled image; a [`Labeler`] turns the prediction into a pseudo-label: SAM prompted with
+//! its connected components ([`crate::prompts`], one mask prompt per object), refined for up to
+//! K rounds ([`refine`]) and scored ([`quality`]: SAM's predicted IoU, stability, Dice
 //! agreement with the U-Net++ and the connected-component counts of both masks, combined by
-//! [`crate::store::quality_score`]); every round is stored in the project as a pseudo-label
-//! pending review, the last round being the one reviewed.
+//! [`crate::store::quality_score`]); or the U-Net++'s own prediction (self-training); or the
+//! ground truth (the oracles). Every round is stored in the project as a pseudo-label pending
+//! review; the round with the best quality score is the one reviewed.
 //!
 //! Store rounds: the `round` of a pseudo-label row is a per-image sequence. A mining pass
 //! writes its rounds as `base, base + 1, …` where `base` is one past the image's highest
-//! stored round (0 on first mining), so the newest row is always the newest pass's final mask
-//! and a re-mine never mixes with, or overwrites, an older pass. Round 0 of a pass has the
-//! strategy's name in `prompts.strategy`, later rounds `refine K`.
+//! stored round (0 on first mining), so a re-mine never mixes with, or overwrites, an older
+//! pass. The rounds are written in the order they were made except the best one, which is
+//! written last: the newest row is always the newest pass's pseudo-label. Its
+//! `prompts.strategy` keeps its round's name (the strategy's name for round 0, `refine K`
+//! for later rounds).
 //!
-//! Which images: those with role `unlabelled`. An image that already has a pseudo-label is
-//! skipped unless [`MiningConfig::remine`]; even then, an image a reviewer accepted or edited
-//! is never re-mined (its decision stands). An image whose prediction has no component of at
-//! least `min_area` pixels gets nothing and is counted.
+//! Which images ([`Remine`]): those with role `unlabelled`. Each pseudo-label records the
+//! U-Net++ checkpoint's SHA-256 and the labeler's id ([`Labeler::id`], e.g. `sam:<sha256>`);
+//! by default a pass mines every image without a pseudo-label and re-mines every pending or
+//! rejected one whose current pseudo-label was made by another (U-Net++, labeler) pair, so
+//! every round after a fine-tuning mines. An image a reviewer accepted or edited is never
+//! re-mined (its decision stands). An image whose prediction has no component of at least
+//! `min_area` pixels gets nothing and is counted.
 pub mod experiment;
 pub mod finetune;
+pub mod labeler;
 pub mod quality;
 pub mod refine;
 mod round;
+mod select;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
-use image::{ImageDecoder, ImageReader, RgbImage};
+use image::RgbImage;
 
-pub use round::{mine_image, MinedImage, RoundResult};
+pub use labeler::{open_labeler, LabelInput, Labeler, LabelerKind};
+pub use round::{best_round, mine_image, MinedImage, RoundResult};
+pub use select::{plan_image, Plan};
 
 use crate::data::ImageF32;
-use crate::models::sam::{load_sam, EmbeddingCache, SamError, SamPredictor, Variant};
+use crate::models::sam::{SamError, Variant};
 use crate::models::unetpp::InferenceMode;
-use crate::predict::Predictor;
+use crate::predict::{Predictor, ProbMap};
 use crate::prompts::{PromptConfig, PromptError};
-use crate::store::{quality_score, Actor, MachineWrite, NewPseudoLabel, Project, Role, StoreError};
+use crate::store::{Actor, NewPseudoLabel, Project, StoreError};
 use crate::train::checkpoint::CheckpointError;
+use select::Candidate;
 
 /// Where to get SAM weights, for the "no checkpoint" message.
 pub const SAM_DOWNLOAD_HINT: &str = "put an official SAM checkpoint in the weights/ folder: run \
@@ -51,6 +64,11 @@ pass its path with --sam (e.g. --sam weights/sam_vit_b_01ec64.pth); see weights/
 pub enum MiningError {
     #[error("{}: no SAM checkpoint there; {SAM_DOWNLOAD_HINT}", .path.display())]
     NoSamCheckpoint { path: PathBuf },
+    #[error(
+        "the sam labeler needs a SAM checkpoint (--sam FILE); {SAM_DOWNLOAD_HINT}; or mine \
+             without SAM: --labeler unet (self-training)"
+    )]
+    SamNotGiven,
     #[error("SAM checkpoint: {0}")]
     LoadSam(#[source] SamError),
     #[error("U-Net++ checkpoint {}: {source}", .path.display())]
@@ -58,6 +76,12 @@ pub enum MiningError {
         path: PathBuf,
         #[source]
         source: CheckpointError,
+    },
+    #[error("{}: cannot hash the checkpoint: {source}", .path.display())]
+    Hash {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("invalid mining settings: {0}")]
     Settings(String),
@@ -79,6 +103,8 @@ pub enum MiningError {
         #[source]
         source: SamError,
     },
+    #[error("{image}: no ground truth for the oracle labeler (it answers with the image's mask)")]
+    NoGroundTruth { image: String },
     #[error("{image}: {reason}")]
     Invalid { image: String, reason: String },
     #[error("{image}: {source}")]
@@ -91,10 +117,53 @@ pub enum MiningError {
     Project(#[from] StoreError),
 }
 
+/// Which images with a pseudo-label a pass mines again (never accepted or edited ones).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Remine {
+    /// `changed`: pending and rejected images whose current pseudo-label was made by another
+    /// U-Net++ checkpoint or labeler (by content hash; rows without hashes count as other).
+    #[default]
+    Changed,
+    /// `all`: every pending and rejected image.
+    All,
+    /// `none`: only images without a pseudo-label.
+    None,
+}
+
+impl Remine {
+    /// Every policy, in CLI order.
+    pub const ALL: [Remine; 3] = [Remine::Changed, Remine::All, Remine::None];
+}
+
+impl fmt::Display for Remine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Remine::Changed => "changed",
+            Remine::All => "all",
+            Remine::None => "none",
+        })
+    }
+}
+
+impl FromStr for Remine {
+    type Err = MiningError;
+    fn from_str(s: &str) -> Result<Self, MiningError> {
+        Remine::ALL
+            .into_iter()
+            .find(|r| r.to_string() == s.trim())
+            .ok_or_else(|| {
+                MiningError::Settings(format!(
+                    "unknown --remine value '{s}'; expected changed, all or none"
+                ))
+            })
+    }
+}
+
 /// How a project is mined.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MiningConfig {
-    /// Prompt derivation, including the strategy (`prompt.strategy`).
+    /// Prompt derivation, including the strategy (`prompt.strategy`); its threshold and
+    /// `min_area` also make the self-training label.
     pub prompt: PromptConfig,
     /// SAM rounds per image (K >= 1): round 0 from the U-Net++ prompts, then K - 1 refinements.
     pub rounds: usize,
@@ -104,8 +173,8 @@ pub struct MiningConfig {
     pub multimask: bool,
     /// Accept the images mined now whose quality score is at least this.
     pub auto_accept: Option<f64>,
-    /// Also re-mine images that already have a pseudo-label (pending or rejected ones).
-    pub remine: bool,
+    /// Which images that already have a pseudo-label are mined again.
+    pub remine: Remine,
     /// SAM variant; `None` detects it from the checkpoint.
     pub sam_variant: Option<Variant>,
     /// U-Net++ inference mode.
@@ -120,7 +189,7 @@ impl Default for MiningConfig {
             stop_iou: 0.95,
             multimask: false,
             auto_accept: None,
-            remine: false,
+            remine: Remine::default(),
             sam_variant: None,
             unet_mode: InferenceMode::Accurate,
         }
@@ -145,40 +214,51 @@ impl MiningConfig {
     }
 }
 
-/// What a mining pass did.
+/// What a mining pass did. Every unlabelled image lands in exactly one of `mined`,
+/// `unchanged`, `kept`, `skipped_reviewed`, `no_component` and `failed` (or in none when the
+/// pass was cancelled before it).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MiningSummary {
     /// Unlabelled images in the project.
     pub unlabelled: usize,
+    /// Images selected for mining by the [`Remine`] policy.
+    pub selected: usize,
+    /// SHA-256 of the U-Net++ checkpoint and the labeler's id, recorded with every
+    /// pseudo-label of this pass.
+    pub unet_hash: String,
+    pub labeler: String,
     /// Images that got a pseudo-label now.
     pub mined: Vec<String>,
+    /// Pending or rejected images not mined again (their pseudo-label was made by the same
+    /// models, or the policy re-mines nothing).
+    pub unchanged: Vec<String>,
+    /// Images a reviewer accepted or edited: never re-mined.
+    pub kept: Vec<String>,
+    /// Images a person reviewed while the pass ran: their decision stands, nothing written.
+    pub skipped_reviewed: Vec<String>,
+    /// Images whose prediction had no component (nothing recorded).
+    pub no_component: Vec<String>,
+    /// Images that could not be mined, with the error; the others were still mined.
+    pub failed: Vec<(String, String)>,
     /// Components prompted over the mined images.
     pub components: usize,
-    /// SAM rounds run over the mined images.
+    /// Rounds run over the mined images.
     pub rounds: usize,
     /// Mined images whose refinement stopped because successive masks agreed.
     pub converged: usize,
-    /// Images whose prediction had no component (nothing recorded).
-    pub no_component: Vec<String>,
-    /// Images skipped because they already have a pseudo-label (without `remine`) or a
-    /// reviewer accepted or edited them.
-    pub already_mined: Vec<String>,
-    /// Images that could not be read, with the error; the others were still mined.
-    pub failed: Vec<(String, String)>,
-    /// Means over the mined images' final rounds.
+    /// Mined images whose pseudo-label is not their last round (a refinement lowered the
+    /// quality).
+    pub earlier_round_chosen: usize,
+    /// Means over the mined images' pseudo-labels (their best rounds).
     pub mean_quality: Option<f64>,
     pub mean_sam_iou: Option<f64>,
     pub mean_stability: Option<f64>,
     pub mean_agreement: Option<f64>,
-    /// Mined images whose final mask has another component count than the U-Net++
+    /// Mined images whose pseudo-label has another component count than the U-Net++
     /// prediction (a changed count lowers the quality score).
     pub component_count_changed: usize,
     /// Images accepted by `auto_accept`.
     pub auto_accepted: Vec<String>,
-    /// Images a person reviewed while this pass worked on them ("skipped: reviewed
-    /// meanwhile"): their pseudo-label or their auto-acceptance was not stored (see
-    /// [`crate::store::MachineWrite`]).
-    pub skipped_reviewed: Vec<String>,
     /// Stopped by the cancel flag before the end.
     pub cancelled: bool,
 }
@@ -193,243 +273,210 @@ pub fn to_rgb(img: &ImageF32) -> RgbImage {
     })
 }
 
-/// Whether the `image` crate reads the file as 8 bits per channel (then SAM sees the same
-/// pixels through the embedding cache as in `medmine segment` and the GUI).
-fn is_eight_bit(path: &Path) -> bool {
-    let Ok(reader) = ImageReader::open(path).and_then(|r| r.with_guessed_format()) else {
-        return false;
-    };
-    reader.into_decoder().is_ok_and(|d| {
-        use image::ColorType::*;
-        matches!(d.color_type(), L8 | La8 | Rgb8 | Rgba8)
-    })
+/// The models of a pass, as recorded with its pseudo-labels.
+struct Provenance {
+    unet_hash: String,
+    unet_path: String,
+    labeler_id: String,
+    /// `sam_checkpoint` column: the labeler's checkpoint path, or its id.
+    labeler_source: String,
 }
 
-/// Mines every unlabelled image of `project` (see the module doc for which ones and how
-/// rounds are stored). `progress(0, total)` once the images are selected, then
-/// `progress(done, total)` after each candidate image; `cancel` is checked before each one
-/// (what is stored stays stored). Each image's pseudo-labels, and its auto-acceptance, are
-/// stored only if no person changed the image since it was selected
-/// ([`Project::add_pseudo_labels_if`], [`Project::accept_if`]); otherwise it is counted in
-/// [`MiningSummary::skipped_reviewed`].
+/// The pseudo-label of one mined image, for the means and the auto-accept.
+struct Chosen {
+    name: String,
+    quality: f64,
+    sam_iou: Option<f64>,
+    stability: Option<f64>,
+    agreement: Option<f64>,
+    /// The image's revision after the write (the auto-accept's compare-and-set).
+    revision: i64,
+}
+
+/// What happened to one selected image.
+enum Outcome {
+    Mined(MinedImage, Chosen),
+    NoComponent,
+    SkippedReviewed,
+    Failed(String),
+}
+
+/// Mines the unlabelled images of `project` that the [`Remine`] policy selects (see the
+/// module doc) with `labeler`, from the predictions of the U-Net++ `unet_checkpoint`.
+/// `progress(done, total)` once the images are selected (`done` 0) and after each one;
+/// `cancel` is checked before each one (what is stored stays stored). Each image's
+/// pseudo-labels, and its auto-acceptance, are stored only if no person changed the image
+/// since it was selected ([`Project::add_pseudo_labels_if`], [`Project::accept_if`]);
+/// otherwise it is counted in [`MiningSummary::skipped_reviewed`].
 pub fn mine_project(
     project: &mut Project,
     unet_checkpoint: &Path,
-    sam_checkpoint: &Path,
+    labeler: &mut dyn Labeler,
     cfg: &MiningConfig,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
     cancel: &AtomicBool,
 ) -> Result<MiningSummary, MiningError> {
     cfg.check()?;
-    if !sam_checkpoint.is_file() {
-        return Err(MiningError::NoSamCheckpoint {
-            path: sam_checkpoint.to_path_buf(),
-        });
-    }
     let unet = Predictor::load(unet_checkpoint, device, cfg.unet_mode).map_err(|source| {
         MiningError::LoadUnet {
             path: unet_checkpoint.to_path_buf(),
             source,
         }
     })?;
-    let sam = SamPredictor::new(
-        load_sam(sam_checkpoint, cfg.sam_variant, device).map_err(MiningError::LoadSam)?,
-    );
-    let cache = EmbeddingCache::new(
-        Some(&project.cache_dir().join("sam-embeddings")),
-        2,
-        sam_checkpoint,
-    )
-    .map_err(MiningError::LoadSam)?;
-    let sam_id = sam_checkpoint.display().to_string();
-    let unet_id = unet_checkpoint.display().to_string();
-
-    let mut summary = MiningSummary::default();
-    let mut todo: Vec<(String, i64)> = Vec::new(); // (image, revision when selected)
-    for rec in project.images()? {
-        if rec.role != Role::Unlabelled {
-            continue;
-        }
-        summary.unlabelled += 1;
-        let at = |source| MiningError::Store {
-            image: rec.name.clone(),
-            source,
-        };
-        let review = project.review(&rec.name).map_err(at)?;
-        if project
-            .latest_pseudo_label(&rec.name)
-            .map_err(at)?
-            .is_some()
-            && (!cfg.remine || review.state.is_accepted())
-        {
-            summary.already_mined.push(rec.name);
-            continue;
-        }
-        todo.push((rec.name, review.revision));
-    }
-
+    let hash_cache = labeler::hash::hash_cache_in(&project.cache_dir());
+    let who = Provenance {
+        unet_hash: labeler::hash::cached_sha256(unet_checkpoint, Some(&hash_cache))?,
+        unet_path: unet_checkpoint.display().to_string(),
+        labeler_id: labeler.id().to_string(),
+        labeler_source: labeler
+            .checkpoint()
+            .map_or_else(|| labeler.id().to_string(), |p| p.display().to_string()),
+    };
+    let (todo, mut summary) = select::select_images(project, cfg.remine, &who)?;
     let total = todo.len();
     progress(0, total);
-    // name, revision after the write, q, iou, stab, agr
-    let mut finals: Vec<(String, i64, f64, f64, f64, f64)> = Vec::new();
-    for (done, (name, selected_revision)) in todo.into_iter().enumerate() {
+    let mut chosen: Vec<Chosen> = Vec::new();
+    for (done, cand) in todo.into_iter().enumerate() {
         if cancel.load(Ordering::Relaxed) {
             summary.cancelled = true;
             break;
         }
-        let at = |source| MiningError::Store {
-            image: name.clone(),
-            source,
-        };
-        let (img, path) = match project
-            .load_image(&name)
-            .and_then(|img| Ok((img, project.image_file(&name)?)))
-        {
-            Ok(v) => v,
-            Err(e) => {
-                summary.failed.push((name, e.to_string()));
-                progress(done + 1, total);
-                continue;
+        let name = cand.name.clone();
+        match mine_one(project, &unet, labeler, cfg, &who, cand)? {
+            Outcome::Mined(mined, c) => {
+                summary.components += mined.components;
+                summary.rounds += mined.rounds.len();
+                summary.converged += usize::from(mined.converged);
+                summary.earlier_round_chosen += usize::from(mined.best() + 1 < mined.rounds.len());
+                let change = mined.chosen().component_change();
+                summary.component_count_changed += usize::from(change.is_some_and(|c| c != 0));
+                summary.mined.push(name);
+                chosen.push(c);
             }
-        };
-        let probs = unet
-            .predict(&[&img])
-            .map_err(|source| MiningError::Predict {
-                image: name.clone(),
-                source,
-            })?
-            .pop()
-            .ok_or_else(|| MiningError::Invalid {
-                image: name.clone(),
-                reason: "the U-Net++ returned no prediction".into(),
-            })?;
-        // Prompts first: an image without components costs no SAM encoder run.
-        let no_component = crate::prompts::prompts_from_probs(
-            &probs.data,
-            probs.width,
-            probs.height,
-            &PromptConfig {
-                strategy: crate::prompts::Strategy::Box,
-                ..cfg.prompt.clone()
-            },
-        )
-        .map_err(|source| MiningError::Prompts {
-            image: name.clone(),
-            source,
-        })?
-        .components
-        .is_empty();
-        if no_component {
-            summary.no_component.push(name);
-            progress(done + 1, total);
-            continue;
+            Outcome::NoComponent => summary.no_component.push(name),
+            Outcome::SkippedReviewed => summary.skipped_reviewed.push(name),
+            Outcome::Failed(reason) => summary.failed.push((name, reason)),
         }
-        let emb = if is_eight_bit(&path) {
-            cache.get_or_compute(&path, &sam)
-        } else {
-            sam.set_image(&to_rgb(&img))
-        }
-        .map_err(|source| MiningError::Sam {
-            image: name.clone(),
-            source,
-        })?;
-        let Some(mined) = mine_image(
-            &name,
-            &sam,
-            &emb,
-            &probs.data,
-            probs.width,
-            probs.height,
-            cfg,
-        )?
-        else {
-            summary.no_component.push(name);
-            progress(done + 1, total);
-            continue;
-        };
-        let labels: Vec<NewPseudoLabel> = mined
-            .rounds
-            .iter()
-            .enumerate()
-            .map(|(k, r)| NewPseudoLabel {
-                round: k as i64,
-                mask: r.mask.clone(),
-                prompts: r.prompts.clone(),
-                sam_iou: Some(r.sam_iou),
-                stability: Some(r.stability),
-                agreement: Some(r.agreement),
-                unet_components: Some(r.unet_components as i64),
-                label_components: Some(r.label_components as i64),
-                sam_checkpoint: Some(sam_id.clone()),
-                unet_checkpoint: Some(unet_id.clone()),
-                unet_hash: None,
-                labeler: None,
-            })
-            .collect();
-        let revision = match project
-            .add_pseudo_labels_if(&name, selected_revision, &labels)
-            .map_err(at)?
-        {
-            MachineWrite::Written { revision } => revision,
-            MachineWrite::Skipped { .. } => {
-                summary.skipped_reviewed.push(name);
-                progress(done + 1, total);
-                continue;
-            }
-        };
-        let last = mined.last();
-        let change = last.label_components as i64 - last.unet_components as i64;
-        let q = quality_score(
-            Some(last.sam_iou),
-            Some(last.stability),
-            Some(last.agreement),
-            Some(change),
-        )
-        .unwrap_or(0.0);
-        summary.component_count_changed += usize::from(change != 0);
-        summary.components += mined.components;
-        summary.rounds += mined.rounds.len();
-        summary.converged += usize::from(mined.converged);
-        finals.push((
-            name.clone(),
-            revision,
-            q,
-            last.sam_iou,
-            last.stability,
-            last.agreement,
-        ));
-        summary.mined.push(name);
         progress(done + 1, total);
     }
-    summary.mean_quality = quality::mean(finals.iter().map(|f| f.2));
-    summary.mean_sam_iou = quality::mean(finals.iter().map(|f| f.3));
-    summary.mean_stability = quality::mean(finals.iter().map(|f| f.4));
-    summary.mean_agreement = quality::mean(finals.iter().map(|f| f.5));
-
+    summary.mean_quality = quality::mean(chosen.iter().map(|c| c.quality));
+    summary.mean_sam_iou = quality::mean(chosen.iter().filter_map(|c| c.sam_iou));
+    summary.mean_stability = quality::mean(chosen.iter().filter_map(|c| c.stability));
+    summary.mean_agreement = quality::mean(chosen.iter().filter_map(|c| c.agreement));
     if let Some(min) = cfg.auto_accept {
-        let note = format!("auto-accepted: quality >= {min}");
-        let actor = Actor {
-            reviewer: Some("medmine mine"),
-            note: Some(&note),
-        };
-        for (name, revision, q, ..) in finals.into_iter().filter(|f| f.2 >= min) {
-            let write = project
-                .accept_if(&name, revision, actor)
-                .map_err(|source| MiningError::Store {
-                    image: name.clone(),
-                    source,
-                })?;
-            match write {
-                MachineWrite::Written { .. } => summary.auto_accepted.push(name),
-                MachineWrite::Skipped { .. } => {
-                    tracing::debug!("{name}: reviewed meanwhile, not auto-accepted (quality {q})");
-                    summary.skipped_reviewed.push(name);
-                }
-            }
-        }
+        auto_accept(project, min, &chosen, &mut summary)?;
     }
     Ok(summary)
+}
+
+/// Predicts, labels and stores one image.
+fn mine_one(
+    project: &mut Project,
+    unet: &Predictor,
+    labeler: &mut dyn Labeler,
+    cfg: &MiningConfig,
+    who: &Provenance,
+    cand: Candidate,
+) -> Result<Outcome, MiningError> {
+    let name = cand.name.as_str();
+    let read = project.load_image(name).and_then(|img| {
+        let file = project.image_file(name)?;
+        Ok((img, file, project.ground_truth(name)?))
+    });
+    let (img, file, truth) = match read {
+        Ok(v) => v,
+        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+    };
+    let probs = predict(unet, name, &img)?;
+    let input = LabelInput {
+        name,
+        image: &img,
+        file: &file,
+        probs: &probs,
+        ground_truth: truth.as_deref(),
+    };
+    let mined = match labeler.label(&input, cfg) {
+        Ok(Some(m)) if !m.rounds.is_empty() => m,
+        Ok(_) => return Ok(Outcome::NoComponent),
+        Err(e @ MiningError::NoGroundTruth { .. }) => return Ok(Outcome::Failed(e.to_string())),
+        Err(e) => return Err(e),
+    };
+    let labels: Vec<NewPseudoLabel> = mined
+        .store_order()
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| new_pseudo_label(r, k as i64, who))
+        .collect();
+    let Some(revision) = select::write_rounds(project, &cand, &labels)? else {
+        return Ok(Outcome::SkippedReviewed);
+    };
+    let best = mined.chosen();
+    let c = Chosen {
+        name: cand.name.clone(),
+        quality: best.quality().unwrap_or(0.0),
+        sam_iou: best.sam_iou,
+        stability: best.stability,
+        agreement: best.agreement,
+        revision,
+    };
+    Ok(Outcome::Mined(mined, c))
+}
+
+/// The U-Net++ probability map of one image.
+fn predict(unet: &Predictor, name: &str, img: &ImageF32) -> Result<ProbMap, MiningError> {
+    unet.predict(&[img])
+        .map_err(|source| MiningError::Predict {
+            image: name.to_string(),
+            source,
+        })?
+        .pop()
+        .ok_or_else(|| MiningError::Invalid {
+            image: name.to_string(),
+            reason: "the U-Net++ returned no prediction".into(),
+        })
+}
+
+/// One round as the store's row (`round` is the position in this pass's write; the store
+/// appends after the image's newest round).
+fn new_pseudo_label(r: &RoundResult, round: i64, who: &Provenance) -> NewPseudoLabel {
+    NewPseudoLabel {
+        round,
+        mask: r.mask.clone(),
+        prompts: r.prompts.clone(),
+        sam_iou: r.sam_iou,
+        stability: r.stability,
+        agreement: r.agreement,
+        unet_components: r.unet_components.map(|n| n as i64),
+        label_components: r.label_components.map(|n| n as i64),
+        sam_checkpoint: Some(who.labeler_source.clone()),
+        unet_checkpoint: Some(who.unet_path.clone()),
+        unet_hash: Some(who.unet_hash.clone()),
+        labeler: Some(who.labeler_id.clone()),
+    }
+}
+
+/// Accepts the images mined now whose pseudo-label scores at least `min`, each only if no
+/// person reviewed it since it was written.
+fn auto_accept(
+    project: &mut Project,
+    min: f64,
+    chosen: &[Chosen],
+    summary: &mut MiningSummary,
+) -> Result<(), MiningError> {
+    let note = format!("auto-accepted: quality >= {min}");
+    let actor = Actor {
+        reviewer: Some("medmine mine"),
+        note: Some(&note),
+    };
+    for c in chosen.iter().filter(|c| c.quality >= min) {
+        if select::accept(project, &c.name, c.revision, actor)? {
+            summary.auto_accepted.push(c.name.clone());
+        } else {
+            summary.skipped_reviewed.push(c.name.clone());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -461,6 +508,19 @@ mod tests {
         .check()
         .unwrap_err();
         assert!(e.to_string().contains("auto-accept"), "{e}");
+    }
+
+    #[test]
+    fn remine_policies_by_name() {
+        for r in Remine::ALL {
+            assert_eq!(r.to_string().parse::<Remine>().unwrap(), r);
+        }
+        assert_eq!(Remine::default(), Remine::Changed);
+        let e = "always".parse::<Remine>().unwrap_err().to_string();
+        assert!(
+            e.contains("'always'") && e.contains("changed, all or none"),
+            "{e}"
+        );
     }
 
     #[test]

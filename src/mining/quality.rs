@@ -58,9 +58,20 @@ pub fn stability_score(logits: &[f32], offset: f32) -> f64 {
 /// decides which U-Net++ components are prompted, so specks do not count) of a `width x
 /// height` row-major mask. `min_area` 0 counts as 1.
 pub fn component_count(mask: &[bool], width: usize, height: usize, min_area: usize) -> usize {
+    keep_components(mask, width, height, min_area).1
+}
+
+/// The mask without its 8-connected components of fewer than `min_area` pixels (0 counts as
+/// 1), and the number of components kept.
+pub fn keep_components(
+    mask: &[bool],
+    width: usize,
+    height: usize,
+    min_area: usize,
+) -> (Vec<bool>, usize) {
     debug_assert_eq!(mask.len(), width * height);
     if width == 0 || height == 0 || !mask.iter().any(|&m| m) {
-        return 0;
+        return (vec![false; mask.len()], 0);
     }
     let binary = GrayImage::from_fn(width as u32, height as u32, |x, y| {
         Luma([if mask[y as usize * width + x as usize] {
@@ -82,7 +93,17 @@ pub fn component_count(mask: &[bool], width: usize, height: usize, min_area: usi
         areas[label - 1] += 1;
     }
     let need = min_area.max(1);
-    areas.iter().filter(|&&a| a >= need).count()
+    let kept = labels
+        .pixels()
+        .map(|l| l[0] != 0 && areas[l[0] as usize - 1] >= need)
+        .collect();
+    (kept, areas.iter().filter(|&&a| a >= need).count())
+}
+
+/// A probability as a logit, `ln(p / (1 - p))` (so thresholds at logits ±1 read as
+/// probabilities `sigmoid(±1)`); 0 and 1 give -inf and +inf, NaN stays NaN.
+pub fn prob_logit(p: f32) -> f32 {
+    (p / (1.0 - p)).ln()
 }
 
 /// Mean of the values, `None` for none.
@@ -173,6 +194,27 @@ mod tests {
         // 4-connected pieces touching only at a corner are one 8-connected component.
         let (corner, w2, h2) = grid(&["##..", "##..", "..##", "..##"]);
         assert_eq!(component_count(&corner, w2, h2, 1), 1);
+    }
+
+    #[test]
+    fn small_components_are_dropped_from_the_mask() {
+        let (m, w, h) = grid(&["##....#", "##.....", "......#", "..###..", "..###.."]);
+        let (kept, n) = keep_components(&m, w, h, 4);
+        assert_eq!(n, 2);
+        let (expected, _, _) = grid(&["##.....", "##.....", ".......", "..###..", "..###.."]);
+        assert_eq!(kept, expected);
+        assert_eq!(keep_components(&m, w, h, 1), (m.clone(), 4));
+    }
+
+    #[test]
+    fn probability_logits_threshold_like_sam_logits() {
+        assert_eq!(prob_logit(0.5), 0.0);
+        assert!((prob_logit(0.9) - 9f32.ln()).abs() < 1e-6);
+        assert_eq!(prob_logit(1.0), f32::INFINITY);
+        assert_eq!(prob_logit(0.0), f32::NEG_INFINITY);
+        // p in (sigmoid(-1), sigmoid(1)) = (0.269, 0.731) is the unstable band
+        let logits: Vec<f32> = [0.95, 0.8, 0.6, 0.4, 0.1].map(prob_logit).to_vec();
+        assert_eq!(stability_score(&logits, STABILITY_OFFSET), 2.0 / 4.0);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Pure functions: threshold the map, label 8-connected components (imageproc), drop those under
 //! `min_area`, and per component derive a box, positive points (distance-transform maxima,
-//! spread apart) and negative points (background near the object); plus one mask prompt for the
-//! whole image (the U-Net++ logits in SAM's 256x256 low-res input space).
+//! spread apart) and negative points (background near the object); and, when the strategy uses
+//! one, a mask prompt per component holding that component only ([`mask`]: the U-Net++ map with
+//! every other component's territory blanked, as logits in SAM's 256x256 low-res input space).
 //!
 //! Conventions (all coordinates in original-image pixels, `*_in_image`):
 //! - a pixel is foreground when `p >= threshold` (as `medmine predict`); probabilities are
@@ -21,8 +22,11 @@ use imageproc::distance_transform::euclidean_squared_distance_transform;
 use imageproc::region_labelling::{connected_components, Connectivity};
 
 use crate::models::sam::predictor::Prompt;
-use crate::models::sam::preprocess::preprocess_shape;
-use crate::models::sam::{IMAGE_SIZE, LOW_RES_SIZE};
+use crate::models::sam::LOW_RES_SIZE;
+
+pub mod mask;
+
+pub use mask::{mask_prompt_from_probs, object_probs, territories};
 
 /// Logits of the mask prompt are clamped to `[-LOGIT_CLAMP, LOGIT_CLAMP]`.
 pub const LOGIT_CLAMP: f32 = 20.0;
@@ -149,6 +153,10 @@ pub struct ComponentPrompt {
     pub negatives_in_image: Vec<(f32, f32)>,
     /// Pixels in the component.
     pub area: usize,
+    /// This component's mask prompt, when the strategy uses one: `LOW_RES_SIZE x
+    /// LOW_RES_SIZE` (256x256) row-major logits of the map with every other component's
+    /// territory blanked ([`mask`]).
+    pub mask_prompt: Option<Vec<f32>>,
 }
 
 /// Everything derived from one probability map.
@@ -156,8 +164,9 @@ pub struct ComponentPrompt {
 pub struct ImagePrompts {
     /// Kept components in raster order of their first pixel (top-most, then left-most).
     pub components: Vec<ComponentPrompt>,
-    /// `LOW_RES_SIZE x LOW_RES_SIZE` (256x256) row-major logits, when the strategy uses a mask.
-    pub mask_prompt: Option<Vec<f32>>,
+    /// Per pixel (row-major), `1 + k` when it lies in the territory of `components[k]` (the
+    /// nearest kept component, see [`territories`]); all 0 when there is no component.
+    pub owner: Vec<u32>,
 }
 
 /// Per-component statistics gathered in one raster scan.
@@ -206,15 +215,10 @@ pub fn prompts_from_probs(
     cfg: &PromptConfig,
 ) -> Result<ImagePrompts, PromptError> {
     check_size(probs, width, height)?;
-    let mask_prompt = if cfg.strategy.uses_mask() {
-        Some(mask_prompt_from_probs(probs, width, height)?)
-    } else {
-        None
-    };
     if width == 0 || height == 0 {
         return Ok(ImagePrompts {
             components: Vec::new(),
-            mask_prompt,
+            owner: Vec::new(),
         });
     }
     let fg: Vec<bool> = (0..probs.len())
@@ -272,23 +276,30 @@ pub fn prompts_from_probs(
     let dt = euclidean_squared_distance_transform(&background);
     let depth2 = |i: usize| dt.get_pixel((i % width) as u32 + 1, (i / width) as u32 + 1)[0];
 
-    let components = comps
+    let kept: Vec<&Component> = comps.iter().filter(|c| c.area >= cfg.min_area).collect();
+    let pixels: Vec<&[usize]> = kept.iter().map(|c| c.pixels.as_slice()).collect();
+    let owner = territories(&pixels, width, height);
+    let components = kept
         .iter()
-        .filter(|c| c.area >= cfg.min_area)
-        .map(|c| {
+        .enumerate()
+        .map(|(k, c)| {
             let box_in_image = expand_box(c, cfg.box_margin, width, height);
-            ComponentPrompt {
+            let mask_prompt = if cfg.strategy.uses_mask() {
+                let own = object_probs(probs, &owner, k as u32 + 1);
+                Some(mask_prompt_from_probs(&own, width, height)?)
+            } else {
+                None
+            };
+            Ok(ComponentPrompt {
                 box_in_image,
                 positives_in_image: positives(c, cfg.positives_k, width, &depth2),
                 negatives_in_image: negatives(c, &box_in_image, probs, &fg, width, height, cfg),
                 area: c.area,
-            }
+                mask_prompt,
+            })
         })
-        .collect();
-    Ok(ImagePrompts {
-        components,
-        mask_prompt,
-    })
+        .collect::<Result<_, PromptError>>()?;
+    Ok(ImagePrompts { components, owner })
 }
 
 /// The tight box expanded by `margin` (fraction of each side) and clamped to the image.
@@ -434,92 +445,16 @@ fn negatives(
     chosen.into_iter().map(|i| to_point(i, width)).collect()
 }
 
-/// Area-weighted source pixels of each low-res cell along one axis: `cells` cells of SAM's
-/// 256 grid, `resized` = the image's extent in SAM's 1024 input (h' or w'), `original` = H or W.
-/// `None` marks a cell whose centre lies in SAM's padding.
-fn axis_weights(cells: usize, resized: usize, original: usize) -> Vec<Option<Vec<(usize, f64)>>> {
-    let stride = (IMAGE_SIZE / cells) as f64; // 4 input pixels per low-res cell
-    let to_orig = original as f64 / resized as f64;
-    (0..cells)
-        .map(|i| {
-            let (s0, s1) = (i as f64 * stride, (i as f64 + 1.0) * stride);
-            if s0 + stride / 2.0 >= resized as f64 {
-                return None;
-            }
-            let a = s0 * to_orig;
-            let b = (s1.min(resized as f64) * to_orig).min(original as f64);
-            let first = a.floor() as usize;
-            let last = (b.ceil() as usize).min(original);
-            let w: Vec<(usize, f64)> = (first..last)
-                .map(|r| (r, (b.min(r as f64 + 1.0) - a.max(r as f64)).max(0.0)))
-                .filter(|&(_, w)| w > 0.0)
-                .collect();
-            Some(w)
-        })
-        .collect()
-}
-
-/// The U-Net++ map as SAM's `mask_input`: 256x256 row-major logits in SAM's low-res space.
-///
-/// SAM resizes the original (H, W) so the longest side is 1024 (`(h', w') =
-/// preprocess_shape`, i.e. `int(x * scale + 0.5)`), pads bottom/right to 1024x1024, and its
-/// low-res grid is that square / 4. A cell whose centre lies inside the `h' x w'` region gets
-/// the area-weighted mean probability of the original pixels it covers, as
-/// `logit = ln(p / (1 - p))` clamped to `±LOGIT_CLAMP`; padding cells get [`OUTSIDE_LOGIT`].
-/// Example: a 100x200 (HxW) image fills the top 128 of the 256 rows.
-pub fn mask_prompt_from_probs(
-    probs: &[f32],
-    width: usize,
-    height: usize,
-) -> Result<Vec<f32>, PromptError> {
-    check_size(probs, width, height)?;
-    let n = LOW_RES_SIZE;
-    let mut out = vec![OUTSIDE_LOGIT; n * n];
-    if width == 0 || height == 0 {
-        return Ok(out);
-    }
-    let (rh, rw) = preprocess_shape(height, width, IMAGE_SIZE);
-    let rows = axis_weights(n, rh, height);
-    let cols = axis_weights(n, rw, width);
-    let mut row_sum = vec![0.0f64; width];
-    for (i, rw_i) in rows.iter().enumerate() {
-        let Some(rw_i) = rw_i else { continue };
-        let wy: f64 = rw_i.iter().map(|&(_, w)| w).sum();
-        row_sum.iter_mut().for_each(|v| *v = 0.0);
-        for &(r, w) in rw_i {
-            for (x, v) in row_sum.iter_mut().enumerate() {
-                *v += w * prob_at(probs, r * width + x) as f64;
-            }
-        }
-        for (j, cw_j) in cols.iter().enumerate() {
-            let Some(cw_j) = cw_j else { continue };
-            let wx: f64 = cw_j.iter().map(|&(_, w)| w).sum();
-            let s: f64 = cw_j.iter().map(|&(x, w)| w * row_sum[x]).sum();
-            let denom = wx * wy;
-            let p = if denom > 0.0 { s / denom } else { 0.0 };
-            out[i * n + j] = logit(p);
-        }
-    }
-    Ok(out)
-}
-
-/// `ln(p / (1 - p))` clamped to `±LOGIT_CLAMP` (p = 0 or 1 give the clamp values).
-fn logit(p: f64) -> f32 {
-    let p = p.clamp(0.0, 1.0);
-    let l = (p / (1.0 - p)).ln();
-    (l as f32).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
-}
-
 /// The SAM predictor prompt for one component under `strategy`: the box (`box*`), the
-/// positives (label 1) then negatives (label 0) (`*points*`), and `mask_prompt` as
-/// `[1, 256, 256]` `mask_input` on `device` (`*mask`; omitted when `mask_prompt` is `None`).
-/// Errors only when `mask_prompt` does not hold 256x256 values.
+/// positives (label 1) then negatives (label 0) (`*points*`), and the component's own
+/// `mask_prompt` as `[1, 256, 256]` `mask_input` on `device` (`*mask`; omitted when it is
+/// `None`). Errors only when the mask prompt does not hold 256x256 values.
 pub fn sam_prompt_for(
     component: &ComponentPrompt,
     strategy: Strategy,
-    mask_prompt: Option<&[f32]>,
     device: &Device,
 ) -> candle_core::Result<Prompt> {
+    let mask_prompt = component.mask_prompt.as_deref();
     let points = if strategy.uses_points() {
         let pos = component.positives_in_image.iter().map(|&(x, y)| (x, y, 1));
         let neg = component.negatives_in_image.iter().map(|&(x, y)| (x, y, 0));

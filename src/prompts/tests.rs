@@ -41,7 +41,7 @@ fn two_discs_give_two_exact_boxes_and_valid_points() {
     assert_eq!(out.components[0].box_in_image, [9.0, 14.0, 22.0, 27.0]);
     assert_eq!(out.components[1].box_in_image, [37.0, 17.0, 54.0, 34.0]);
     assert!(
-        out.mask_prompt.is_none(),
+        out.components.iter().all(|c| c.mask_prompt.is_none()),
         "box+points builds no mask prompt"
     );
     for (c, &disc) in out.components.iter().zip(&d) {
@@ -155,16 +155,16 @@ fn empty_and_full_maps() {
     c.strategy = Strategy::BoxPointsMask;
     let out = prompts_from_probs(&empty, w, h, &c).expect("valid");
     assert!(out.components.is_empty());
-    let m = out
-        .mask_prompt
-        .expect("mask strategy builds the mask prompt");
-    assert!(m.iter().all(|&v| v == -LOGIT_CLAMP));
-    // all foreground: one component, no background for negatives
+    assert!(out.owner.iter().all(|&o| o == 0), "no territory");
+    // all foreground: one component, no background for negatives, a full mask prompt
     let full = vec![1.0f32; w * h];
     let out = prompts_from_probs(&full, w, h, &c).expect("valid");
     assert_eq!(out.components.len(), 1);
     assert_eq!(out.components[0].box_in_image, [0.0, 0.0, 32.0, 16.0]);
     assert!(out.components[0].negatives_in_image.is_empty());
+    let m = out.components[0].mask_prompt.as_ref().expect("mask prompt");
+    // 32x16 fills SAM's input 1024x512: the top 128 of the 256 low-res rows
+    assert_eq!(m.iter().filter(|&&v| v == LOGIT_CLAMP).count(), 128 * 256);
     let zero = prompts_from_probs(&[], 0, 0, &c).expect("empty image");
     assert!(zero.components.is_empty());
 }
@@ -228,18 +228,133 @@ fn sam_prompt_follows_the_strategy() {
         positives_in_image: vec![(2.0, 3.0)],
         negatives_in_image: vec![(0.0, 0.0), (5.0, 5.0)],
         area: 4,
+        mask_prompt: Some(vec![0.0f32; 256 * 256]),
     };
-    let mask = vec![0.0f32; 256 * 256];
     let dev = Device::Cpu;
-    let p = sam_prompt_for(&comp, Strategy::Box, Some(&mask), &dev).expect("box");
+    let p = sam_prompt_for(&comp, Strategy::Box, &dev).expect("box");
     assert_eq!(p.bbox, Some([1.0, 2.0, 3.0, 4.0]));
     assert!(p.points.is_empty() && p.mask_input.is_none());
-    let p = sam_prompt_for(&comp, Strategy::Points, None, &dev).expect("points");
+    let no_mask = ComponentPrompt {
+        mask_prompt: None,
+        ..comp.clone()
+    };
+    let p = sam_prompt_for(&no_mask, Strategy::Points, &dev).expect("points");
     assert_eq!(p.bbox, None);
     assert_eq!(p.points, vec![(2.0, 3.0, 1), (0.0, 0.0, 0), (5.0, 5.0, 0)]);
-    let p = sam_prompt_for(&comp, Strategy::BoxPointsMask, Some(&mask), &dev).expect("all");
+    let p = sam_prompt_for(&comp, Strategy::BoxPointsMask, &dev).expect("all");
     assert_eq!(p.points.len(), 3);
     let m = p.mask_input.expect("mask input");
     assert_eq!(m.dims(), &[1, 256, 256]);
-    assert!(sam_prompt_for(&comp, Strategy::BoxPointsMask, Some(&mask[..10]), &dev).is_err());
+    let short = ComponentPrompt {
+        mask_prompt: Some(vec![0.0; 10]),
+        ..comp
+    };
+    assert!(sam_prompt_for(&short, Strategy::BoxPointsMask, &dev).is_err());
+}
+
+#[test]
+fn territories_split_the_image_between_the_nearest_components() {
+    // a 9x1 row: component 0 at x = 1, component 1 at x = 6..8
+    let owner = territories(&[&[1], &[6, 7]], 9, 1);
+    // x = 3 is 2 from 0 and 3 from 1; x = 4 is 3 from 0, 2 from 1
+    assert_eq!(owner, vec![1, 1, 1, 1, 2, 2, 2, 2, 2]);
+    // equidistant: the first listed wins; 8-neighbours count as distance 1 (chessboard)
+    let owner = territories(&[&[0], &[4]], 5, 1);
+    assert_eq!(owner[2], 1);
+    let owner = territories(&[&[0]], 3, 3);
+    assert!(owner.iter().all(|&o| o == 1));
+    assert!(territories(&[], 3, 2).iter().all(|&o| o == 0));
+    let probs = [0.9, 0.2, 0.4, 0.8];
+    assert_eq!(
+        object_probs(&probs, &[1, 1, 2, 2], 2),
+        vec![0.0, 0.0, 0.4, 0.8]
+    );
+}
+
+/// Low-res cells (row, column) whose source pixels all lie in `region` of a `w x h` image
+/// whose resized size fills SAM's input exactly 1024/`w` times (`w == h`, a power of two).
+fn cells_inside(region: &dyn Fn(usize, usize) -> bool, w: usize) -> Vec<(usize, usize)> {
+    let per = w / 256; // image pixels per low-res cell
+    let mut cells = Vec::new();
+    for i in 0..256 {
+        for j in 0..256 {
+            let all = (0..per).all(|dy| (0..per).all(|dx| region(j * per + dx, i * per + dy)));
+            if all {
+                cells.push((i, j));
+            }
+        }
+    }
+    cells
+}
+
+#[test]
+fn each_component_mask_prompt_holds_that_component_only() {
+    // 512x512 (2 pixels per low-res cell): disc A at (120, 150) r 60, disc B at (380, 330)
+    // r 80, a soft halo of 0.3 around each, background 0.02.
+    let w = 512;
+    let (a, b) = ((120i64, 150i64, 60i64), (380i64, 330i64, 80i64));
+    let d2 = |x: usize, y: usize, (cx, cy, _): (i64, i64, i64)| {
+        (x as i64 - cx).pow(2) + (y as i64 - cy).pow(2)
+    };
+    let in_a = |x: usize, y: usize| d2(x, y, a) <= a.2 * a.2;
+    let in_b = |x: usize, y: usize| d2(x, y, b) <= b.2 * b.2;
+    let halo =
+        |x: usize, y: usize| d2(x, y, a) <= (a.2 + 8).pow(2) || d2(x, y, b) <= (b.2 + 8).pow(2);
+    let probs: Vec<f32> = (0..w * w)
+        .map(|i| {
+            let (x, y) = (i % w, i / w);
+            if in_a(x, y) || in_b(x, y) {
+                0.95
+            } else if halo(x, y) {
+                0.3
+            } else {
+                0.02
+            }
+        })
+        .collect();
+    let mut c = cfg(25, 0.05, 1, 1);
+    c.strategy = Strategy::BoxPointsMask;
+    let out = prompts_from_probs(&probs, w, w, &c).expect("valid");
+    assert_eq!(out.components.len(), 2);
+    let (ma, mb) = (
+        out.components[0]
+            .mask_prompt
+            .as_ref()
+            .expect("A's mask prompt"),
+        out.components[1]
+            .mask_prompt
+            .as_ref()
+            .expect("B's mask prompt"),
+    );
+    let at = |m: &[f32], (i, j): (usize, usize)| m[i * 256 + j];
+    // B, and its halo, are pure background in A's prompt (probability 0: the clamp value),
+    // and the other way round; each object is foreground in its own prompt.
+    let b_halo = |x: usize, y: usize| d2(x, y, b) <= (b.2 + 8).pow(2);
+    let a_halo = |x: usize, y: usize| d2(x, y, a) <= (a.2 + 8).pow(2);
+    for cell in cells_inside(&|x, y| b_halo(x, y), w) {
+        assert_eq!(at(ma, cell), -LOGIT_CLAMP, "A's prompt over B at {cell:?}");
+    }
+    for cell in cells_inside(&|x, y| a_halo(x, y), w) {
+        assert_eq!(at(mb, cell), -LOGIT_CLAMP, "B's prompt over A at {cell:?}");
+    }
+    let fg = (0.95f32 / 0.05).ln();
+    for cell in cells_inside(&|x, y| in_a(x, y), w) {
+        assert!(
+            (at(ma, cell) - fg).abs() < 1e-4,
+            "A in A's prompt at {cell:?}"
+        );
+    }
+    for cell in cells_inside(&|x, y| in_b(x, y), w) {
+        assert!(
+            (at(mb, cell) - fg).abs() < 1e-4,
+            "B in B's prompt at {cell:?}"
+        );
+    }
+    // The prompts differ from the whole-map prompt only by the blanked object.
+    let whole = mask_prompt_from_probs(&probs, w, w).expect("valid");
+    let differs = |m: &[f32]| m.iter().zip(&whole).filter(|(x, y)| x != y).count();
+    assert!(differs(ma) > 0 && differs(mb) > 0);
+    assert_eq!(out.owner.len(), w * w);
+    assert_eq!(out.owner[150 * w + 120], 1);
+    assert_eq!(out.owner[330 * w + 380], 2);
 }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::Device;
 
 use super::finetune::{finetune_project, finetune_samples, FinetuneConfig, FinetuneError};
+use super::labeler::SamLabeler;
 use super::{mine_project, MiningConfig, MiningError};
 use crate::data::{self, DataError};
 use crate::metrics::{Confusion, Scores};
@@ -265,10 +266,12 @@ fn run_one(
     };
     let (mined, accepted) = match &cfg.labeler {
         Labeler::Sam(sam) => {
+            let cache = project.cache_dir();
+            let mut sam = SamLabeler::load(sam, mining.sam_variant, device, Some(&cache))?;
             let s = mine_project(
                 &mut project,
                 &baseline_ckpt,
-                sam,
+                &mut sam,
                 &mining,
                 device,
                 &mut |_, _| {},

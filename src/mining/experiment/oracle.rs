@@ -1,111 +1,21 @@
-//! The oracle labelers: they answer each prompt with the ground truth. The prompts are the
-//! U-Net++ components' boxes, as in mining. Two answers ([`OracleKind`]):
-//! - `objects` (`--labeler oracle`): the ground-truth objects (8-connected components) that the
-//!   prompted boxes touch, whole: what a perfect promptable segmenter returns for a box on an
-//!   object. Objects the U-Net++ missed get no prompt and stay out.
-//! - `box` (`--labeler oracle-box`): the ground truth clipped to the union of the boxes, so an
-//!   object that sticks out of its box is truncated.
-//!
-//! Quality fields are all 1 and no component counts are recorded (the truth vouches for itself),
-//! so any threshold up to 1 accepts it. It gives the loop's upper bound and tests the whole flow
-//! without SAM weights.
+//! The oracle labelers in the experiment: [`crate::mining::labeler::oracle`] holds them (one
+//! [`crate::mining::Labeler`] implementation each); [`oracle_mine`] is
+//! [`crate::mining::mine_project`] with one of them.
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
-use image::{GrayImage, Luma};
-use imageproc::region_labelling::{connected_components, Connectivity};
 
-use super::{predict_mask, ExperimentError};
-use crate::data::{self, Mask};
-use crate::mining::{MiningConfig, MiningError};
-use crate::predict::Predictor;
-use crate::prompts::{PromptConfig, Strategy};
-use crate::store::{Actor, BoxPrompt, MachineWrite, NewPseudoLabel, Project, Prompts, Role};
+use super::ExperimentError;
+use crate::mining::labeler::OracleLabeler;
+use crate::mining::{mine_project, MiningConfig, MiningError};
+use crate::store::Project;
 
-/// The oracle's answer: `truth` restricted to the union of the boxes (`[x0, y0, x1, y1]`,
-/// inclusive-exclusive, in pixels).
-pub fn oracle_mask(truth: &Mask, boxes: &[[f32; 4]]) -> Mask {
-    let mut data = vec![0u8; truth.width * truth.height];
-    for b in boxes {
-        let clamp = |v: f32, hi: usize| (v.max(0.0).floor() as usize).min(hi);
-        let (x0, x1) = (clamp(b[0], truth.width), clamp(b[2].ceil(), truth.width));
-        let (y0, y1) = (clamp(b[1], truth.height), clamp(b[3].ceil(), truth.height));
-        for y in y0..y1 {
-            for x in x0..x1 {
-                let i = y * truth.width + x;
-                data[i] = u8::from(truth.data[i] != 0);
-            }
-        }
-    }
-    Mask {
-        width: truth.width,
-        height: truth.height,
-        data,
-    }
-}
+pub use crate::mining::labeler::oracle::{oracle_mask, oracle_objects, OracleKind};
 
-/// Which ground truth the oracle answers with (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OracleKind {
-    /// Whole ground-truth objects touched by a prompted box.
-    Objects,
-    /// The ground truth clipped to the prompted boxes.
-    Box,
-}
-
-impl OracleKind {
-    /// The oracle's answer for `boxes` (`[x0, y0, x1, y1]`, inclusive-exclusive, in pixels).
-    pub fn answer(self, truth: &Mask, boxes: &[[f32; 4]]) -> Mask {
-        match self {
-            OracleKind::Objects => oracle_objects(truth, boxes),
-            OracleKind::Box => oracle_mask(truth, boxes),
-        }
-    }
-
-    /// The name stored as the pseudo-labels' strategy and checkpoint.
-    pub fn name(self) -> &'static str {
-        match self {
-            OracleKind::Objects => "oracle",
-            OracleKind::Box => "oracle-box",
-        }
-    }
-}
-
-/// The oracle's object answer: every 8-connected ground-truth component with at least one pixel
-/// inside one of the boxes, whole.
-pub fn oracle_objects(truth: &Mask, boxes: &[[f32; 4]]) -> Mask {
-    let (w, h) = (truth.width, truth.height);
-    let binary = GrayImage::from_fn(w as u32, h as u32, |x, y| {
-        Luma([u8::from(truth.data[y as usize * w + x as usize] != 0)])
-    });
-    let labels = connected_components(&binary, Connectivity::Eight, Luma([0u8]));
-    // the components seen inside the boxes: exactly the pixels `oracle_mask` keeps
-    let inside = oracle_mask(truth, boxes);
-    let mut touched = std::collections::HashSet::new();
-    for (i, &v) in inside.data.iter().enumerate() {
-        if v != 0 {
-            touched.insert(labels.as_raw()[i]);
-        }
-    }
-    let data = labels
-        .as_raw()
-        .iter()
-        .map(|l| u8::from(*l != 0 && touched.contains(l)))
-        .collect();
-    Mask {
-        width: w,
-        height: h,
-        data,
-    }
-}
-
-/// Mining with the oracle labeler: prompts from the U-Net++ as in
-/// [`crate::mining::mine_project`], the answer from the ground truth; stored as pseudo-labels
-/// with quality 1, then accepted by `cfg.auto_accept`. Returns `(stored, accepted)`. Like
-/// mining, each image's label is stored only if no person changed the image since it was
-/// selected ([`Project::add_pseudo_labels_if`]); acceptance takes pending images only, in one
-/// transaction ([`Project::accept_by_quality`]).
+/// Mining with the oracle labeler `kind` ([`mine_project`] with an [`OracleLabeler`]):
+/// pseudo-labels with quality 1, accepted by `cfg.auto_accept`. Returns `(stored, accepted)`.
+/// An unlabelled image the oracle could not answer (no ground truth) is an error.
 pub fn oracle_mine(
     project: &mut Project,
     kind: OracleKind,
@@ -114,148 +24,21 @@ pub fn oracle_mine(
     device: &Device,
     cancel: &AtomicBool,
 ) -> Result<(usize, usize), ExperimentError> {
-    let unet = Predictor::load(unet_checkpoint, device, cfg.unet_mode).map_err(|source| {
-        ExperimentError::Checkpoint {
-            path: unet_checkpoint.to_path_buf(),
-            source,
-        }
-    })?;
-    let prompt_cfg = PromptConfig {
-        strategy: Strategy::Box,
-        ..cfg.prompt.clone()
-    };
-    let mut selected = Vec::new(); // (image, ground truth, revision when selected)
-    for rec in project.images()? {
-        if rec.role != Role::Unlabelled {
-            continue;
-        }
-        if let Some(gt) = project.ground_truth(&rec.name)? {
-            let revision = project.review(&rec.name)?.revision;
-            selected.push((rec, gt, revision));
-        }
+    let mut labeler = OracleLabeler::new(kind);
+    let s = mine_project(
+        project,
+        unet_checkpoint,
+        &mut labeler,
+        cfg,
+        device,
+        &mut |_, _| {},
+        cancel,
+    )?;
+    if s.cancelled {
+        return Err(ExperimentError::Cancelled);
     }
-    let (mut stored, mut skipped) = (0, 0);
-    for (rec, gt, revision) in selected {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(ExperimentError::Cancelled);
-        }
-        let probs = predict_mask(&unet, project, &rec.name)?;
-        let prompts =
-            crate::prompts::prompts_from_probs(&probs.data, probs.width, probs.height, &prompt_cfg)
-                .map_err(|e| MiningError::Prompts {
-                    image: rec.name.clone(),
-                    source: e,
-                })?;
-        if prompts.components.is_empty() {
-            continue;
-        }
-        let boxes: Vec<[f32; 4]> = prompts.components.iter().map(|c| c.box_in_image).collect();
-        let truth = data::load_mask(&gt)?;
-        let label = NewPseudoLabel {
-            round: 0, // the store appends after the image's newest round
-            mask: kind.answer(&truth, &boxes),
-            prompts: Prompts {
-                boxes_in_image: boxes
-                    .iter()
-                    .map(|b| BoxPrompt {
-                        x0: b[0],
-                        y0: b[1],
-                        x1: b[2],
-                        y1: b[3],
-                    })
-                    .collect(),
-                points_in_image: Vec::new(),
-                mask_prompt: false,
-                strategy: Some(kind.name().into()),
-            },
-            sam_iou: Some(1.0),
-            stability: Some(1.0),
-            agreement: Some(1.0),
-            unet_components: None,
-            label_components: None,
-            sam_checkpoint: Some(kind.name().into()),
-            unet_checkpoint: Some(unet_checkpoint.display().to_string()),
-            unet_hash: None,
-            labeler: None,
-        };
-        match project.add_pseudo_labels_if(&rec.name, revision, &[label])? {
-            MachineWrite::Written { .. } => stored += 1,
-            MachineWrite::Skipped { .. } => skipped += 1,
-        }
+    if let Some((image, reason)) = s.failed.into_iter().next() {
+        return Err(MiningError::Invalid { image, reason }.into());
     }
-    if skipped > 0 {
-        tracing::info!("oracle mining: {skipped} images skipped, reviewed meanwhile");
-    }
-    let accepted = match cfg.auto_accept {
-        Some(min) => {
-            let note = format!("auto-accepted: quality >= {min}");
-            project
-                .accept_by_quality(
-                    min,
-                    Actor {
-                        reviewer: Some("medmine experiment"),
-                        note: Some(&note),
-                    },
-                )?
-                .accepted
-                .len()
-        }
-        None => 0,
-    };
-    Ok((stored, accepted))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn oracle_keeps_truth_inside_boxes_only() {
-        let truth = Mask {
-            width: 4,
-            height: 2,
-            data: vec![1, 1, 0, 1, 1, 0, 1, 1],
-        };
-        let m = oracle_mask(&truth, &[[0.0, 0.0, 2.0, 2.0]]);
-        assert_eq!(m.data, vec![1, 1, 0, 0, 1, 0, 0, 0]);
-        // boxes beyond the image are clamped; two boxes unite
-        let m = oracle_mask(&truth, &[[-3.0, 0.0, 1.0, 1.0], [3.0, 1.0, 9.0, 9.0]]);
-        assert_eq!(m.data, vec![1, 0, 0, 0, 0, 0, 0, 1]);
-    }
-
-    fn disc(w: usize, h: usize, discs: &[(f32, f32, f32)]) -> Mask {
-        let mut data = vec![0u8; w * h];
-        for y in 0..h {
-            for x in 0..w {
-                let inside = discs
-                    .iter()
-                    .any(|&(cx, cy, r)| (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2) <= r * r);
-                data[y * w + x] = u8::from(inside);
-            }
-        }
-        Mask {
-            width: w,
-            height: h,
-            data,
-        }
-    }
-
-    #[test]
-    fn object_oracle_returns_touched_objects_whole() {
-        // two objects; the box covers the left half of the first only
-        let truth = disc(40, 20, &[(10.0, 10.0, 6.0), (30.0, 10.0, 5.0)]);
-        let boxes = [[0.0, 0.0, 10.0, 20.0]];
-        let first = disc(40, 20, &[(10.0, 10.0, 6.0)]);
-        assert_eq!(oracle_objects(&truth, &boxes), first);
-        assert_eq!(OracleKind::Objects.answer(&truth, &boxes), first);
-        // the box answer truncates it at x = 10
-        let clipped = OracleKind::Box.answer(&truth, &boxes);
-        let count = |m: &Mask| m.data.iter().filter(|&&v| v != 0).count();
-        assert!(count(&clipped) < count(&first));
-        assert!(clipped.data.iter().zip(&first.data).all(|(c, f)| c <= f));
-        // a box on background only gets nothing; a box on each object gets both
-        assert_eq!(count(&oracle_objects(&truth, &[[0.0, 0.0, 3.0, 3.0]])), 0);
-        let both = oracle_objects(&truth, &[[9.0, 9.0, 11.0, 11.0], [29.0, 9.0, 31.0, 11.0]]);
-        assert_eq!(both, truth);
-    }
+    Ok((s.mined.len(), s.auto_accepted.len()))
 }
