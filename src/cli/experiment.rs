@@ -1,18 +1,20 @@
 //! `medmine experiment`: the paper's protocol, baseline U-Net++ vs U-Net++ fine-tuned with
-//! mined pseudo-labels (and a control fine-tuned as long on the labelled images only), per
-//! labelled fraction and seed.
+//! mined pseudo-labels, a control fine-tuned for as many steps on the labelled images only and
+//! a self-training arm, per labelled fraction and seed; resumable, with a bar over the arms.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use super::CliProgress;
 use crate::mining::experiment::{
-    markdown_table, run_experiment, write_results, ExperimentConfig, Labeler, OracleKind,
+    markdown_table, run_experiment, write_results, ExperimentConfig, ExperimentObserver,
 };
 use crate::mining::finetune::FinetuneConfig;
+use crate::mining::labeler::LabelerKind;
 use crate::mining::MiningConfig;
 use crate::models::sam::Variant;
 use crate::prompts::{PromptConfig, Strategy};
@@ -33,8 +35,9 @@ pub struct ExperimentArgs {
     /// auto | vit_b | vit_l | vit_h | vit_t
     #[arg(long, default_value = "auto")]
     sam_variant: String,
-    /// sam; oracle (the ground-truth objects the prompted boxes touch, whole); oracle-box (the
-    /// ground truth clipped to the prompted boxes).
+    /// The mined arm's labeler: sam; oracle (the ground-truth objects the prompted boxes touch,
+    /// whole); oracle-box (the ground truth clipped to the prompted boxes); unet (self-training,
+    /// which the selftrain arm runs anyway).
     #[arg(long, default_value = "sam")]
     labeler: String,
     /// Labelled fractions of train.txt, comma-separated.
@@ -75,29 +78,65 @@ pub struct ExperimentArgs {
     /// SAM rounds per image (SAM labeler).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Output folder. Run the same command again to continue an interrupted experiment: the
+    /// finished arms are read back (other settings are refused).
     #[arg(long)]
     out: PathBuf,
 }
 
+/// Log lines above the bars, and a bar over all arms with an ETA.
+struct ArmsBar {
+    multi: MultiProgress,
+    bar: Option<ProgressBar>,
+}
+
+impl ExperimentObserver for ArmsBar {
+    fn log(&mut self, line: &str) {
+        if self.multi.is_hidden() {
+            println!("{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
+    }
+
+    fn arms(&mut self, done: usize, total: usize) {
+        let multi = &self.multi;
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = multi.add(ProgressBar::new(total as u64));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "arms [{bar:30}] {pos}/{len} elapsed {elapsed} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(done as u64);
+            // arms finished by an earlier run say nothing about this run's speed
+            bar.reset_eta();
+            bar
+        });
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if bar.is_hidden() {
+            println!("arms finished: {done}/{total}");
+        }
+    }
+}
+
 pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<()> {
-    let labeler = match a.labeler.as_str() {
-        "oracle" => Labeler::Oracle(OracleKind::Objects),
-        "oracle-box" => Labeler::Oracle(OracleKind::Box),
-        "sam" => match a.sam {
-            Some(p) => Labeler::Sam(p),
-            None => bail!(
-                "--labeler sam needs --sam FILE; {}",
-                crate::mining::SAM_DOWNLOAD_HINT
-            ),
-        },
-        other => bail!("unknown labeler {other:?} (sam, oracle or oracle-box)"),
-    };
+    let labeler: LabelerKind = a.labeler.parse()?;
+    if labeler == LabelerKind::Sam && a.sam.is_none() {
+        bail!(
+            "--labeler sam needs --sam FILE; {}",
+            crate::mining::SAM_DOWNLOAD_HINT
+        );
+    }
     let cfg = ExperimentConfig {
         data: a.data,
         split_dir: a.split_dir,
         fractions: a.fractions,
         seeds: a.seeds,
         labeler,
+        sam: a.sam,
         train: TrainConfig {
             size: a.size,
             base: a.base,
@@ -131,13 +170,17 @@ pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
-    let results = run_experiment(
-        &cfg,
-        &device,
-        &mut CliProgress::default(),
-        &mut |line| println!("{line}"),
-        &cancel,
-    )?;
+    let multi = MultiProgress::new();
+    let mut progress = CliProgress {
+        bar: None,
+        multi: Some(multi.clone()),
+    };
+    let mut arms = ArmsBar { multi, bar: None };
+    let results = run_experiment(&cfg, &device, &mut progress, &mut arms, &cancel);
+    if let Some(bar) = arms.bar.take() {
+        bar.finish_and_clear();
+    }
+    let results = results?;
     let path = write_results(&cfg.out, &results)?;
     println!();
     print!("{}", markdown_table(&results));

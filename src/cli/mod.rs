@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::data::{self, AugmentConfig, Dataset};
 use crate::device::{describe, DeviceChoice};
@@ -419,10 +419,25 @@ fn train_cmd(a: TrainArgs, device: candle_core::Device) -> Result<()> {
     Ok(())
 }
 
-/// Progress bar per epoch (loss, speed, ETA) and a summary line per epoch.
+/// Progress bar per epoch (loss, speed, ETA) and a summary line per epoch; inside `multi`
+/// (above a longer job's bar) when given.
 #[derive(Default)]
 struct CliProgress {
     bar: Option<ProgressBar>,
+    multi: Option<MultiProgress>,
+}
+
+impl CliProgress {
+    /// Prints a line above the bars (plainly where they are hidden: not a terminal).
+    fn say(&self, line: &str) {
+        match (&self.multi, &self.bar) {
+            (Some(m), _) if !m.is_hidden() => {
+                let _ = m.println(line);
+            }
+            (None, Some(bar)) if !bar.is_hidden() => bar.println(line),
+            _ => println!("{line}"),
+        }
+    }
 }
 
 impl Progress for CliProgress {
@@ -432,7 +447,9 @@ impl Progress for CliProgress {
                 first_epoch,
                 epochs,
                 steps_per_epoch,
-            } => println!("training epochs {first_epoch}..={epochs}, {steps_per_epoch} steps each"),
+            } => self.say(&format!(
+                "training epochs {first_epoch}..={epochs}, {steps_per_epoch} steps each"
+            )),
             TrainEvent::Step {
                 epoch,
                 step,
@@ -440,8 +457,13 @@ impl Progress for CliProgress {
                 loss,
                 lr,
             } => {
+                let multi = self.multi.clone();
                 let bar = self.bar.get_or_insert_with(|| {
                     let bar = ProgressBar::new(*steps_per_epoch as u64);
+                    let bar = match &multi {
+                        Some(m) => m.insert_from_back(1, bar),
+                        None => bar,
+                    };
                     bar.set_style(
                         ProgressStyle::with_template(
                             "{prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}",
@@ -467,18 +489,12 @@ impl Progress for CliProgress {
                     (true, true) => "  *best",
                     (true, false) => "  *best by training loss",
                 };
-                println!(
+                self.say(&format!(
                     "epoch {:>3}  loss {:.4}  {val}  {:.2} img/s  {:.0} s{best}",
                     r.epoch, r.train_loss, r.images_per_s, r.seconds,
-                );
+                ));
             }
-            TrainEvent::Message(m) => {
-                if let Some(bar) = &self.bar {
-                    bar.println(m);
-                } else {
-                    println!("{m}");
-                }
-            }
+            TrainEvent::Message(m) => self.say(m),
         }
     }
 }

@@ -15,20 +15,15 @@ fn split_dir(dir: &std::path::Path) {
     std::fs::write(dir.join("test.txt"), t.join("\n")).unwrap();
 }
 
-#[test]
-fn oracle_experiment_writes_table_and_results() {
-    let tmp = tempfile::tempdir().unwrap();
-    let splits = tmp.path().join("splits");
-    split_dir(&splits);
-    let out = tmp.path().join("out");
-    let stdout = ok(&[
+fn experiment_args<'a>(splits: &'a str, out: &'a str, size: &'a str) -> Vec<&'a str> {
+    vec![
         "experiment",
         "--device",
         "cpu",
         "--data",
-        s(&demo()),
+        demo_str(),
         "--split-dir",
-        s(&splits),
+        splits,
         "--labeler",
         "oracle",
         "--fractions",
@@ -36,7 +31,7 @@ fn oracle_experiment_writes_table_and_results() {
         "--seeds",
         "1",
         "--size",
-        "32",
+        size,
         "--base",
         "2",
         "--epochs",
@@ -46,19 +41,41 @@ fn oracle_experiment_writes_table_and_results() {
         "--batch",
         "4",
         "--out",
-        s(&out),
-    ]);
+        out,
+    ]
+}
+
+fn demo_str() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo")
+}
+
+fn results(out: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn oracle_experiment_writes_table_and_results_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let splits = tmp.path().join("splits");
+    split_dir(&splits);
+    let out = tmp.path().join("out");
+    let args = experiment_args(s(&splits), s(&out), "32");
+    let stdout = ok(&args);
     assert!(stdout.contains("| labelled |"), "{stdout}");
-    assert!(
-        stdout.contains("control Dice") && stdout.contains("mined−control"),
-        "{stdout}"
-    );
+    for col in [
+        "control Dice",
+        "selftrain Dice",
+        "mined−control",
+        "mined−selftrain",
+    ] {
+        assert!(stdout.contains(col), "{col}: {stdout}");
+    }
     assert!(
         stdout.contains("| 50% |") && stdout.contains("| 100% |"),
         "{stdout}"
     );
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert!(stdout.contains("arms finished: 8/8"), "{stdout}");
+    let json = results(&out);
     let arr = json.as_array().expect("an array");
     assert_eq!(arr.len(), 2);
     for (r, f) in arr.iter().zip([0.5, 1.0]) {
@@ -67,9 +84,11 @@ fn oracle_experiment_writes_table_and_results() {
             "baseline_dice",
             "control_dice",
             "mined_dice",
+            "selftrain_dice",
             "baseline_iou",
             "control_iou",
             "mined_iou",
+            "selftrain_iou",
         ] {
             let v = r[k].as_f64().unwrap_or(-1.0);
             assert!((0.0..=1.0).contains(&v), "{k} = {v}");
@@ -78,6 +97,7 @@ fn oracle_experiment_writes_table_and_results() {
             "baseline_dice_per_seed",
             "control_dice_per_seed",
             "mined_dice_per_seed",
+            "selftrain_dice_per_seed",
         ] {
             let v = r[k].as_array().expect(k);
             assert_eq!(v.len(), 1, "{k}");
@@ -86,33 +106,83 @@ fn oracle_experiment_writes_table_and_results() {
         let num = |k: &str| r[k].as_f64().unwrap();
         let diff = |a: &str, b: &str| num(a) - num(b);
         assert!((num("delta_dice_vs_control") - diff("mined_dice", "control_dice")).abs() < 1e-12);
+        assert!(
+            (num("delta_dice_vs_selftrain") - diff("mined_dice", "selftrain_dice")).abs() < 1e-12
+        );
         assert!((num("delta_dice") - diff("mined_dice", "baseline_dice")).abs() < 1e-12);
         let seed = &r["seeds"][0];
         assert_eq!(r["seeds"].as_array().unwrap().len(), 1);
         assert_eq!(seed["control"]["dice"].as_f64(), Some(num("control_dice")));
-        // three different checkpoints: baseline, control, mined
+        // the control took exactly the mined arm's optimiser steps
+        let steps = seed["mined_steps"].as_u64().unwrap();
+        assert!(steps > 0);
+        assert_eq!(seed["control_steps"].as_u64(), Some(steps));
+        // four different checkpoints
         let ckpt = |k: &str| std::path::PathBuf::from(seed[k].as_str().unwrap());
-        let (b, c, m) = (
+        let all = [
             ckpt("baseline_checkpoint"),
             ckpt("control_checkpoint"),
             ckpt("mined_checkpoint"),
-        );
-        assert!(b.is_file() && c.is_file() && m.is_file());
-        assert!(b != c && c != m && b != m);
-        // the control's run saw no pseudo-label, the mined run the accepted ones
-        let project =
-            medmine::store::Project::open(&out.join(format!("fraction-{f}-seed-0/project")))
-                .unwrap();
+            ckpt("selftrain_checkpoint"),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(a.is_file(), "{}", a.display());
+            assert!(all[i + 1..].iter().all(|b| a != b), "{all:?}");
+        }
+        // the mined run saw the accepted pseudo-labels, the control none, for the same steps
+        let run_dir = out.join(format!("fraction-{f}-seed-0"));
+        let project = medmine::store::Project::open(&run_dir.join("project")).unwrap();
         let runs = project.runs().unwrap();
-        assert_eq!(runs.len(), 2, "control and mined fine-tuning runs");
-        assert_eq!(runs[0].config["pseudo"].as_u64(), Some(0));
-        assert_eq!(runs[1].config["pseudo"].as_u64(), seed["accepted"].as_u64());
-        assert_eq!(runs[0].config["finetune"], runs[1].config["finetune"]);
-        assert_eq!(runs[0].best_checkpoint.as_deref(), Some(c.as_path()));
+        assert_eq!(runs.len(), 2, "mined and control fine-tuning runs");
+        assert_eq!(runs[0].config["pseudo"].as_u64(), seed["accepted"].as_u64());
+        assert_eq!(runs[1].config["pseudo"].as_u64(), Some(0));
+        assert_eq!(
+            runs[1].config["finetune"]["max_steps"].as_u64(),
+            Some(steps)
+        );
+        assert_eq!(runs[1].best_checkpoint.as_deref(), Some(all[1].as_path()));
+        // the selftrain arm's pseudo-labels are the U-Net++'s own, in their own project
+        let st = medmine::store::Project::open(&run_dir.join("project-selftrain")).unwrap();
+        let mut labelers = std::collections::BTreeSet::new();
+        for img in st.images().unwrap() {
+            for p in st.pseudo_labels(&img.name).unwrap() {
+                labelers.insert(p.labeler.unwrap_or_default());
+            }
+        }
+        let made = seed["selftrain_mined"].as_u64().unwrap();
+        if made > 0 {
+            assert_eq!(labelers.into_iter().collect::<Vec<_>>(), vec!["unet"]);
+        } else {
+            assert!(labelers.is_empty());
+        }
+        assert!(seed["selftrain_accepted"].as_u64().unwrap() <= made);
     }
     // 50% of 18 training images labelled: the rest is the unlabelled pool.
     assert!(arr[0]["seeds"][0]["unlabelled"].as_u64().unwrap() > 0);
     assert_eq!(arr[1]["seeds"][0]["unlabelled"].as_u64(), Some(0));
+
+    // The same command again: every arm is read back, nothing trains, the same results.
+    let again = ok(&args);
+    assert!(again.contains("8 of 8 arms finished earlier"), "{again}");
+    assert!(!again.contains("training epochs"), "{again}");
+    assert_eq!(results(&out), json);
+
+    // One arm's record gone (as if killed during it): only that arm runs again.
+    std::fs::remove_file(out.join("fraction-0.5-seed-0/selftrain.json")).unwrap();
+    let third = ok(&args);
+    assert!(third.contains("7 of 8 arms finished earlier"), "{third}");
+    assert_eq!(third.matches("training epochs").count(), 1, "{third}");
+    let r = results(&out);
+    assert_eq!(r[0]["baseline_dice"], json[0]["baseline_dice"]);
+    assert_eq!(r[0]["mined_dice"], json[0]["mined_dice"]);
+    assert_eq!(r[1], json[1]);
+
+    // Other settings into the same folder are refused, naming what differs.
+    let err = fails(&experiment_args(s(&splits), s(&out), "48"));
+    assert!(
+        err.contains("other settings") && err.contains("train"),
+        "{err}"
+    );
 }
 
 #[test]

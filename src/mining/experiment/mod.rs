@@ -1,25 +1,34 @@
-//! The paper's protocol (issue 5): for each labelled fraction and seed, a project is built from
-//! the dataset and its split lists (`train.txt` split into labelled / unlabelled by the
-//! fraction and seed, `val.txt` validates, `test.txt` tests); a baseline U-Net++ is trained on
-//! the labelled images only; a control fine-tunes the baseline on the labelled images only;
-//! the baseline mines the unlabelled images (SAM, or the [`oracle`] labeler); the pseudo-labels
-//! whose quality score reaches the threshold are accepted automatically; the U-Net++ is
-//! fine-tuned from the baseline on the labelled images plus the accepted pseudo-labels, with
-//! the control's settings. The three models are scored on the test split (mean per-image Dice
-//! and IoU at each image's original size); [`results`] describes the report.
+//! The paper's protocol (issue 5), with the arms that say what the large model adds. For each
+//! labelled fraction and seed a project is built from the dataset and its split lists
+//! (`train.txt` split into labelled / unlabelled by the fraction and seed, `val.txt` validates,
+//! `test.txt` tests), and four arms run, each scored on the test split (mean per-image Dice and
+//! IoU at each image's original size):
+//! * **baseline**: a U-Net++ trained on the labelled images only;
+//! * **mined**: the baseline mines the unlabelled images with the chosen labeler (SAM or an
+//!   oracle), the pseudo-labels whose quality reaches the threshold are accepted, and the
+//!   baseline is fine-tuned on the labelled images plus the accepted pseudo-labels;
+//! * **control**: the baseline fine-tuned on the labelled images only, with the mined arm's
+//!   settings and exactly as many optimiser steps as the mined arm took (`max_steps` = the
+//!   mined run's steps, no early stopping; its epochs pass over fewer images, so it runs more
+//!   of them): `mined - control` is the pseudo-labels' effect, not more training;
+//! * **selftrain**: the same as mined with the self-training labeler (the baseline's own
+//!   thresholded predictions as pseudo-labels, same acceptance rule), in a second project
+//!   (`project-selftrain`): `mined - selftrain` is what the large model's knowledge adds.
 //!
-//! The control runs before mining, when the project has no accepted pseudo-label yet, so the
-//! same [`finetune_project`] trains it on the labelled images alone.
-mod oracle;
+//! Each finished arm leaves a record in its run folder ([`arms`]); an interrupted experiment
+//! run again with the same `--out` and settings continues from the finished arms (the baseline
+//! from its last epoch). [`results`] describes the report.
+mod arms;
 mod results;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use candle_core::Device;
 
 use super::finetune::{finetune_project, finetune_samples, FinetuneConfig, FinetuneError};
-use super::labeler::SamLabeler;
+use super::labeler::{open_labeler, LabelerKind};
 use super::{mine_project, MiningConfig, MiningError};
 use crate::data::{self, DataError};
 use crate::metrics::{Confusion, Scores};
@@ -28,19 +37,11 @@ use crate::predict::Predictor;
 use crate::progress::Progress;
 use crate::store::{ImportOptions, Project, Role, StoreError};
 use crate::train::checkpoint::CheckpointError;
-use crate::train::{self, TrainConfig, TrainError, TrainRun};
+use crate::train::{self, TrainConfig, TrainError, TrainRun, TrainStatus};
 
-pub use oracle::{oracle_mask, oracle_mine, oracle_objects, OracleKind};
+pub use crate::mining::labeler::oracle::{oracle_mask, oracle_objects, OracleKind};
+pub use arms::{ArmRecord, ARMS};
 pub use results::{markdown_table, mean_std, write_results, FractionResult, SeedResult};
-
-/// Who answers the prompts.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Labeler {
-    /// SAM from this checkpoint.
-    Sam(PathBuf),
-    /// The ground truth answering the prompted boxes (the `oracle` module's doc).
-    Oracle(OracleKind),
-}
 
 /// Everything an experiment needs.
 #[derive(Clone, Debug)]
@@ -53,14 +54,18 @@ pub struct ExperimentConfig {
     pub fractions: Vec<f64>,
     /// Seeds `0..seeds` (labelled split, initialisation, augmentation).
     pub seeds: u64,
-    pub labeler: Labeler,
+    /// The mined arm's labeler (`sam`, `oracle`, `oracle-box`; `unet` makes the mined arm the
+    /// self-training arm).
+    pub labeler: LabelerKind,
+    /// SAM checkpoint (the `sam` labeler).
+    pub sam: Option<PathBuf>,
     /// Baseline training (its `seed` is replaced by each run's seed).
     pub train: TrainConfig,
     /// Fine-tuning with the accepted pseudo-labels (its `seed` is replaced too).
     pub finetune: FinetuneConfig,
     /// Mining; `auto_accept` is the quality threshold (default 0 when `None`).
     pub mining: MiningConfig,
-    /// Output folder: one project per fraction and seed, `results.json`.
+    /// Output folder: one folder per fraction and seed, `settings.json`, `results.json`.
     pub out: PathBuf,
 }
 
@@ -96,7 +101,7 @@ pub enum ExperimentError {
         #[source]
         source: candle_core::Error,
     },
-    #[error("cancelled")]
+    #[error("cancelled (the finished arms are kept; run the same command again to continue)")]
     Cancelled,
 }
 
@@ -132,195 +137,389 @@ impl ExperimentConfig {
                 self.split_dir.display()
             ));
         }
-        if let Labeler::Sam(p) = &self.labeler {
-            if !p.is_file() {
-                return Err(MiningError::NoSamCheckpoint { path: p.clone() }.into());
+        if self.labeler == LabelerKind::Sam {
+            match &self.sam {
+                Some(p) if p.is_file() => {}
+                Some(p) => return Err(MiningError::NoSamCheckpoint { path: p.clone() }.into()),
+                None => return Err(MiningError::SamNotGiven.into()),
             }
         }
         Ok(())
     }
+
+    /// What the arms' records depend on (`OUT/settings.json`): everything but the fractions,
+    /// the seeds and the output folder.
+    fn settings(&self) -> serde_json::Value {
+        let mut train = self.train.clone();
+        train.seed = 0;
+        let mut finetune = self.finetune.clone();
+        finetune.seed = 0;
+        serde_json::json!({
+            "data": self.data,
+            "split_dir": self.split_dir,
+            "labeler": self.labeler.to_string(),
+            "sam": self.sam,
+            "train": train,
+            "finetune": finetune,
+            "mining": format!("{:?}", self.mining),
+        })
+    }
+
+    fn run_dir(&self, fraction: f64, seed: u64) -> PathBuf {
+        self.out.join(format!("fraction-{fraction}-seed-{seed}"))
+    }
 }
 
-/// Runs the whole protocol; `log` gets one line per stage, `progress` the training events.
-/// Writes nothing but the per-run folders under `cfg.out` (see [`write_results`]).
+/// What an experiment tells its caller besides the training events.
+pub trait ExperimentObserver {
+    /// One line per stage.
+    fn log(&mut self, line: &str);
+    /// `done` of `total` arms are finished (those finished by an earlier run included).
+    fn arms(&mut self, done: usize, total: usize);
+}
+
+/// Runs the whole protocol; `progress` gets the training events. Writes nothing but
+/// `OUT/settings.json` and the per-run folders under `cfg.out` (see [`write_results`]).
 pub fn run_experiment(
     cfg: &ExperimentConfig,
     device: &Device,
     progress: &mut dyn Progress,
-    log: &mut dyn FnMut(&str),
+    observer: &mut dyn ExperimentObserver,
     cancel: &AtomicBool,
 ) -> Result<Vec<FractionResult>, ExperimentError> {
     cfg.check()?;
+    arms::check_settings(&cfg.out, &cfg.settings())?;
+    let mut total = 0;
+    let mut done = 0;
+    for &fraction in &cfg.fractions {
+        for seed in 0..cfg.seeds {
+            for arm in ARMS {
+                total += 1;
+                done += arms::read_arm(&cfg.run_dir(fraction, seed), arm)?.is_some() as usize;
+            }
+        }
+    }
+    if done > 0 {
+        observer.log(&format!(
+            "{done} of {total} arms finished earlier in {}: continuing",
+            cfg.out.display()
+        ));
+    }
+    observer.arms(done, total);
     let mut results = Vec::new();
     for &fraction in &cfg.fractions {
         let mut seeds = Vec::new();
         for seed in 0..cfg.seeds {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(ExperimentError::Cancelled);
-            }
-            seeds.push(run_one(cfg, fraction, seed, device, progress, log, cancel)?);
+            let mut run = RunCtx {
+                cfg,
+                fraction,
+                seed,
+                dir: cfg.run_dir(fraction, seed),
+                device,
+                progress: &mut *progress,
+                observer: &mut *observer,
+                cancel,
+                done: &mut done,
+                total,
+            };
+            seeds.push(run.run()?);
         }
         results.push(FractionResult::from_seeds(fraction, seeds));
     }
     Ok(results)
 }
 
-fn run_one(
-    cfg: &ExperimentConfig,
+/// One fraction and seed.
+struct RunCtx<'a> {
+    cfg: &'a ExperimentConfig,
     fraction: f64,
     seed: u64,
-    device: &Device,
-    progress: &mut dyn Progress,
-    log: &mut dyn FnMut(&str),
-    cancel: &AtomicBool,
-) -> Result<SeedResult, ExperimentError> {
-    let dir = cfg.out.join(format!("fraction-{fraction}-seed-{seed}"));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|source| ExperimentError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-    }
-    let mut project = Project::init(&dir.join("project"))?;
-    project.import(&ImportOptions {
-        split_dir: Some(cfg.split_dir.clone()),
-        labelled_fraction: fraction,
-        seed,
-        ..ImportOptions::new(&cfg.data)
-    })?;
-    let samples = finetune_samples(&project)?;
-    let unlabelled = project
-        .images()?
-        .iter()
-        .filter(|r| r.role == Role::Unlabelled)
-        .count();
-    log(&format!(
-        "fraction {fraction}, seed {seed}: {} labelled, {unlabelled} unlabelled, {} val",
-        samples.labelled.len(),
-        samples.val.len()
-    ));
+    dir: PathBuf,
+    device: &'a Device,
+    progress: &'a mut dyn Progress,
+    observer: &'a mut dyn ExperimentObserver,
+    cancel: &'a AtomicBool,
+    done: &'a mut usize,
+    total: usize,
+}
 
-    // Baseline: the labelled images only.
-    let size = cfg.train.size;
-    let train_set = data::prepare(&samples.labelled, size)?;
-    let val_set = data::prepare(&samples.val, size)?;
-    let run = TrainRun {
-        cfg: TrainConfig {
+impl RunCtx<'_> {
+    fn run(&mut self) -> Result<SeedResult, ExperimentError> {
+        let (fraction, seed) = (self.fraction, self.seed);
+        let opts = ImportOptions {
+            split_dir: Some(self.cfg.split_dir.clone()),
+            labelled_fraction: fraction,
             seed,
-            ..cfg.train.clone()
-        },
-        train: &train_set,
-        val: &val_set,
-        out_dir: dir.join("baseline"),
-        device: device.clone(),
-        init: None,
-        resume: false,
-        data_fingerprint: train::fingerprint(&samples.labelled, &samples.val, size),
-    };
-    let outcome = train::train(&run, progress, cancel)?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(ExperimentError::Cancelled);
-    }
-    let baseline_ckpt = outcome.best;
-    let baseline_val_dice = outcome.best_dice;
-    let baseline = evaluate_test(&project, &baseline_ckpt, device)?;
-    log(&format!(
-        "  baseline test Dice {:.4}, IoU {:.4}",
-        baseline.0.dice, baseline.0.iou
-    ));
-    let ft_cfg = FinetuneConfig {
-        seed,
-        ..cfg.finetune.clone()
-    };
+            ..ImportOptions::new(&self.cfg.data)
+        };
+        let mut project = arms::open_or_import(&self.dir.join("project"), &opts)?;
+        let images = project.images()?;
+        let unlabelled = images.iter().filter(|r| r.role == Role::Unlabelled).count();
+        let samples = finetune_samples(&project)?;
+        self.log(format!(
+            "fraction {fraction}, seed {seed}: {} labelled, {unlabelled} unlabelled, {} val, {} test",
+            samples.labelled.len(),
+            samples.val.len(),
+            images.iter().filter(|r| r.role == Role::Test).count()
+        ));
 
-    // Control: the same fine-tuning on the labelled images only (before mining, the project
-    // has no accepted pseudo-label).
-    let control = finetune_project(
-        &mut project,
-        &baseline_ckpt,
-        &ft_cfg,
-        device,
-        progress,
-        cancel,
-    )?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(ExperimentError::Cancelled);
+        let baseline = self.arm("baseline", |c| c.baseline(&project))?;
+        let labeler = self.cfg.labeler;
+        let mined = self.arm("mined", |c| {
+            c.mining_arm("mined", &mut project, &baseline, labeler)
+        })?;
+        let control = self.arm("control", |c| c.control(&mut project, &baseline, &mined))?;
+        let selftrain = self.arm("selftrain", |c| {
+            if labeler == LabelerKind::Unet {
+                c.log("  selftrain: the mined arm's labeler is self-training already".into());
+                return Ok(ArmRecord {
+                    arm: "selftrain".into(),
+                    ..mined.clone()
+                });
+            }
+            let mut p = arms::open_or_import(&c.dir.join("project-selftrain"), &opts)?;
+            c.mining_arm("selftrain", &mut p, &baseline, LabelerKind::Unet)
+        })?;
+        Ok(SeedResult {
+            seed,
+            labelled: baseline.labelled,
+            unlabelled,
+            mined: mined.mined,
+            accepted: mined.accepted,
+            test_images: baseline.test_images,
+            baseline: baseline.test,
+            control: control.test,
+            mined_model: mined.test,
+            selftrain: selftrain.test,
+            baseline_val_dice: baseline.val_dice,
+            control_val_dice: control.val_dice,
+            mined_val_dice: mined.val_dice,
+            selftrain_val_dice: selftrain.val_dice,
+            mined_steps: mined.optimizer_steps,
+            control_steps: control.optimizer_steps,
+            selftrain_steps: selftrain.optimizer_steps,
+            selftrain_mined: selftrain.mined,
+            selftrain_accepted: selftrain.accepted,
+            baseline_checkpoint: baseline.checkpoint,
+            control_checkpoint: control.checkpoint,
+            mined_checkpoint: mined.checkpoint,
+            selftrain_checkpoint: selftrain.checkpoint,
+        })
     }
-    if control.pseudo != 0 {
-        return Err(ExperimentError::Settings(format!(
-            "the control fine-tuning found {} accepted pseudo-labels in a new project",
-            control.pseudo
-        )));
-    }
-    let control_scores = evaluate_test(&project, &control.best, device)?;
-    log(&format!(
-        "  control (fine-tuned on the labelled images only) test Dice {:.4}, IoU {:.4}",
-        control_scores.0.dice, control_scores.0.iou
-    ));
 
-    // Mining with automatic acceptance.
-    let threshold = cfg.mining.auto_accept.unwrap_or(0.0);
-    let mining = MiningConfig {
-        auto_accept: Some(threshold),
-        ..cfg.mining.clone()
-    };
-    let (mined, accepted) = match &cfg.labeler {
-        Labeler::Sam(sam) => {
-            let cache = project.cache_dir();
-            let mut sam = SamLabeler::load(sam, mining.sam_variant, device, Some(&cache))?;
-            let s = mine_project(
-                &mut project,
-                &baseline_ckpt,
-                &mut sam,
-                &mining,
-                device,
-                &mut |_, _| {},
-                cancel,
-            )?;
-            (s.mined.len(), s.auto_accepted.len())
+    fn log(&mut self, line: String) {
+        self.observer.log(&line);
+    }
+
+    fn check_cancel(&self) -> Result<(), ExperimentError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(ExperimentError::Cancelled);
         }
-        Labeler::Oracle(kind) => {
-            oracle_mine(&mut project, *kind, &baseline_ckpt, &mining, device, cancel)?
-        }
-    };
-    log(&format!(
-        "  mined {mined} pseudo-labels, accepted {accepted} (quality >= {threshold})"
-    ));
-
-    // Fine-tuning from the baseline with the accepted pseudo-labels.
-    let ft = finetune_project(
-        &mut project,
-        &baseline_ckpt,
-        &ft_cfg,
-        device,
-        progress,
-        cancel,
-    )?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(ExperimentError::Cancelled);
+        Ok(())
     }
-    let mined_scores = evaluate_test(&project, &ft.best, device)?;
-    log(&format!(
-        "  mined test Dice {:.4}, IoU {:.4} ({} labelled + {} pseudo-labelled)",
-        mined_scores.0.dice, mined_scores.0.iou, ft.labelled, ft.pseudo
-    ));
-    Ok(SeedResult {
-        seed,
-        labelled: samples.labelled.len(),
-        unlabelled,
-        mined,
-        accepted,
-        test_images: baseline.1,
-        baseline: baseline.0,
-        control: control_scores.0,
-        mined_model: mined_scores.0,
-        baseline_val_dice,
-        control_val_dice: control.best_dice,
-        mined_val_dice: ft.best_dice,
-        baseline_checkpoint: baseline_ckpt,
-        control_checkpoint: control.best,
-        mined_checkpoint: ft.best,
-    })
+
+    /// The record of `name` from an earlier run, or runs the arm and records it.
+    fn arm(
+        &mut self,
+        name: &str,
+        run: impl FnOnce(&mut Self) -> Result<ArmRecord, ExperimentError>,
+    ) -> Result<ArmRecord, ExperimentError> {
+        if let Some(rec) = arms::read_arm(&self.dir, name)? {
+            self.log(format!(
+                "  {name}: finished earlier (test Dice {:.4})",
+                rec.test.dice
+            ));
+            return Ok(rec);
+        }
+        self.check_cancel()?;
+        let start = Instant::now();
+        let mut rec = run(self)?;
+        rec.seconds = start.elapsed().as_secs_f64();
+        arms::write_arm(&self.dir, &rec)?;
+        *self.done += 1;
+        self.observer.arms(*self.done, self.total);
+        Ok(rec)
+    }
+
+    /// A record with the checkpoint's test scores.
+    fn scored(
+        &mut self,
+        arm: &str,
+        project: &Project,
+        checkpoint: PathBuf,
+        val_dice: Option<f64>,
+        optimizer_steps: usize,
+        (labelled, pseudo): (usize, usize),
+    ) -> Result<ArmRecord, ExperimentError> {
+        let (test, test_images) = evaluate_test(project, &checkpoint, self.device)?;
+        self.log(format!(
+            "  {arm}: test Dice {:.4}, IoU {:.4} ({labelled} labelled + {pseudo} pseudo-labelled, \
+             {optimizer_steps} steps)",
+            test.dice, test.iou
+        ));
+        Ok(ArmRecord {
+            arm: arm.into(),
+            test,
+            test_images,
+            val_dice,
+            checkpoint,
+            optimizer_steps,
+            labelled,
+            pseudo,
+            mined: 0,
+            accepted: 0,
+            seconds: 0.0,
+        })
+    }
+
+    /// The U-Net++ on the labelled images only; continues from its last epoch if a killed run
+    /// left one.
+    fn baseline(&mut self, project: &Project) -> Result<ArmRecord, ExperimentError> {
+        let samples = finetune_samples(project)?;
+        let size = self.cfg.train.size;
+        let train_set = data::prepare(&samples.labelled, size)?;
+        let val_set = data::prepare(&samples.val, size)?;
+        let out_dir = self.dir.join("baseline");
+        let resume = out_dir.join("last.json").is_file();
+        if resume {
+            self.log("  baseline: continuing from its last epoch".into());
+        }
+        let run = TrainRun {
+            cfg: TrainConfig {
+                seed: self.seed,
+                ..self.cfg.train.clone()
+            },
+            train: &train_set,
+            val: &val_set,
+            out_dir,
+            device: self.device.clone(),
+            init: None,
+            resume,
+            data_fingerprint: train::fingerprint(&samples.labelled, &samples.val, size),
+        };
+        let outcome = train::train(&run, self.progress, self.cancel)?;
+        if outcome.status == TrainStatus::Cancelled {
+            return Err(ExperimentError::Cancelled);
+        }
+        self.check_cancel()?;
+        self.scored(
+            "baseline",
+            project,
+            outcome.best,
+            outcome.best_dice,
+            outcome.optimizer_steps,
+            (samples.labelled.len(), 0),
+        )
+    }
+
+    fn finetune(
+        &mut self,
+        project: &mut Project,
+        from: &Path,
+        cfg: &FinetuneConfig,
+    ) -> Result<super::finetune::FinetuneOutcome, ExperimentError> {
+        let ft = finetune_project(project, from, cfg, self.device, self.progress, self.cancel)?;
+        if ft.status == TrainStatus::Cancelled {
+            return Err(ExperimentError::Cancelled);
+        }
+        self.check_cancel()?;
+        Ok(ft)
+    }
+
+    /// Mining with `labeler` and automatic acceptance, then fine-tuning from the baseline on
+    /// the labelled images plus the accepted pseudo-labels. A mining pass that a killed run
+    /// left half done continues (images mined by the same models are not mined again).
+    fn mining_arm(
+        &mut self,
+        arm: &str,
+        project: &mut Project,
+        baseline: &ArmRecord,
+        labeler: LabelerKind,
+    ) -> Result<ArmRecord, ExperimentError> {
+        let threshold = self.cfg.mining.auto_accept.unwrap_or(0.0);
+        let mining = MiningConfig {
+            auto_accept: Some(threshold),
+            ..self.cfg.mining.clone()
+        };
+        let cache = project.cache_dir();
+        let mut labeler = open_labeler(
+            labeler,
+            self.cfg.sam.as_deref(),
+            mining.sam_variant,
+            self.device,
+            Some(&cache),
+        )?;
+        let s = mine_project(
+            project,
+            &baseline.checkpoint,
+            labeler.as_mut(),
+            &mining,
+            self.device,
+            &mut |_, _| {},
+            self.cancel,
+        )?;
+        if s.cancelled {
+            return Err(ExperimentError::Cancelled);
+        }
+        if let Some((image, reason)) = s.failed.into_iter().next() {
+            return Err(MiningError::Invalid { image, reason }.into());
+        }
+        let mined = s.mined.len() + s.unchanged.len() + s.kept.len();
+        let accepted = finetune_samples(project)?.pseudo.len();
+        self.log(format!(
+            "  {arm}: {} labeler made {mined} pseudo-labels, {accepted} accepted (quality >= \
+             {threshold})",
+            labeler.name()
+        ));
+        let cfg = FinetuneConfig {
+            seed: self.seed,
+            ..self.cfg.finetune.clone()
+        };
+        let ft = self.finetune(project, &baseline.checkpoint, &cfg)?;
+        let mut rec = self.scored(
+            arm,
+            project,
+            ft.best,
+            ft.best_dice,
+            ft.optimizer_steps,
+            (ft.labelled, ft.pseudo),
+        )?;
+        rec.mined = mined;
+        rec.accepted = accepted;
+        Ok(rec)
+    }
+
+    /// The baseline fine-tuned on the labelled images only (pseudo-label weight 0 leaves the
+    /// accepted ones out), for exactly the mined arm's optimiser steps.
+    fn control(
+        &mut self,
+        project: &mut Project,
+        baseline: &ArmRecord,
+        mined: &ArmRecord,
+    ) -> Result<ArmRecord, ExperimentError> {
+        let cfg = FinetuneConfig {
+            seed: self.seed,
+            pseudo_weight: 0.0,
+            patience: 0,
+            max_steps: Some(mined.optimizer_steps.max(1)),
+            ..self.cfg.finetune.clone()
+        };
+        let ft = self.finetune(project, &baseline.checkpoint, &cfg)?;
+        if ft.pseudo != 0 {
+            return Err(ExperimentError::Settings(format!(
+                "the control fine-tuning used {} pseudo-labels",
+                ft.pseudo
+            )));
+        }
+        self.scored(
+            "control",
+            project,
+            ft.best,
+            ft.best_dice,
+            ft.optimizer_steps,
+            (ft.labelled, 0),
+        )
+    }
 }
 
 /// Mean per-image scores of a checkpoint on the project's test images (with ground truth), at
