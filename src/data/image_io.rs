@@ -200,6 +200,24 @@ pub fn load_image(path: &Path) -> Result<ImageF32, DataError> {
     Ok(to_image_f32(&decode(path)?))
 }
 
+/// An image as the models' 8-bit RGB input (SAM's encoder, the app's view): the planes of
+/// [`load_image`] scaled to `0..=255`. Training, mining, the app's SAM tool and the SAM
+/// embedding cache all decode through [`load_image`], so a 16-bit or DICOM file looks the same
+/// to every model; an 8-bit file gives exactly its own pixels.
+pub fn load_rgb8(path: &Path) -> Result<image::RgbImage, DataError> {
+    Ok(to_rgb8(&load_image(path)?))
+}
+
+/// 8-bit RGB from our normalised planes (values in `[0, 1]`, clamped).
+pub fn to_rgb8(img: &ImageF32) -> image::RgbImage {
+    let n = img.width * img.height;
+    let px = |c: usize, i: usize| (img.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
+    image::RgbImage::from_fn(img.width as u32, img.height as u32, |x, y| {
+        let i = y as usize * img.width + x as usize;
+        image::Rgb([px(0, i), px(1, i), px(2, i)])
+    })
+}
+
 /// Decodes a mask file (any format, converted to gray) and binarises it:
 /// foreground = value `>=` half of the range. DICOM masks are refused.
 pub fn load_mask(path: &Path) -> Result<Mask, DataError> {

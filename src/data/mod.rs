@@ -114,8 +114,8 @@ pub use dicom::{
     dicom_size, is_dicom_path, read_dicom, window_to_u8, DicomImage, DICOM_EXTENSIONS,
 };
 pub use image_io::{
-    image_size, load_image, load_mask, mask_to_training, resize_image, resize_plane, save_gray_png,
-    save_mask_png, to_image_f32, to_mask,
+    image_size, load_image, load_mask, load_rgb8, mask_to_training, resize_image, resize_plane,
+    save_gray_png, save_mask_png, to_image_f32, to_mask, to_rgb8,
 };
 pub use prepare::{prepare, prepare_images, Prepared, PreparedImage};
 

@@ -13,6 +13,7 @@ use candle_core::Device;
 use super::worker::{guarded, Event, FinetuneJob, FinetuneResult, ModelCommand, Outbox};
 use crate::data::{self, Mask};
 use crate::mining::finetune::finetune_project;
+use crate::mining::labeler::hash::{cached_sha256, hash_cache_in};
 use crate::mining::labeler::SamLabeler;
 use crate::mining::mine_project;
 use crate::models::sam::cache::EmbeddingCache;
@@ -89,7 +90,10 @@ impl ModelThread {
         // `Project::cache_dir` of the project at `project` (the same folder `mine` uses)
         let dir = project.join("cache").join("sam-embeddings");
         if self.cache.as_ref().map(|(d, _)| d) != Some(&dir) {
-            let cache = EmbeddingCache::new(Some(&dir), 8, sam_path)?;
+            // hashed once per checkpoint file (path, size, modification time), as `mine` does
+            let hashes = hash_cache_in(&project.join("cache"));
+            let sha256 = cached_sha256(sam_path, Some(&hashes))?;
+            let cache = EmbeddingCache::with_checkpoint_hash(Some(&dir), 8, &sha256)?;
             self.cache = Some((dir.clone(), cache));
         }
         let (_, sam) = self.sam.as_ref().context("no SAM checkpoint is loaded")?;

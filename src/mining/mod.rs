@@ -36,7 +36,6 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
-use image::RgbImage;
 
 pub use labeler::{open_labeler, LabelInput, Labeler, LabelerKind};
 pub use round::{best_round, mine_image, MinedImage, RoundResult};
@@ -264,14 +263,7 @@ pub struct MiningSummary {
 }
 
 /// An 8-bit image to SAM, from our normalised planes (values in [0, 1]).
-pub fn to_rgb(img: &ImageF32) -> RgbImage {
-    let n = img.width * img.height;
-    let px = |c: usize, i: usize| (img.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
-    RgbImage::from_fn(img.width as u32, img.height as u32, |x, y| {
-        let i = y as usize * img.width + x as usize;
-        image::Rgb([px(0, i), px(1, i), px(2, i)])
-    })
-}
+pub use crate::data::to_rgb8 as to_rgb;
 
 /// The models of a pass, as recorded with its pseudo-labels.
 struct Provenance {

@@ -126,7 +126,8 @@ fn tmp() -> tempfile::TempDir {
 }
 
 /// 16-bit MONOCHROME2 CR with rescale and a two-valued window.
-fn write_cr(path: &Path) {
+/// A small 16-bit CR file (also used by the SAM cache tests).
+pub(crate) fn write_cr(path: &Path) {
     // 2 rows x 3 columns; the top nibble of the first word is overlay garbage
     let words = vec![0xF000 | 100, 200, 300, 1000, 2000, 4095];
     let mut s = Spec::cr(2, 3, words);

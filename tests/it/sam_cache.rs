@@ -48,6 +48,15 @@ fn stats(memory_hits: usize, disk_hits: usize, encoder_calls: usize, damaged: us
         disk_hits,
         encoder_calls,
         damaged,
+        files_hashed: 0,
+    }
+}
+
+/// The counters but the file hashes.
+fn hits(s: CacheStats) -> CacheStats {
+    CacheStats {
+        files_hashed: 0,
+        ..s
     }
 }
 
@@ -60,13 +69,13 @@ fn second_call_hits_memory_and_lru_evicts() {
     assert_eq!(cache.checkpoint_sha256().len(), 64);
     let a = cache.get_or_compute(&imgs[0], &p).unwrap();
     let b = cache.get_or_compute(&imgs[0], &p).unwrap();
-    assert_eq!(cache.stats(), stats(1, 0, 1, 0));
+    assert_eq!(hits(cache.stats()), stats(1, 0, 1, 0));
     assert_eq!(max_abs_diff(&a.features, &b.features), 0.0);
     assert_eq!((a.original_size, a.input_size), ((136, 160), (870, 1024)));
     // capacity 1: the second image evicts the first
     cache.get_or_compute(&imgs[1], &p).unwrap();
     cache.get_or_compute(&imgs[0], &p).unwrap();
-    assert_eq!(cache.stats(), stats(1, 0, 3, 0));
+    assert_eq!(hits(cache.stats()), stats(1, 0, 3, 0));
 }
 
 #[test]
@@ -77,20 +86,20 @@ fn fresh_cache_hits_disk_with_identical_embedding() {
     let p = predictor();
     let first = EmbeddingCache::new(Some(&store), 4, &checkpoint()).unwrap();
     let a = first.get_or_compute(&imgs[0], &p).unwrap();
-    assert_eq!(first.stats(), stats(0, 0, 1, 0));
+    assert_eq!(hits(first.stats()), stats(0, 0, 1, 0));
     let files: Vec<_> = std::fs::read_dir(&store).unwrap().collect();
     assert_eq!(files.len(), 1, "one entry, no temporary files left");
 
     let second = EmbeddingCache::new(Some(&store), 4, &checkpoint()).unwrap();
     let b = second.get_or_compute(&imgs[0], &p).unwrap();
-    assert_eq!(second.stats(), stats(0, 1, 0, 0));
+    assert_eq!(hits(second.stats()), stats(0, 1, 0, 0));
     assert_eq!(max_abs_diff(&a.features, &b.features), 0.0);
     assert_eq!(
         (a.original_size, a.input_size),
         (b.original_size, b.input_size)
     );
     second.get_or_compute(&imgs[0], &p).unwrap();
-    assert_eq!(second.stats(), stats(1, 1, 0, 0));
+    assert_eq!(hits(second.stats()), stats(1, 1, 0, 0));
 }
 
 #[test]
@@ -115,12 +124,12 @@ fn damaged_entries_are_recomputed_and_replaced() {
         std::fs::write(&entry, bytes).unwrap();
         let fresh = EmbeddingCache::with_checkpoint_hash(Some(&store), 0, &sha).unwrap();
         let b = fresh.get_or_compute(&imgs[0], &p).unwrap();
-        assert_eq!(fresh.stats(), stats(0, 0, 1, 1), "{what}");
+        assert_eq!(hits(fresh.stats()), stats(0, 0, 1, 1), "{what}");
         assert_eq!(max_abs_diff(&a.features, &b.features), 0.0, "{what}");
         // replaced: the next fresh cache hits disk
         let again = EmbeddingCache::with_checkpoint_hash(Some(&store), 0, &sha).unwrap();
         again.get_or_compute(&imgs[0], &p).unwrap();
-        assert_eq!(again.stats(), stats(0, 1, 0, 0), "{what}");
+        assert_eq!(hits(again.stats()), stats(0, 1, 0, 0), "{what}");
     }
 }
 
@@ -136,12 +145,12 @@ fn another_checkpoint_hash_misses() {
     // a different checkpoint: another file name, a miss
     let other = EmbeddingCache::with_checkpoint_hash(Some(&store), 2, &"0".repeat(64)).unwrap();
     other.get_or_compute(&imgs[0], &p).unwrap();
-    assert_eq!(other.stats(), stats(0, 0, 1, 0));
+    assert_eq!(hits(other.stats()), stats(0, 0, 1, 0));
     // same first 16 hex digits (same file name), other hash: the header says no
     let twin = format!("{}{}", &sha[..16], "f".repeat(48));
     let twin = EmbeddingCache::with_checkpoint_hash(Some(&store), 2, &twin).unwrap();
     twin.get_or_compute(&imgs[0], &p).unwrap();
-    assert_eq!(twin.stats(), stats(0, 0, 1, 1));
+    assert_eq!(hits(twin.stats()), stats(0, 0, 1, 1));
 }
 
 #[test]
@@ -182,5 +191,44 @@ fn precompute_reports_progress_and_cancel_stops_early() {
     for i in [0, 2, 3] {
         fresh.get_or_compute(&imgs[i], &p).unwrap();
     }
-    assert_eq!(fresh.stats(), stats(0, 3, 0, 0));
+    assert_eq!(hits(fresh.stats()), stats(0, 3, 0, 0));
+}
+
+#[test]
+fn images_are_hashed_once_and_decoded_as_mining_decodes_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = predictor();
+    let cache = EmbeddingCache::new(None, 4, &checkpoint()).unwrap();
+    // A 16-bit gray image using part of its range: the data layer stretches it to [0, 1];
+    // the image crate's own 8-bit conversion (what the cache used) keeps the high byte.
+    let path = tmp.path().join("ct16.png");
+    let img = image::ImageBuffer::from_fn(40, 30, |x, y| {
+        image::Luma([1000u16 + 50 * x as u16 + 7 * y as u16])
+    });
+    img.save(&path).unwrap();
+    let shared = medmine::data::load_rgb8(&path).unwrap();
+    let naive = image::open(&path).unwrap().to_rgb8();
+    assert_ne!(shared, naive, "the two decodings differ on this image");
+    let first = cache.get_or_compute(&path, &p).unwrap();
+    let expected = p.set_image(&shared).unwrap();
+    assert_eq!(max_abs_diff(&first.features, &expected.features), 0.0);
+    // a second click: memory hit, and the file is not read and hashed again
+    cache.get_or_compute(&path, &p).unwrap();
+    let s = cache.stats();
+    assert_eq!((s.memory_hits, s.encoder_calls, s.files_hashed), (1, 1, 1));
+    // the file changes (another size): hashed again, encoded again
+    let img = image::ImageBuffer::from_fn(41, 30, |x, _| image::Luma([2000u16 + 9 * x as u16]));
+    img.save(&path).unwrap();
+    cache.get_or_compute(&path, &p).unwrap();
+    let s = cache.stats();
+    assert_eq!((s.encoder_calls, s.files_hashed), (2, 2));
+
+    // DICOM, which the image crate cannot read at all, through the same decoder
+    let dcm = tmp.path().join("cr.dcm");
+    crate::data_dicom::write_cr(&dcm);
+    let emb = cache.get_or_compute(&dcm, &p).unwrap();
+    let expected = p
+        .set_image(&medmine::data::load_rgb8(&dcm).unwrap())
+        .unwrap();
+    assert_eq!(max_abs_diff(&emb.features, &expected.features), 0.0);
 }

@@ -3,12 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use image::{ImageDecoder, ImageReader};
 
 use super::hash::{cached_sha256, hash_cache_in};
 use super::{LabelInput, Labeler};
 use crate::mining::round::sam_rounds;
-use crate::mining::{to_rgb, MinedImage, MiningConfig, MiningError};
+use crate::mining::{MinedImage, MiningConfig, MiningError};
 use crate::models::sam::{load_sam, EmbeddingCache, SamPredictor, Variant};
 use crate::prompts::prompts_from_probs;
 
@@ -87,15 +86,14 @@ impl Labeler for SamLabeler {
         if prompts.components.is_empty() {
             return Ok(None);
         }
-        let emb = if is_eight_bit(input.file) {
-            self.cache.get_or_compute(input.file, &self.sam)
-        } else {
-            self.sam.set_image(&to_rgb(input.image))
-        }
-        .map_err(|source| MiningError::Sam {
-            image: name.to_string(),
-            source,
-        })?;
+        // The cache decodes the file as `input.image` was (crate::data::load_rgb8).
+        let emb = self
+            .cache
+            .get_or_compute(input.file, &self.sam)
+            .map_err(|source| MiningError::Sam {
+                image: name.to_string(),
+                source,
+            })?;
         let mined = sam_rounds(
             name,
             &self.sam,
@@ -107,16 +105,4 @@ impl Labeler for SamLabeler {
         )?;
         Ok(Some(mined))
     }
-}
-
-/// Whether the `image` crate reads the file as 8 bits per channel (then SAM sees the same
-/// pixels through the embedding cache as in `medmine segment` and the GUI).
-fn is_eight_bit(path: &Path) -> bool {
-    let Ok(reader) = ImageReader::open(path).and_then(|r| r.with_guessed_format()) else {
-        return false;
-    };
-    reader.into_decoder().is_ok_and(|d| {
-        use image::ColorType::*;
-        matches!(d.color_type(), L8 | La8 | Rgb8 | Rgba8)
-    })
 }

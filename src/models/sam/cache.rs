@@ -8,14 +8,19 @@
 //! written to a temporary file in the same folder and renamed into place (atomic on one file
 //! system). An unreadable, truncated or mismatching entry is a miss: it is recomputed and
 //! replaced, never an error.
+//!
+//! An image is decoded for the encoder by [`crate::data::load_rgb8`], the one decoder that
+//! training, mining and the app share (16-bit and DICOM included). Each image file is hashed
+//! once while the cache lives: the hash is remembered with the file's size and modification
+//! time, so a click on an image already open costs a `stat`, not a read of the file.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
-use sha2::{Digest, Sha256};
 
 use super::{Embedding, Result, SamError, SamPredictor};
 
@@ -44,6 +49,8 @@ pub struct CacheStats {
     /// Disk entries that could not be used (damaged, truncated, other checkpoint) and were
     /// recomputed.
     pub damaged: usize,
+    /// Image files read and hashed (once per file while it is unchanged).
+    pub files_hashed: usize,
 }
 
 #[derive(Default)]
@@ -52,6 +59,7 @@ struct Counters {
     disk_hits: AtomicUsize,
     encoder_calls: AtomicUsize,
     damaged: AtomicUsize,
+    files_hashed: AtomicUsize,
 }
 
 /// What [`EmbeddingCache::precompute`] did.
@@ -101,6 +109,8 @@ pub struct EmbeddingCache {
     dir: Option<PathBuf>,
     checkpoint_sha256: String,
     memory: Mutex<Lru>,
+    /// Image file -> (size, modification time, SHA-256).
+    file_hashes: Mutex<HashMap<PathBuf, (u64, SystemTime, String)>>,
     counters: Counters,
 }
 
@@ -127,6 +137,7 @@ impl EmbeddingCache {
                 capacity,
                 entries: Vec::new(),
             }),
+            file_hashes: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         })
     }
@@ -142,7 +153,33 @@ impl EmbeddingCache {
             disk_hits: c.disk_hits.load(Ordering::Relaxed),
             encoder_calls: c.encoder_calls.load(Ordering::Relaxed),
             damaged: c.damaged.load(Ordering::Relaxed),
+            files_hashed: c.files_hashed.load(Ordering::Relaxed),
         }
+    }
+
+    /// The SHA-256 of an image file's bytes, hashed once while its size and modification time
+    /// stay the same.
+    pub fn image_sha256(&self, image_path: &Path) -> Result<String> {
+        let meta = std::fs::metadata(image_path).map_err(|e| file_err(image_path, e))?;
+        let stamp = (
+            meta.len(),
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        let memo = |m: &HashMap<_, (u64, SystemTime, String)>| {
+            m.get(image_path)
+                .filter(|(len, time, _)| (*len, *time) == stamp && *time != SystemTime::UNIX_EPOCH)
+                .map(|e| e.2.clone())
+        };
+        if let Some(sha) = memo(&self.file_hashes.lock().expect("hash lock")) {
+            return Ok(sha);
+        }
+        let sha = sha256_file(image_path)?;
+        self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+        self.file_hashes
+            .lock()
+            .expect("hash lock")
+            .insert(image_path.to_path_buf(), (stamp.0, stamp.1, sha.clone()));
+        Ok(sha)
     }
 
     /// The disk entry of an image hash (whether or not it exists).
@@ -171,8 +208,7 @@ impl EmbeddingCache {
         predictor: &SamPredictor,
         keep: bool,
     ) -> Result<(Embedding, bool)> {
-        let bytes = std::fs::read(image_path).map_err(|e| file_err(image_path, e))?;
-        let image_sha256 = format!("{:x}", Sha256::digest(&bytes));
+        let image_sha256 = self.image_sha256(image_path)?;
         let key = self.memory_key(&image_sha256);
         if let Some(emb) = self.memory.lock().expect("cache lock").get(&key) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
@@ -202,9 +238,7 @@ impl EmbeddingCache {
                 }
             }
         }
-        let image = image::load_from_memory(&bytes)
-            .map_err(|e| file_err(image_path, e))?
-            .to_rgb8();
+        let image = crate::data::load_rgb8(image_path)?;
         self.counters.encoder_calls.fetch_add(1, Ordering::Relaxed);
         let emb = predictor.set_image(&image)?;
         if let Some(p) = &entry {

@@ -58,6 +58,9 @@ pub enum SamError {
     },
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
+    /// An image the data layer could not decode (the message names the file).
+    #[error(transparent)]
+    Image(Box<crate::data::DataError>),
     #[error("unknown SAM variant `{0}` (expected auto, vit_b, vit_l, vit_h or vit_t)")]
     UnknownVariant(String),
     #[error("invalid prompt: {0}")]
@@ -69,6 +72,12 @@ pub enum SamError {
 impl From<candle_core::Error> for SamError {
     fn from(e: candle_core::Error) -> Self {
         SamError::Candle(Box::new(e))
+    }
+}
+
+impl From<crate::data::DataError> for SamError {
+    fn from(e: crate::data::DataError) -> Self {
+        SamError::Image(Box::new(e))
     }
 }
 

@@ -86,9 +86,8 @@ pub fn segment(req: &SegmentRequest, device: &Device) -> Result<SegmentReport> {
     let sam = load_sam(&req.sam, req.variant, device)?;
     let variant = sam.config().name().to_string();
     let predictor = SamPredictor::new(sam);
-    let image = image::open(&req.image)
-        .map_err(|e| file_err(&req.image, e))?
-        .to_rgb8();
+    // every format the data layer reads (DICOM, 16-bit), decoded as mining decodes it
+    let image = crate::data::load_rgb8(&req.image)?;
     let mask_input = match &req.mask_input {
         Some(p) => {
             let t = Tensor::read_npy(p).map_err(|e| file_err(p, e))?;
