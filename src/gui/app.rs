@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::canvas::{CanvasIntent, Pointer, Tool, View};
 use super::overlay::LAYER_PSEUDO;
 use super::overlay::{self, CanvasData, OverlayUniform, LAYER_EDIT, LAYER_GT, LAYER_PROB};
+use super::sam_edit::SamObject;
 use super::training::Training;
 use super::worker::{ClickPrompt, ImageRow, LoadedImage, ModelCommand, StoreCommand, Workers};
 use crate::data::Mask;
@@ -162,7 +163,12 @@ pub struct App {
     pub(super) view: View,
     pub(super) pointer: Pointer,
     pub(super) tool: Tool,
+    /// The clicks of the object being corrected with SAM (as the user made them).
     pub(super) clicks: ClickPrompt,
+    /// That object: the draft before its first click, add or remove, the last logits.
+    pub(super) sam_object: Option<SamObject>,
+    /// A SAM click is on its way (the image may be being encoded): the spinner.
+    pub(super) sam_pending: bool,
     pub(super) sam_seq: u64,
     pub(super) compare: Compare,
     pub(super) swipe: f32,
@@ -223,6 +229,8 @@ impl App {
             pointer: Pointer::default(),
             tool: Tool::Navigate,
             clicks: ClickPrompt::default(),
+            sam_object: None,
+            sam_pending: false,
             sam_seq: 0,
             compare: Compare::Off,
             swipe: 0.5,
@@ -283,6 +291,11 @@ impl App {
     }
 
     /// The current edit mask of the canvas.
+    /// Whether a SAM click is waiting for its answer (the spinner shows).
+    pub fn sam_pending(&self) -> bool {
+        self.sam_pending
+    }
+
     pub fn draft(&self) -> Option<&Mask> {
         self.current.as_ref().and_then(|c| c.draft.as_ref())
     }
@@ -415,7 +428,7 @@ impl App {
             return;
         }
         self.selected = Some(name.clone());
-        self.clicks = ClickPrompt::default();
+        self.new_sam_object();
         self.send_store(StoreCommand::Load(name));
     }
 
@@ -453,6 +466,13 @@ impl App {
         if let Some(n) = pick {
             self.select(n);
         }
+    }
+
+    /// The next SAM click starts a new object (its clicks and logits are dropped).
+    pub(super) fn new_sam_object(&mut self) {
+        self.clicks = ClickPrompt::default();
+        self.sam_object = None;
+        self.sam_pending = false;
     }
 
     /// The mask a new edit starts from: the current edit, else the pseudo-label, else empty.

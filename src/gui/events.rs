@@ -121,16 +121,25 @@ impl App {
                 seq,
                 mask,
                 iou,
+                low_res,
             } => {
                 if seq != self.sam_seq {
                     return; // an older click's answer
                 }
-                if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
-                    cur.sam_iou = Some(iou);
-                    cur.draft = Some(mask.clone());
-                    Self::refresh_draft_layer(cur);
-                    self.send_store(StoreCommand::SaveEdit { image, mask });
-                }
+                self.sam_pending = false;
+                let (Some(cur), Some(obj)) = (
+                    self.current.as_mut().filter(|c| c.image.name == image),
+                    self.sam_object.as_mut(),
+                ) else {
+                    return;
+                };
+                // the answer edits the object's base (add or remove), never the whole draft
+                let mask = obj.apply(&mask);
+                obj.low_res = Some(low_res);
+                cur.sam_iou = Some(iou);
+                cur.draft = Some(mask.clone());
+                Self::refresh_draft_layer(cur);
+                self.send_store(StoreCommand::SaveEdit { image, mask });
             }
             Event::Probability { image, probs } => {
                 if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
@@ -150,6 +159,7 @@ impl App {
                 self.send_store(StoreCommand::Refresh);
             }
             Event::Error { context, message } => {
+                self.sam_pending = false;
                 if context.starts_with("Review")
                     || context.starts_with("SaveEdit")
                     || context.starts_with("Undo")

@@ -7,7 +7,8 @@ use egui::{Key, KeyboardShortcut, Modifiers};
 use super::app::{App, Intent};
 use super::canvas::{CanvasIntent, Tool};
 use super::edit;
-use super::worker::{ClickPrompt, ModelCommand, StoreCommand};
+use super::sam_edit::SamObject;
+use super::worker::{ModelCommand, StoreCommand};
 use crate::store::ReviewState;
 
 impl App {
@@ -33,18 +34,20 @@ impl App {
                 }
             }
             Intent::Undo => {
+                self.new_sam_object();
                 if let Some(n) = name {
                     self.send_store(StoreCommand::Undo(n));
                 }
             }
             Intent::Redo => {
+                self.new_sam_object();
                 if let Some(n) = name {
                     self.send_store(StoreCommand::Redo(n));
                 }
             }
             Intent::ResetToProposal => {
                 if let Some(n) = name {
-                    self.clicks = ClickPrompt::default();
+                    self.new_sam_object();
                     self.send_store(StoreCommand::ResetToProposal(n));
                 }
             }
@@ -83,7 +86,7 @@ impl App {
                 }
             }
             Intent::Canvas(c) => self.canvas_intent(c),
-            Intent::ClearClicks => self.clicks = ClickPrompt::default(),
+            Intent::ClearClicks => self.new_sam_object(),
             Intent::Open(p) => self.send_store(StoreCommand::Open(p)),
             Intent::PickProject => self.workers.pick(super::worker::Pick::Project),
             Intent::PickNewProject => self.workers.pick(super::worker::Pick::Dataset),
@@ -158,12 +161,18 @@ impl App {
                 point_in_image,
                 positive,
             } => {
+                self.begin_sam_object(positive);
                 self.clicks
                     .points_in_image
                     .push((point_in_image.x, point_in_image.y, positive));
                 self.ask_sam();
             }
             CanvasIntent::SamBox { box_in_image } => {
+                // a second box is a second object
+                if self.clicks.box_in_image.is_some() {
+                    self.new_sam_object();
+                }
+                self.begin_sam_object(true);
                 self.clicks.box_in_image = Some(box_in_image);
                 self.ask_sam();
             }
@@ -174,18 +183,33 @@ impl App {
         }
     }
 
+    /// Starts an object at its first click: the draft now is what its answers edit.
+    fn begin_sam_object(&mut self, positive: bool) {
+        if self.sam_object.is_some() {
+            return;
+        }
+        if let Some(cur) = self.current.as_mut() {
+            let base = Self::ensure_draft(cur).clone();
+            self.sam_object = Some(SamObject::new(base, positive));
+        }
+    }
+
     pub(super) fn ask_sam(&mut self) {
-        let (Some(cur), Some(project)) = (&self.current, &self.project) else {
+        let (Some(cur), Some(project), Some(obj)) =
+            (&self.current, &self.project, &self.sam_object)
+        else {
             return;
         };
         self.sam_seq += 1;
-        let _ = self.workers.model.send(ModelCommand::Sam {
+        let prompt = obj.prompt(&self.clicks);
+        let sent = self.workers.model.send(ModelCommand::Sam {
             project: project.clone(),
             image: cur.image.name.clone(),
             path: cur.image.path.clone(),
-            prompt: self.clicks.clone(),
+            prompt,
             seq: self.sam_seq,
         });
+        self.sam_pending = sent.is_ok();
     }
 
     pub(super) fn picked(&mut self, purpose: super::worker::Pick, path: PathBuf) {

@@ -10,6 +10,7 @@ mod intents;
 mod model_thread;
 pub mod overlay;
 pub mod panels;
+pub mod sam_edit;
 pub mod training;
 pub mod worker;
 

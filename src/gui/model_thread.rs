@@ -19,6 +19,7 @@ use crate::mining::mine_project;
 use crate::models::sam::cache::EmbeddingCache;
 use crate::models::sam::checkpoint::load_sam;
 use crate::models::sam::predictor::{Embedding, Prompt, SamPredictor};
+use crate::models::sam::LOW_RES_SIZE;
 use crate::models::unetpp::InferenceMode;
 use crate::predict::Predictor;
 use crate::progress::{Progress, TrainEvent};
@@ -148,12 +149,25 @@ impl ModelThread {
                         .map(|&(x, y, pos)| (x, y, u8::from(pos)))
                         .collect(),
                     bbox: prompt.box_in_image,
-                    mask_input: None,
+                    mask_input: match &prompt.mask_input {
+                        Some(v) => Some(candle_core::Tensor::from_slice(
+                            v.as_slice(),
+                            (1, LOW_RES_SIZE, LOW_RES_SIZE),
+                            &self.device,
+                        )?),
+                        None => None,
+                    },
                 };
                 let pred = sam.predict(&emb, &p, false)?;
                 let (h, w) = emb.original_size;
                 let best = pred.best();
                 let data: Vec<u8> = pred.masks.get(best)?.flatten_all()?.to_vec1()?;
+                let low_res: Vec<f32> = pred
+                    .low_res_logits
+                    .get(best)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
                 self.out.send(Event::SamMask {
                     image,
                     seq,
@@ -163,6 +177,7 @@ impl ModelThread {
                         data,
                     },
                     iou: pred.iou_predictions[best],
+                    low_res: std::sync::Arc::new(low_res),
                 });
             }
             ModelCommand::Probability { image, path } => {

@@ -33,8 +33,14 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("+ / -", "layer opacity"),
     ("B / E", "brush / eraser; [ and ] change the size"),
     ("H", "fill holes in the mask"),
-    ("S", "SAM: click +, right/Alt+click -, drag a box"),
-    ("Esc", "clear the SAM clicks"),
+    (
+        "S",
+        "SAM: click + adds the object SAM finds, right/Alt+click - first removes it; drag a box",
+    ),
+    (
+        "Esc",
+        "done with this object: the next SAM click starts a new one",
+    ),
     ("V", "pan/zoom tool"),
     (
         "Ctrl+Z / Ctrl+Shift+Z",
@@ -210,11 +216,19 @@ impl App {
                 self.intents.push(Intent::FillHoles);
             }
             if ui
-                .button("Clear clicks (Esc)")
-                .on_hover_text("Start a new SAM prompt")
+                .button("New object (Esc)")
+                .on_hover_text(
+                    "The next SAM click starts a new object; the mask keeps what SAM added",
+                )
                 .clicked()
             {
                 self.intents.push(Intent::ClearClicks);
+            }
+            if self.sam_pending {
+                ui.spinner();
+                ui.label("SAM…").on_hover_text(
+                    "SAM is answering the click (the first click on an image also encodes it)",
+                );
             }
         });
         ui.horizontal(|ui| {

@@ -92,6 +92,9 @@ pub struct ClickPrompt {
     /// (x, y, positive)
     pub points_in_image: Vec<(f32, f32, bool)>,
     pub box_in_image: Option<[f32; 4]>,
+    /// The previous answer's low-res logits (`256 x 256`) for a follow-up click on the same
+    /// object.
+    pub mask_input: Option<Arc<Vec<f32>>>,
 }
 
 /// Work for the model thread.
@@ -197,6 +200,8 @@ pub enum Event {
         seq: u64,
         mask: Mask,
         iou: f32,
+        /// The answer's low-res logits (`256 x 256`): the next click's mask input.
+        low_res: Arc<Vec<f32>>,
     },
     Probability {
         image: String,

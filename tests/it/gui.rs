@@ -240,6 +240,13 @@ fn sam_click_produces_a_mask() {
         .mask_history(&name)
         .unwrap()
         .len();
+    let (file, _) = Project::open(&root)
+        .unwrap()
+        .current_mask(&name)
+        .unwrap()
+        .unwrap();
+    let proposal = data::load_mask(&file).unwrap();
+    assert!(proposal.data.contains(&1));
     let p = h.state().ui_from_image(pos2(80., 120.)).unwrap();
     h.hover_at(p);
     h.step();
@@ -247,16 +254,77 @@ fn sam_click_produces_a_mask() {
     h.step();
     h.drop_at(p);
     h.step();
+    assert!(h.state().sam_pending(), "the spinner shows while SAM works");
     wait_for(&mut h, "SAM's mask to be saved", |a| {
-        a.badge(&name) == Some(ReviewState::Edited) && a.saving() == 0
+        a.badge(&name) == Some(ReviewState::Edited) && a.saving() == 0 && !a.sam_pending()
     });
     let draft = h.state().draft().expect("SAM's mask is the edit").clone();
     assert_eq!((draft.width, draft.height), (256, 256));
+    // a positive click adds SAM's object to the pseudo-label: the rest of it survives
+    let covers = |big: &data::Mask, small: &data::Mask| {
+        big.data.iter().zip(&small.data).all(|(&b, &s)| b >= s)
+    };
+    assert!(
+        covers(&draft, &proposal),
+        "the click kept the pseudo-label's pixels"
+    );
     let store = Project::open(&root).unwrap();
     assert_eq!(store.mask_history(&name).unwrap().len(), before + 1);
     let (file, kind) = store.current_mask(&name).unwrap().unwrap();
     assert_eq!(kind, "edited");
     assert_eq!(data::load_mask(&file).unwrap(), draft);
+
+    // a follow-up click on the same object (with the last logits as mask input) still adds
+    let q = h.state().ui_from_image(pos2(60., 100.)).unwrap();
+    h.hover_at(q);
+    h.step();
+    h.drag_at(q);
+    h.step();
+    h.drop_at(q);
+    h.step();
+    wait_for(&mut h, "the second answer", |a| {
+        !a.sam_pending() && a.saving() == 0
+    });
+    let second = h.state().draft().unwrap().clone();
+    assert!(
+        covers(&second, &proposal),
+        "the follow-up kept the pseudo-label"
+    );
+
+    // Esc, then a right click: a new object whose region is removed, nothing added
+    h.key_press(Key::Escape);
+    h.step();
+    let r = h.state().ui_from_image(pos2(170., 120.)).unwrap();
+    h.hover_at(r);
+    h.step();
+    for pressed in [true, false] {
+        h.event(egui::Event::PointerButton {
+            pos: r,
+            button: egui::PointerButton::Secondary,
+            pressed,
+            modifiers: egui::Modifiers::NONE,
+        });
+        h.step();
+    }
+    assert!(h.state().sam_pending());
+    wait_for(&mut h, "the removal", |a| {
+        !a.sam_pending() && a.saving() == 0
+    });
+    let third = h.state().draft().unwrap().clone();
+    assert!(
+        covers(&second, &third),
+        "a negative first click only removes"
+    );
+    let (file, _) = Project::open(&root)
+        .unwrap()
+        .current_mask(&name)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        data::load_mask(&file).unwrap(),
+        third,
+        "the store has what is shown"
+    );
 
     // encode every image in the background: the project's cache holds all 8 embeddings
     h.get_by_label("Encode all with SAM").click();
