@@ -68,15 +68,22 @@ impl DeviceChoice {
     }
 }
 
-/// Human-readable device name, e.g. `cpu (2 threads)` or `cuda:0`.
+/// Human-readable device name and op path, e.g. `cpu (2 threads), ops: fast`,
+/// `cpu (2 threads), ops: generic` (`MEDMINE_OPS=generic`) or `cuda:0, ops: generic`.
 pub fn describe(device: &Device) -> String {
-    match device.location() {
+    let ops = if device.is_cpu() {
+        crate::ops::path_name()
+    } else {
+        "generic"
+    };
+    let name = match device.location() {
         candle_core::DeviceLocation::Cpu => {
             format!("cpu ({} threads)", rayon::current_num_threads())
         }
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
+    };
+    format!("{name}, ops: {ops}")
 }
 
 /// Keeps freed tensor memory in the process instead of returning it to the OS.

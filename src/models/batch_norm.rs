@@ -62,7 +62,7 @@ impl BatchNorm2d {
 
     fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        if train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        if train && crate::ops::fast(x) && matches!(x.dtype(), DType::F32 | DType::F64) {
             // one op with a closed-form backward (candle's reductions over N, H, W are slow)
             let (mean, var) = crate::ops::channel_stats(x)?; // [C]
             self.update_running(&mean, &var, n * h * w)?;

@@ -19,7 +19,14 @@ use rayon::prelude::*;
 /// Per-channel batch mean and biased variance of a `[N, C, H, W]` tensor, as `[C]` tensors
 /// (no gradient: [`batch_norm_train`] differentiates through them itself). Read in place.
 pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let s = x.detach().contiguous()?.apply_op1_no_bwd(&ChannelStats)?; // [2, C]
+    let x = x.detach();
+    if !super::fast(&x) || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        // [N, C, H, W] -> [C]
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+        return Ok((mean.flatten_all()?, var.flatten_all()?));
+    }
+    let s = x.contiguous()?.apply_op1_no_bwd(&ChannelStats)?; // [2, C]
     Ok((s.get(0)?, s.get(1)?))
 }
 
@@ -75,9 +82,36 @@ fn stats<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec
 /// `[4, C]`: weight, bias, mean, inv_std (the last two from [`channel_stats`], detached).
 /// Gradients flow to `x` (through the statistics too) and to the weight and bias rows. With
 /// `relu`, the op is `max(y, 0)` (one pass and one tensor fewer than a separate ReLU).
+///
+/// On the device-generic path the same function is composed of candle ops, the statistics
+/// recomputed from `x` so that the gradient also flows through them; the epsilon is recovered
+/// per channel from the given `inv_std` and the batch variance (`eps = inv_std^-2 - var`), so
+/// both paths compute the same values.
 pub fn batch_norm_train(x: &Tensor, params: &Tensor, relu: bool) -> Result<Tensor> {
+    if !super::fast(x) || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return batch_norm_train_generic(x, params, relu);
+    }
     x.contiguous()?
         .apply_op2(&params.contiguous()?, BatchNormTrain { relu })
+}
+
+fn batch_norm_train_generic(x: &Tensor, params: &Tensor, relu: bool) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let row = |r: usize| params.get(r)?.reshape((1, c, 1, 1)); // [4, C] -> [1, C, 1, 1]
+    let (weight, bias, inv_std) = (row(0)?, row(1)?, row(3)?.detach());
+    let mean = x.mean_keepdim((0, 2, 3))?; // [1, C, 1, 1]
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+    let eps = (inv_std.sqr()?.recip()? - var.detach())?;
+    let y = centred
+        .broadcast_mul(&var.broadcast_add(&eps)?.sqrt()?.recip()?)?
+        .broadcast_mul(&weight)?
+        .broadcast_add(&bias)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 struct BatchNormTrain {
@@ -377,6 +411,23 @@ mod tests {
         close(&a.1, &e.1, "relu dx");
         close(&a.2, &e.2, "relu dweight");
         close(&a.3, &e.3, "relu dbias");
+        // the device-generic path of the same public ops (what a GPU tensor takes)
+        let _generic = crate::ops::force_generic();
+        for (f, g, what) in [
+            (
+                &ours as &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+                &reference as &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+                "generic",
+            ),
+            (&ours_relu, &reference_relu, "generic relu"),
+        ] {
+            let a = run(f)?;
+            let e = run(g)?;
+            close(&a.0, &e.0, what);
+            close(&a.1, &e.1, what);
+            close(&a.2, &e.2, what);
+            close(&a.3, &e.3, what);
+        }
         Ok(())
     }
 

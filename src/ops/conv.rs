@@ -39,7 +39,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
             w.dtype()
         )
     }
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    if !super::fast(x) || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return x.conv2d(w, padding, 1, 1, 1);
     }
     x.contiguous()?

@@ -20,7 +20,7 @@ pub fn conv2d_bias(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize) -> Result
         )
     }
     let same = x.dtype() == w.dtype() && w.dtype() == b.dtype();
-    if !x.device().is_cpu() || !same || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    if !super::fast(x) || !same || !matches!(x.dtype(), DType::F32 | DType::F64) {
         let y = x.conv2d(w, padding, 1, 1, 1)?;
         return y.broadcast_add(&b.reshape((1, g.cout, 1, 1))?);
     }

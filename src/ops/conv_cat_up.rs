@@ -28,7 +28,7 @@ pub fn conv2d_cat_up(skip: &Tensor, low: &Tensor, w: &Tensor, padding: usize) ->
     }
     Geom::new(&[n, cs + cu, h, wd], w.dims(), padding)?;
     let same = skip.dtype() == low.dtype() && low.dtype() == w.dtype();
-    if !skip.device().is_cpu() || !same || !matches!(skip.dtype(), DType::F32 | DType::F64) {
+    if !super::fast(skip) || !same || !matches!(skip.dtype(), DType::F32 | DType::F64) {
         let cat = Tensor::cat(&[skip, &upsample_bilinear2x(low)?], 1)?;
         return conv2d(&cat, w, padding);
     }

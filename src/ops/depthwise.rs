@@ -29,7 +29,7 @@ pub fn depthwise_conv2d(
     if stride == 0 {
         bail!("depthwise_conv2d: stride 0");
     }
-    if x.device().is_cpu() {
+    if super::fast(x) {
         x.apply_op3_no_bwd(weight, bias, &Depthwise { stride, padding })
     } else {
         x.conv2d(weight, padding, stride, 1, c)?

@@ -13,7 +13,7 @@ const CHUNK: usize = 1 << 14;
 
 /// `nn.GELU()` of the official code: the erf form.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fast(x) && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1_no_bwd(&GeluErf)
     } else {
         x.gelu_erf()

@@ -17,7 +17,7 @@ pub fn add_layer_norm(
     shift: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if super::fast(x) && x.dtype() == candle_core::DType::F32 {
         let op = AddLayerNorm {
             bias: bias.to_vec1()?,
             weight: weight.to_vec1()?,

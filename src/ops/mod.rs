@@ -12,6 +12,10 @@
 //! `add_layer_norm`, `add_to_rows` and the two attention softmaxes are forward-only (all
 //! threads), for SAM; `fast_math` holds their vectorised `exp`/`erf`.
 //!
+//! Every op takes the CPU fast path only for CPU tensors and only when [`path`] allows it
+//! (`MEDMINE_OPS=generic` or [`force_generic`] send CPU tensors down the device-generic path,
+//! the candle composition a CUDA or Metal tensor takes).
+//!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;
 //! - `upsample_bilinear2d` has no backward at all;
@@ -28,6 +32,7 @@ mod depthwise;
 pub mod fast_math;
 mod gelu;
 mod layer_norm;
+pub mod path;
 mod pool;
 mod rows;
 mod softmax;
@@ -40,6 +45,7 @@ pub use conv_cat_up::conv2d_cat_up;
 pub use depthwise::depthwise_conv2d;
 pub use gelu::gelu_erf;
 pub use layer_norm::add_layer_norm;
+pub use path::{fast, force_generic, generic_forced, path_name};
 pub use pool::max_pool2x2;
 pub use rows::add_to_rows;
 pub use softmax::{softmax_columns_t, softmax_groups};

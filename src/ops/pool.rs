@@ -15,7 +15,7 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     if h % 2 != 0 || w % 2 != 0 {
         candle_core::bail!("max_pool2x2 needs even height and width, got {h}x{w}")
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::fast(x) && matches!(x.dtype(), DType::F32 | DType::F64) {
         return x.contiguous()?.apply_op1(MaxPool2x2);
     }
     // [N, C, H, W] -> [N, C, H/2, 2, W/2, 2] -> max over the two window axes

@@ -18,7 +18,7 @@ pub fn add_to_rows(image: &Tensor, dense: &Tensor) -> Result<Tensor> {
             dense.dims()
         )
     }
-    let cpu_f32 = image.device().is_cpu() && image.dtype() == DType::F32;
+    let cpu_f32 = super::fast(image) && image.dtype() == DType::F32;
     if !cpu_f32 || dense.dtype() != DType::F32 {
         let image = image.flatten_from(2)?.transpose(1, 2)?; // [1, HW, C]
         let dense = dense.flatten_from(2)?.transpose(1, 2)?; // [B, HW, C]

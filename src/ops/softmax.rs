@@ -15,7 +15,7 @@ use super::fast_math::exp_slice;
 
 /// `softmax(x, dim=1)` transposed: `[B, N, K] -> [B, K, N]`.
 pub fn softmax_columns_t(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fast(x) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1_no_bwd(&ColumnsT);
     }
     candle_nn::ops::softmax(x, 1)?.transpose(1, 2)?.contiguous()
@@ -32,7 +32,7 @@ pub fn softmax_groups(x: &Tensor, bias: &Tensor, t: usize) -> Result<Tensor> {
             bias.dims()
         );
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fast(x) && x.dtype() == DType::F32 {
         return x
             .contiguous()?
             .apply_op2_no_bwd(&bias.contiguous()?, &Groups { t });

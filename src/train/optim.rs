@@ -79,7 +79,7 @@ impl AdamW {
             };
             let g = g.detach();
             let theta = slot.var.as_tensor();
-            let fused = theta.device().is_cpu()
+            let fused = crate::ops::fast(theta)
                 && matches!(theta.dtype(), DType::F32 | DType::F64)
                 && theta.is_contiguous();
             if fused {

@@ -54,7 +54,11 @@ fn train_predict_evaluate_on_the_demo() {
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("device: cpu"), "{out}");
+    assert!(out.contains("device: cpu ("), "{out}");
+    assert!(
+        out.contains(", ops: "),
+        "the device line names the op path: {out}"
+    );
     assert!(out.contains("labelled: 9 of 18"), "{out}");
     for f in [
         "best.safetensors",

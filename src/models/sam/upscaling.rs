@@ -89,7 +89,7 @@ impl Upscaling {
 
     /// `gelu(layer_norm(y + b1))` over the last axis.
     fn bias_ln_gelu(&self, y: &Tensor) -> Result<Tensor> {
-        if y.device().is_cpu() {
+        if crate::ops::fast(y) {
             return y.apply_op1_no_bwd(&self.ln_gelu);
         }
         let z =
@@ -100,7 +100,7 @@ impl Upscaling {
     /// `hyper_in . gelu(y + b2)` per pixel, in raster order: y `[B, HW * 16, C/8]`, hyper
     /// `[B, M, C/8]` -> `[B, M, 4H, 4W]`.
     fn gelu_mix(&self, y: &Tensor, hyper: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
-        if y.device().is_cpu() {
+        if crate::ops::fast(y) {
             let op = GeluMix {
                 bias: &self.b2_host,
                 h,
