@@ -123,6 +123,7 @@ impl ExperimentObserver for ArmsBar {
 }
 
 pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<()> {
+    super::check_size_base(a.size, a.base)?;
     let labeler: LabelerKind = a.labeler.parse()?;
     if labeler == LabelerKind::Sam && a.sam.is_none() {
         bail!(

@@ -120,8 +120,75 @@ struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Replace a finished or stopped run in --out (without it, an existing run is refused).
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
     #[arg(long)]
     out: PathBuf,
+}
+
+/// Files that make a folder a training run (what `--force` replaces).
+const RUN_FILES: [&str; 5] = [
+    "best.safetensors",
+    "best.json",
+    "last.safetensors",
+    "last.json",
+    "metrics.jsonl",
+];
+
+/// The network's input size and width, checked before anything is allocated.
+pub(crate) fn check_size_base(size: usize, base: usize) -> Result<()> {
+    if !(16..=2048).contains(&size) || !size.is_multiple_of(16) {
+        bail!("--size {size}: must be a multiple of 16 from 16 to 2048 (pixels per side)");
+    }
+    if !(1..=256).contains(&base) {
+        bail!("--base {base}: must be from 1 to 256 (filters of the first level)");
+    }
+    Ok(())
+}
+
+impl TrainArgs {
+    /// Every numeric option in its own words, and what --out already holds.
+    fn check(&self) -> Result<()> {
+        check_size_base(self.size, self.base)?;
+        if self.epochs == 0 || self.batch == 0 {
+            bail!("--epochs and --batch must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr {}: must be a positive number", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("--weight-decay {}: must be 0 or more", self.weight_decay);
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            bail!("--warmup-epochs {}: must be 0 or more", self.warmup_epochs);
+        }
+        if !(self.labelled_fraction > 0.0 && self.labelled_fraction <= 1.0) {
+            bail!(
+                "--labelled-fraction {}: must be in (0, 1]",
+                self.labelled_fraction
+            );
+        }
+        let existing: Vec<&str> = RUN_FILES
+            .into_iter()
+            .filter(|f| self.out.join(f).exists())
+            .collect();
+        if self.resume && !self.out.join("last.json").is_file() {
+            bail!(
+                "{}: no run to resume (no last.json); start it without --resume",
+                self.out.display()
+            );
+        }
+        if !self.resume && !self.force && !existing.is_empty() {
+            bail!(
+                "{} already holds a training run ({}); continue it with --resume, replace it \
+                 with --force, or choose another --out",
+                self.out.display(),
+                existing.join(", ")
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -329,11 +396,36 @@ fn write_list(path: &Path, samples: &[data::Sample]) -> Result<()> {
 }
 
 fn train_cmd(a: TrainArgs, device: candle_core::Device) -> Result<()> {
+    a.check()?;
     let ds = Dataset::scan(&a.data)?;
     if let Some(report) = ds.skipped_report() {
         eprintln!("{report}");
     }
-    let train_all = select(&ds, a.train_list.as_deref())?;
+    let val_samples = match &a.val_list {
+        Some(p) => ds.select(&data::read_split_list(p)?, p)?,
+        None => Vec::new(),
+    };
+    let is_val = |name: &str| val_samples.iter().any(|v| v.name == name);
+    let mut train_all = select(&ds, a.train_list.as_deref())?;
+    if a.train_list.is_none() {
+        // without a training list: every labelled image that does not validate
+        train_all.retain(|s| !is_val(&s.name));
+    }
+    // as `import` does: an image may not train and validate
+    let overlap: Vec<&str> = train_all
+        .iter()
+        .filter(|s| is_val(&s.name))
+        .map(|s| s.name.as_str())
+        .collect();
+    if !overlap.is_empty() {
+        bail!(
+            "{} of the validation images are also in the training list ({}{}); an image may be \
+             in one list only",
+            overlap.len(),
+            overlap[..overlap.len().min(3)].join(", "),
+            if overlap.len() > 3 { ", ..." } else { "" }
+        );
+    }
     let names: Vec<String> = train_all.iter().map(|s| s.name.clone()).collect();
     let (labelled, unlabelled) = data::split_labelled(&names, a.labelled_fraction, a.seed)?;
     let labelled_samples: Vec<_> = labelled.iter().filter_map(|n| ds.get(n).cloned()).collect();
@@ -341,10 +433,14 @@ fn train_cmd(a: TrainArgs, device: candle_core::Device) -> Result<()> {
         .iter()
         .filter_map(|n| ds.get(n).cloned())
         .collect();
-    let val_samples = match &a.val_list {
-        Some(p) => ds.select(&data::read_split_list(p)?, p)?,
-        None => Vec::new(),
-    };
+    if a.force {
+        for f in RUN_FILES {
+            let p = a.out.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
     println!(
         "labelled: {} of {} training images (fraction {}, seed {}); unlabelled pool: {}; validation: {}",
         labelled_samples.len(),

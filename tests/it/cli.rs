@@ -302,3 +302,123 @@ fn segment_with_sam_matches_the_official_predictor() {
     assert!(!o.status.success());
     assert!(text(&o).1.contains("--point"), "{}", text(&o).1);
 }
+
+#[test]
+fn train_never_replaces_a_run_unasked_and_checks_its_options() {
+    use std::os::unix::process::ExitStatusExt;
+    let demo = common::demo();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let (train_list, val_list) = (demo.join("train.txt"), demo.join("val.txt"));
+    let args = |extra: &[&'static str], list: &Path| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--data",
+            s(&demo),
+            "--train-list",
+            s(list),
+            "--val-list",
+            s(&val_list),
+            "--size",
+            "32",
+            "--base",
+            "2",
+            "--epochs",
+            "1",
+            "--batch",
+            "6",
+            "--out",
+            s(&run),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let call = |v: Vec<String>| {
+        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
+        medmine(&refs)
+    };
+    let o = call(args(&[], &train_list));
+    assert!(o.status.success(), "{:?}", text(&o));
+    let snapshot = || {
+        ["best.safetensors", "metrics.jsonl", "last.json"]
+            .map(|f| std::fs::read(run.join(f)).unwrap())
+    };
+    let before = snapshot();
+
+    // the same command again: refused, the run untouched
+    let o = call(args(&[], &train_list));
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    for want in [
+        "already holds a training run",
+        "best.safetensors",
+        "--resume",
+        "--force",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(before == snapshot(), "a refused run changed the folder");
+
+    // numeric options in their own words, before anything is allocated (no abort)
+    for (extra, want) in [
+        (
+            &["--size", "1048576"][..],
+            "--size 1048576: must be a multiple of 16",
+        ),
+        (&["--size", "40"][..], "--size 40: must be a multiple of 16"),
+        (&["--base", "0"][..], "--base 0: must be from 1 to 256"),
+        (&["--lr", "NaN"][..], "--lr NaN: must be a positive number"),
+        (
+            &["--labelled-fraction", "0"][..],
+            "--labelled-fraction 0: must be in (0, 1]",
+        ),
+    ] {
+        let mut v = args(&[], &train_list);
+        // the bad value in place of the good one
+        for pair in extra.chunks(2) {
+            if let Some(i) = v.iter().position(|a| a == pair[0]) {
+                v[i + 1] = pair[1].to_string();
+            } else {
+                v.extend(pair.iter().map(|x| x.to_string()));
+            }
+        }
+        let o = call(v);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.signal(), None, "{extra:?} killed the process");
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{extra:?}: {err}"
+        );
+    }
+    assert!(before == snapshot());
+
+    // --resume on a folder without a run
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut v = args(&["--resume"], &train_list);
+    let i = v.iter().position(|a| a == "--out").unwrap();
+    v[i + 1] = s(&empty).to_string();
+    let (_, err) = text(&call(v));
+    assert!(
+        err.contains("no run to resume") && err.contains("without --resume"),
+        "{err}"
+    );
+
+    // overlapping lists are refused as import refuses them
+    let (_, err) = text(&call(args(&["--force"], &val_list)));
+    assert!(err.contains("also in the training list"), "{err}");
+    assert!(before == snapshot());
+
+    // --force replaces the run
+    let o = call(args(&["--force"], &train_list));
+    assert!(o.status.success(), "{:?}", text(&o));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        1,
+        "one epoch, the old metrics replaced"
+    );
+}
