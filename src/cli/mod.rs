@@ -603,6 +603,22 @@ fn predict_cmd(a: PredictArgs, device: candle_core::Device) -> Result<()> {
         let names = data::read_split_list(list)?;
         samples = predict::filter_by_list(samples, &names, list)?;
     }
+    // every output name up front (lossless for names that are not UTF-8): two inputs that
+    // would write one file are refused before anything is written
+    let mut out_names: std::collections::HashMap<std::ffi::OsString, &Path> =
+        std::collections::HashMap::new();
+    for path in &samples {
+        let name = mask_name(path);
+        if let Some(other) = out_names.insert(name.clone(), path) {
+            bail!(
+                "{} and {} would both be written to {}; predict them into separate folders \
+                 or rename one",
+                other.display(),
+                path.display(),
+                a.out.join(&name).display()
+            );
+        }
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     if let Some(p) = &a.probs {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
@@ -620,15 +636,10 @@ fn predict_cmd(a: PredictArgs, device: candle_core::Device) -> Result<()> {
         let refs: Vec<_> = loaded.iter().map(|(_, i)| i).collect();
         let maps = predictor.predict(&refs)?;
         for ((path, _), map) in loaded.iter().zip(maps) {
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
-            data::save_mask_png(&a.out.join(format!("{stem}.png")), &map.to_mask())?;
+            let name = mask_name(path);
+            data::save_mask_png(&a.out.join(&name), &map.to_mask())?;
             if let Some(p) = &a.probs {
-                data::save_gray_png(
-                    &p.join(format!("{stem}.png")),
-                    map.width,
-                    map.height,
-                    &map.to_u8(),
-                )?;
+                data::save_gray_png(&p.join(&name), map.width, map.height, &map.to_u8())?;
             }
         }
         bar.inc(chunk.len() as u64);
@@ -649,6 +660,16 @@ fn predict_cmd(a: PredictArgs, device: candle_core::Device) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The mask file name of an input image: its stem (bytes kept as they are) + `.png`.
+fn mask_name(path: &Path) -> std::ffi::OsString {
+    let mut name = path
+        .file_stem()
+        .map(|s| s.to_os_string())
+        .unwrap_or_else(|| "image".into());
+    name.push(".png");
+    name
 }
 
 fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {

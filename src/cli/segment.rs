@@ -38,6 +38,18 @@ pub struct SegmentArgs {
 }
 
 pub fn segment_cmd(a: SegmentArgs, device: candle_core::Device) -> Result<()> {
+    // a mask is exact only in a lossless file (the data layer writes PNG whatever the name)
+    let ext = a
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if ext.as_deref() != Some("png") {
+        anyhow::bail!(
+            "--out {}: masks are written as PNG (lossless); give a .png file name",
+            a.out.display()
+        );
+    }
     let variant = Variant::parse(&a.sam_variant)?;
     let req = SegmentRequest {
         sam: a.sam,

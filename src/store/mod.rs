@@ -137,6 +137,12 @@ pub enum StoreError {
     /// No project at this path.
     #[error("{}: not a medmine project (no {DB_FILE}); create one with `medmine project init`", .path.display())]
     NotAProject { path: PathBuf },
+    #[error(
+        "{}: {reason}, not a medmine project database; nothing was changed (restore it from a \
+         backup, or move it away and run `medmine project init`)",
+        .path.display()
+    )]
+    NotAProjectDb { path: PathBuf, reason: String },
     /// `init` on a folder that already holds a project.
     #[error("{}: already a medmine project ({DB_FILE} exists)", .path.display())]
     AlreadyAProject { path: PathBuf },
@@ -292,11 +298,37 @@ impl Project {
             });
         }
         fsutil::check_writable(dir)?;
+        let len = std::fs::metadata(&db_path)
+            .map_err(|e| fsutil::write_error(&db_path, e))?
+            .len();
+        if len == 0 {
+            return Err(StoreError::NotAProjectDb {
+                path: db_path,
+                reason: "empty file (0 bytes)".into(),
+            });
+        }
+        let mut conn = connect(&db_path)?;
+        let err = schema::db_err(&db_path);
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(&err)?;
+        let has_images: bool = conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(&err)?;
+        if version == 0 || !has_images {
+            return Err(StoreError::NotAProjectDb {
+                path: db_path,
+                reason: "an SQLite file without medmine's tables".into(),
+            });
+        }
         for sub in SUBDIRS {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(|e| fsutil::write_error(&p, e))?;
         }
-        let mut conn = connect(&db_path)?;
         schema::upgrade(&mut conn, &db_path)?;
         Ok(Project {
             root: dir.to_path_buf(),

@@ -421,4 +421,76 @@ fn train_never_replaces_a_run_unasked_and_checks_its_options() {
         1,
         "one epoch, the old metrics replaced"
     );
+
+    // predict: two inputs with one stem are refused before anything is written; a name that
+    // is not UTF-8 keeps its bytes
+    use std::os::unix::ffi::OsStrExt;
+    let first = std::fs::read_dir(demo.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "png"))
+        .unwrap();
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::copy(&first, imgs.join("a.png")).unwrap();
+    std::fs::copy(&first, imgs.join("a.jpg")).unwrap();
+    let out = tmp.path().join("pred");
+    let ckpt = run.join("best.safetensors");
+    let predict = |images: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_medmine"))
+            .args(["--device", "cpu", "predict", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--images")
+            .arg(images)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = predict(&imgs);
+    let (_, err) = text(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("a.jpg") && err.contains("a.png") && err.contains("would both be written"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"scan-\xff.png");
+    std::fs::copy(&first, odd.join(name)).unwrap();
+    std::fs::copy(&first, odd.join("plain.png")).unwrap();
+    let o = predict(&odd);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        out.join(name).is_file(),
+        "the non-UTF-8 name kept its bytes"
+    );
+    assert!(out.join("plain.png").is_file());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
+}
+
+#[test]
+fn segment_refuses_a_lossy_mask_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = common::root().join("tests/fixtures/sam");
+    let out = tmp.path().join("mask.jpg");
+    let o = medmine(&[
+        "segment",
+        "--sam",
+        s(&fx.join("sam_tiny.pth")),
+        "--image",
+        s(&fx.join("image.png")),
+        "--box",
+        "10,10,60,60",
+        "--out",
+        s(&out),
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("mask.jpg") && err.contains("give a .png file name"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }

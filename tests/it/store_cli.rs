@@ -231,6 +231,32 @@ fn cli_reports_bad_input_clearly() {
         err.contains("medmine.db") && err.contains("version 99"),
         "{err}"
     );
+    // a 0-byte database, and an SQLite file of another program: refused, never replaced
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("medmine.db"), b"").unwrap();
+    let err = fails(&["project", "status", s(&empty)]);
+    assert!(
+        err.contains("medmine.db")
+            && err.contains("0 bytes")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(empty.join("medmine.db")).unwrap().len(),
+        0
+    );
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    {
+        let c = rusqlite::Connection::open(foreign.join("medmine.db")).unwrap();
+        c.execute_batch("CREATE TABLE notes (t TEXT); INSERT INTO notes VALUES ('mine');")
+            .unwrap();
+    }
+    let before = std::fs::read(foreign.join("medmine.db")).unwrap();
+    let err = fails(&["project", "status", s(&foreign)]);
+    assert!(err.contains("without medmine's tables"), "{err}");
+    assert_eq!(std::fs::read(foreign.join("medmine.db")).unwrap(), before);
 }
 
 #[test]
