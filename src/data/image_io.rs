@@ -43,7 +43,20 @@ fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>,
 }
 
 fn decode(path: &Path) -> Result<DynamicImage, DataError> {
-    let img = reader(path)?.decode().map_err(|e| image_error(path, e))?;
+    let r = reader(path)?;
+    if r.format() == Some(ImageFormat::Jpeg) {
+        // the JPEG decoder fills a truncated file's missing part with grey instead of failing
+        let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+        if !jpeg_is_complete(&bytes) {
+            return Err(DataError::Decode {
+                path: path.to_path_buf(),
+                msg: "file is truncated (the JPEG has no end-of-image marker after its image \
+                      data)"
+                    .into(),
+            });
+        }
+    }
+    let img = r.decode().map_err(|e| image_error(path, e))?;
     if img.width() == 0 || img.height() == 0 {
         return Err(DataError::Decode {
             path: path.to_path_buf(),
@@ -51,6 +64,18 @@ fn decode(path: &Path) -> Result<DynamicImage, DataError> {
         });
     }
     Ok(img)
+}
+
+/// Whether a JPEG file has an end-of-image marker (`FF D9`) after its last start-of-scan
+/// (`FF DA`): inside the entropy-coded data `FF` is always followed by `00` or a restart
+/// marker, so the marker cannot occur by chance; an EXIF thumbnail's own end marker comes
+/// before the main image's scan.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let find_last = |m: u8| bytes.windows(2).rposition(|w| w == [0xFF, m]);
+    match (find_last(0xDA), find_last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
 }
 
 /// Width and height from the file header, without decoding the pixels.
@@ -155,9 +180,30 @@ pub fn to_image_f32(img: &DynamicImage) -> ImageF32 {
 
 /// Converts a decoded image to a binary mask: gray, then foreground when the
 /// value is at least half of the range (8-bit `>= 128`, 16-bit `>= 32768`,
-/// float `>= 0.5`).
+/// float `>= 0.5`). An integer mask whose values are all 0 or 1 (as many public datasets
+/// store them) is read as binary: 1 is foreground.
 pub fn to_mask(img: &DynamicImage) -> Mask {
     let (width, height) = (img.width() as usize, img.height() as usize);
+    let zero_one = match img {
+        DynamicImage::ImageLuma8(b) => b.as_raw().iter().all(|&v| v <= 1),
+        DynamicImage::ImageLuma16(b) => b.as_raw().iter().all(|&v| v <= 1),
+        DynamicImage::ImageLumaA8(_) | DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => {
+            img.to_luma8().as_raw().iter().all(|&v| v <= 1)
+        }
+        _ => false,
+    };
+    if zero_one {
+        let data = match img {
+            DynamicImage::ImageLuma16(b) => b.as_raw().iter().map(|&v| v as u8).collect(),
+            DynamicImage::ImageLuma8(b) => b.as_raw().clone(),
+            _ => img.to_luma8().into_raw(),
+        };
+        return Mask {
+            width,
+            height,
+            data,
+        };
+    }
     let data = match img {
         DynamicImage::ImageLuma8(b) => b.as_raw().iter().map(|&v| u8::from(v >= 128)).collect(),
         DynamicImage::ImageLumaA8(_) | DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => {
@@ -551,5 +597,48 @@ mod tests {
         assert_eq!(raw, vec![0, 255, 0, 255, 255, 0]);
         let bad = save_gray_png(&p, 4, 4, &[0; 3]).unwrap_err().to_string();
         assert!(bad.contains("m.png") && bad.contains("4x4"), "{bad}");
+    }
+
+    #[test]
+    fn zero_one_masks_are_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m01.png");
+        // stored as 0/1 (not 0/255), as many public datasets do
+        save_gray_png(&p, 3, 2, &[0, 1, 1, 0, 0, 1]).unwrap();
+        assert_eq!(load_mask(&p).unwrap().data, vec![0, 1, 1, 0, 0, 1]);
+        // 16-bit 0/1 too
+        let p16 = dir.path().join("m16.png");
+        image::ImageBuffer::<image::Luma<u16>, _>::from_raw(2, 1, vec![1u16, 0])
+            .unwrap()
+            .save(&p16)
+            .unwrap();
+        assert_eq!(load_mask(&p16).unwrap().data, vec![1, 0]);
+        // a 0/255 mask with a stray 1 still thresholds at half the range
+        save_gray_png(&p, 3, 1, &[255, 1, 0]).unwrap();
+        assert_eq!(load_mask(&p).unwrap().data, vec![1, 0, 0]);
+    }
+
+    #[test]
+    fn truncated_jpeg_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = dir.path().join("full.jpg");
+        let img =
+            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+        img.save(&full).unwrap();
+        assert!(load_image(&full).is_ok());
+        let bytes = std::fs::read(&full).unwrap();
+        let cut = dir.path().join("cut.jpg");
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let e = load_image(&cut).unwrap_err().to_string();
+        assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
+        // the same for masks
+        let e = load_mask(&cut).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        // a complete file with bytes after its end marker still reads
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(&[0, 0, 0]);
+        let p = dir.path().join("padded.jpg");
+        std::fs::write(&p, &padded).unwrap();
+        assert!(load_image(&p).is_ok());
     }
 }
