@@ -40,6 +40,33 @@ impl std::str::FromStr for DeviceChoice {
 }
 
 impl DeviceChoice {
+    /// Opens the device; `auto` also says why it chose what it chose (for the device line),
+    /// and falls back to the CPU when a GPU build finds no usable GPU.
+    pub fn open_explained(self) -> Result<(Device, Option<String>), DeviceError> {
+        if self != Self::Auto {
+            return Ok((self.open()?, None));
+        }
+        let built_cuda = cfg!(feature = "cuda");
+        let built_metal = cfg!(feature = "metal");
+        if candle_core::utils::cuda_is_available() {
+            match Device::new_cuda(0) {
+                Ok(d) => return Ok((d, Some("auto: CUDA device 0 found".into()))),
+                Err(e) => tracing::warn!("built with CUDA, but cuda:0 cannot be opened ({e})"),
+            }
+        }
+        if candle_core::utils::metal_is_available() {
+            match Device::new_metal(0) {
+                Ok(d) => return Ok((d, Some("auto: Metal device found".into()))),
+                Err(e) => tracing::warn!("built with Metal, but it cannot be opened ({e})"),
+            }
+        }
+        let why = match (built_cuda, built_metal) {
+            (false, false) => "auto: built without GPU support (cargo features cuda, metal)",
+            _ => "auto: no usable GPU (driver or device missing), using the CPU",
+        };
+        Ok((Device::Cpu, Some(why.into())))
+    }
+
     pub fn open(self) -> Result<Device, DeviceError> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
@@ -135,6 +162,18 @@ mod tests {
         );
         assert!("tpu".parse::<DeviceChoice>().is_err());
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn auto_says_why() {
+        let (d, why) = DeviceChoice::Auto.open_explained().unwrap();
+        let why = why.expect("auto explains its choice");
+        assert!(why.starts_with("auto: "), "{why}");
+        if d.is_cpu() && !cfg!(any(feature = "cuda", feature = "metal")) {
+            assert!(why.contains("built without GPU support"), "{why}");
+        }
+        let (_, why) = DeviceChoice::Cpu.open_explained().unwrap();
+        assert_eq!(why, None, "an explicit choice needs no reason");
     }
 
     #[test]

@@ -290,8 +290,11 @@ pub fn run() -> Result<()> {
         other => other,
     };
     let choice: DeviceChoice = cli.device.parse()?;
-    let device = choice.open()?;
-    println!("device: {}", describe(&device));
+    let (device, why) = choice.open_explained()?;
+    match why {
+        Some(why) => println!("device: {} ({why})", describe(&device)),
+        None => println!("device: {}", describe(&device)),
+    }
     match command {
         Command::Train(a) => train_cmd(a, device),
         Command::Predict(a) => predict_cmd(a, device),
