@@ -33,6 +33,16 @@ pub enum CheckpointError {
         base: usize,
         problem: String,
     },
+    #[error(
+        "{}: tensor {tensor} holds {count} NaN or infinite values; the checkpoint cannot be \
+         used (a diverged run? train again, or use an earlier checkpoint)",
+        path.display()
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        count: usize,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -156,10 +166,30 @@ pub fn load_tensors(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
         });
     }
-    candle_core::safetensors::load(path, device).map_err(|e| CheckpointError::Weights {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    let tensors =
+        candle_core::safetensors::load(path, device).map_err(|e| CheckpointError::Weights {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    // checked once, here: NaN weights would predict all-0 or all-1 masks without a word
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let count = values.iter().filter(|v| !v.is_finite()).count();
+        if count > 0 {
+            return Err(CheckpointError::NonFinite {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                count,
+            });
+        }
+    }
+    Ok(tensors)
 }
 
 /// Saves the weights of `map` to `path` and `meta` beside it.
@@ -285,6 +315,29 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, Checkpoin
 mod tests {
     use super::*;
     use crate::models::unetpp::InferenceMode;
+
+    #[test]
+    fn non_finite_weights_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let path = fresh_checkpoint(dir.path(), 2, 32, 0, &dev).unwrap();
+        let mut t = load_tensors(&path, &dev).unwrap();
+        let name = t.keys().find(|k| k.ends_with("weight")).unwrap().clone();
+        let w = &t[&name];
+        let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        v[0] = f32::NAN;
+        v[1] = f32::INFINITY;
+        t.insert(name.clone(), Tensor::from_vec(v, w.shape(), &dev).unwrap());
+        save_tensors(&t, &path).unwrap();
+        let Err(e) = load_model(&path, &dev) else {
+            panic!("NaN weights were loaded");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(&name) && e.contains("2 NaN or infinite") && e.contains(".safetensors"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn frozen_model_gives_the_same_output_without_a_graph() {
