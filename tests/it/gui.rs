@@ -431,7 +431,13 @@ fn new_project_from_a_dataset_folder() {
     loaded(&mut h);
     // what "New project from dataset…" does once the folder dialog answers
     h.state_mut().start_new_project(tmp.path().join("data"));
-    h.run_steps(3);
+    {
+        // the user chooses to keep half of the masks (the default keeps them all)
+        let n = h.state_mut().dialogs_mut().new_project.as_mut().unwrap();
+        n.subsample = true;
+        n.labelled_fraction = 0.5;
+    }
+    h.run_steps(4);
     h.get_by_label("Create").click();
     h.step();
     let created = tmp.path().join("data.medmine");
@@ -443,6 +449,6 @@ fn new_project_from_a_dataset_folder() {
     assert_eq!(status.total, 8);
     assert_eq!(
         status.roles["labelled"], 4,
-        "half of the 8 images keep their labels"
+        "half of the 8 images keep their labels, as chosen"
     );
 }

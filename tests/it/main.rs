@@ -11,6 +11,8 @@ mod experiment;
 mod finetune;
 mod gradcheck;
 mod gui;
+mod gui_project;
+mod gui_weights;
 mod mining;
 mod sam_batch;
 mod sam_bench;
