@@ -143,7 +143,15 @@ impl App {
     /// Opens the chooser for `purpose` (a typed path, or Browse…).
     pub(super) fn choose(&mut self, purpose: Pick) {
         if purpose == Pick::Dataset {
-            self.dialogs.new_project = Some(NewProject::new(""));
+            // an import in progress keeps its dialog (its result opens the project)
+            if !self
+                .dialogs
+                .new_project
+                .as_ref()
+                .is_some_and(|n| n.importing())
+            {
+                self.dialogs.new_project = Some(NewProject::new(""));
+            }
             return;
         }
         let initial = match purpose {

@@ -207,8 +207,8 @@ impl NewProject {
     /// What a scan found, once it has finished.
     pub fn scan_summary(&self) -> Option<&ScanSummary> {
         match &self.scan {
-            Some((_, t)) => t.done().and_then(|r| r.as_ref().ok()),
-            None => None,
+            Some((d, t)) if *d == self.data => t.done().and_then(|r| r.as_ref().ok()),
+            _ => None, // none yet, or made for another folder
         }
     }
 
@@ -343,12 +343,17 @@ impl NewProject {
             }
         });
         ui.separator();
-        let ready = self.options().is_ok() && validate(&self.project, PathKind::NewFolder).is_ok();
+        // the scan decides whether the split lists are used: wait for it
+        let ready = self.scan_summary().is_some()
+            && self.options().is_ok()
+            && validate(&self.project, PathKind::NewFolder).is_ok();
         ui.horizontal(|ui| {
             let create = ui
                 .add_enabled(ready && !busy, egui::Button::new("Create"))
                 .on_hover_text("Import the dataset into the project folder and open it")
-                .on_disabled_hover_text("Choose a dataset folder and a project folder first");
+                .on_disabled_hover_text(
+                    "Choose a dataset folder (and wait for its scan) and a project folder first",
+                );
             if create.clicked() {
                 if let Err(e) = self.start_import(ui.ctx()) {
                     self.import = Some((PathBuf::new(), Task::Done(Err(e))));

@@ -437,7 +437,12 @@ fn new_project_from_a_dataset_folder() {
         n.subsample = true;
         n.labelled_fraction = 0.5;
     }
-    h.run_steps(4);
+    wait_for(&mut h, "the scan of the dataset folder", |a| {
+        a.dialogs()
+            .new_project
+            .as_ref()
+            .is_some_and(|n| n.scan_summary().is_some())
+    });
     h.get_by_label("Create").click();
     h.step();
     let created = tmp.path().join("data.medmine");

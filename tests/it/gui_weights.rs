@@ -215,3 +215,42 @@ fn use_loads_the_checkpoint_as_the_active_sam_and_remembers_it() {
     assert!(h.state().errors().is_empty(), "{:?}", h.state().errors());
     assert!(Path::new(&path).is_file());
 }
+
+#[test]
+fn load_sam_takes_a_typed_path_and_says_what_is_wrong_with_a_bad_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let notes = tmp.path().join("notes.txt");
+    std::fs::write(&notes, b"not a checkpoint").unwrap();
+    let fixture = crate::common::root().join("tests/fixtures/sam/sam_tiny.pth");
+    let mut h = Harness::builder()
+        .with_size([1400.0, 900.0])
+        .wgpu()
+        .build_eframe(|cc| {
+            App::new(
+                cc,
+                Startup {
+                    project: None,
+                    demo: None,
+                    sam: None,
+                    device_name: "cpu".into(),
+                },
+                candle_core::Device::Cpu,
+            )
+        });
+    h.run_steps(4);
+    h.get_by_label("Load SAM…").click();
+    h.run_steps(4);
+    crate::gui_project::type_into(&mut h, "file", &notes.display().to_string());
+    h.get_by_label("Open").click();
+    h.run_steps(2);
+    h.get_by_label_contains("is not a SAM checkpoint");
+    crate::gui_project::type_into(&mut h, "file", &fixture.display().to_string());
+    h.get_by_label("Open").click();
+    h.step();
+    wait_until(&mut h, "SAM to load", App::sam_loaded);
+    assert_eq!(
+        h.state().prefs.sam_checkpoint.as_deref(),
+        Some(fixture.as_path())
+    );
+    assert!(h.state().dialogs().prompt.is_none());
+}
