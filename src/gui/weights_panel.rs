@@ -369,7 +369,7 @@ impl WeightsManager {
         let mut action = None;
         egui::Window::new("SAM weights")
             .open(&mut show)
-            .default_width(640.0)
+            .default_width(660.0)
             .show(ctx, |ui| action = self.panel_ui(ui, active));
         self.show = show;
         action
@@ -400,17 +400,12 @@ impl WeightsManager {
         ui.separator();
         let mut action = None;
         let active = active.and_then(|p| std::fs::canonicalize(p).ok());
-        egui::Grid::new("weights-grid")
-            .num_columns(4)
-            .striped(true)
-            .show(ui, |ui| {
-                for i in 0..self.entries.len() {
-                    if let Some(a) = self.row_ui(ui, i, active.as_deref()) {
-                        action = Some(a);
-                    }
-                    ui.end_row();
-                }
-            });
+        for i in 0..self.entries.len() {
+            if let Some(a) = self.row_ui(ui, i, active.as_deref()) {
+                action = Some(a);
+            }
+            ui.separator();
+        }
         action
     }
 
@@ -426,14 +421,25 @@ impl WeightsManager {
             .as_ref()
             .and_then(|p| std::fs::canonicalize(p).ok())
             .is_some_and(|p| Some(p.as_path()) == active);
-        ui.vertical(|ui| {
-            ui.label(RichText::new(c.name).strong());
-            ui.label(RichText::new(c.file).small().weak());
-        });
         let state = self.state(i);
         let mut action = None;
-        ui.vertical(|ui| {
-            match &state {
+        // one line: name and file | state or progress | buttons; the last message below it
+        let column = |ui: &mut egui::Ui, width: f32, add: &mut dyn FnMut(&mut egui::Ui)| {
+            ui.allocate_ui_with_layout(
+                egui::vec2(width, 0.0),
+                egui::Layout::top_down(egui::Align::Min),
+                |ui| {
+                    ui.set_width(width);
+                    add(ui);
+                },
+            );
+        };
+        ui.horizontal(|ui| {
+            column(ui, 150.0, &mut |ui| {
+                ui.label(RichText::new(c.name).strong());
+                ui.label(RichText::new(c.file).small().weak());
+            });
+            column(ui, 220.0, &mut |ui| match &state {
                 RowState::Absent => {
                     ui.label(format!("not here · {}", c.size.map_or("?".into(), mib)));
                 }
@@ -469,68 +475,70 @@ impl WeightsManager {
                         ui.label("computing the SHA-256…");
                     });
                 }
-            }
-            if let Some((m, error)) = self.message(i) {
-                let color = if error {
-                    Color32::from_rgb(230, 90, 80)
-                } else {
-                    Color32::GRAY
-                };
-                ui.label(RichText::new(m).small().color(color));
-            }
-        });
-        ui.horizontal(|ui| match state {
-            RowState::Downloading { .. } => {
-                if ui
-                    .button(format!("Cancel {}", c.name))
-                    .on_hover_text(
-                        "Stop; what was downloaded is kept and the next download resumes it",
-                    )
-                    .clicked()
-                {
-                    self.cancel(i);
+            });
+            match state {
+                RowState::Downloading { .. } => {
+                    if ui
+                        .button(format!("Cancel {}", c.name))
+                        .on_hover_text(
+                            "Stop; what was downloaded is kept and the next download resumes it",
+                        )
+                        .clicked()
+                    {
+                        self.cancel(i);
+                    }
                 }
-            }
-            RowState::Verifying => {}
-            RowState::Absent | RowState::Partial { .. } => {
-                let label = if matches!(state, RowState::Partial { .. }) {
-                    format!("Resume {}", c.name)
-                } else {
-                    format!("Download {}", c.name)
-                };
-                if ui
-                    .button(label)
-                    .on_hover_text(format!("From {}", c.url))
-                    .clicked()
-                {
-                    self.download(i, ui.ctx());
+                RowState::Verifying => {}
+                RowState::Absent | RowState::Partial { .. } => {
+                    let label = if matches!(state, RowState::Partial { .. }) {
+                        format!("Resume {}", c.name)
+                    } else {
+                        format!("Download {}", c.name)
+                    };
+                    if ui
+                        .button(label)
+                        .on_hover_text(format!("From {}", c.url))
+                        .clicked()
+                    {
+                        self.download(i, ui.ctx());
+                    }
                 }
-            }
-            RowState::Present { .. } => {
-                if ui
-                    .button(format!("Verify {}", c.name))
-                    .on_hover_text(
-                        "Compute the file's SHA-256 and compare it with the published one",
-                    )
-                    .clicked()
-                {
-                    self.verify(i, ui.ctx());
-                }
-                if is_active {
-                    ui.label(
-                        RichText::new("active")
-                            .strong()
-                            .color(Color32::from_rgb(60, 170, 80)),
-                    );
-                } else if ui
-                    .button(format!("Use {}", c.name))
-                    .on_hover_text("Load it as the SAM checkpoint (remembered for the next start)")
-                    .clicked()
-                {
-                    action = path.clone().map(WeightsAction::Use);
+                RowState::Present { .. } => {
+                    if ui
+                        .button(format!("Verify {}", c.name))
+                        .on_hover_text(
+                            "Compute the file's SHA-256 and compare it with the published one",
+                        )
+                        .clicked()
+                    {
+                        self.verify(i, ui.ctx());
+                    }
+                    if is_active {
+                        ui.label(
+                            RichText::new("active")
+                                .strong()
+                                .color(Color32::from_rgb(60, 170, 80)),
+                        );
+                    } else if ui
+                        .button(format!("Use {}", c.name))
+                        .on_hover_text(
+                            "Load it as the SAM checkpoint (remembered for the next start)",
+                        )
+                        .clicked()
+                    {
+                        action = path.clone().map(WeightsAction::Use);
+                    }
                 }
             }
         });
+        if let Some((m, error)) = self.message(i) {
+            let color = if error {
+                Color32::from_rgb(230, 90, 80)
+            } else {
+                Color32::GRAY
+            };
+            ui.label(RichText::new(m).small().color(color));
+        }
         action
     }
 }
