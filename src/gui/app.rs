@@ -33,6 +33,8 @@ pub struct Prefs {
     pub brush_radius: f32,
     pub sam_checkpoint: Option<PathBuf>,
     pub advance_after_review: bool,
+    /// The SAM weights manager's folder.
+    pub weights_dir: Option<PathBuf>,
 }
 
 impl Default for Prefs {
@@ -58,6 +60,7 @@ impl Default for Prefs {
             brush_radius: 8.0,
             sam_checkpoint: None,
             advance_after_review: true,
+            weights_dir: None,
         }
     }
 }
@@ -102,23 +105,9 @@ pub enum Intent {
     Mine,
     /// Encode every image of the project with SAM ahead of the clicks.
     Precompute,
-    /// Create (import) the project described by the "New project" dialog and open it.
-    CreateProject,
     CancelJob,
     Fit,
     OneToOne,
-}
-
-/// The "New project from dataset" dialog.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NewProject {
-    /// Where the project folder goes (editable).
-    pub project: String,
-    pub data: PathBuf,
-    /// Folder with train.txt (and val.txt, test.txt), when the dataset has one.
-    pub split_dir: Option<PathBuf>,
-    /// Seeded fraction of the training images that keep their labels.
-    pub labelled_fraction: f64,
 }
 
 /// A message shown for a while in the corner.
@@ -186,7 +175,7 @@ pub struct App {
     pub(super) intents: Vec<Intent>,
     /// Every error shown as a toast this session (toasts expire; this does not).
     pub(super) errors: Vec<String>,
-    pub(super) new_project: Option<NewProject>,
+    pub(super) dialogs: super::dialogs::Dialogs,
     /// Where the main canvas was drawn last frame.
     pub(super) canvas_rect: Option<egui::Rect>,
 }
@@ -213,6 +202,7 @@ impl App {
             .and_then(|s| eframe::get_value(s, PREFS_KEY))
             .unwrap_or_default();
         let workers = Workers::spawn(&cc.egui_ctx, device);
+        let dialogs = super::dialogs::Dialogs::new(prefs.weights_dir.as_deref());
         let mut app = App {
             workers,
             prefs,
@@ -246,7 +236,7 @@ impl App {
             wgpu,
             intents: Vec::new(),
             canvas_rect: None,
-            new_project: None,
+            dialogs,
             errors: Vec::new(),
         };
         let recent = app
@@ -337,23 +327,11 @@ impl App {
     /// Opens the "New project from dataset" dialog for the dataset folder `data` (what the
     /// folder dialog does; public for tests and scripted use).
     pub fn start_new_project(&mut self, data: PathBuf) {
-        let project = data.with_file_name(format!(
-            "{}.medmine",
-            data.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("dataset")
-        ));
-        let split_dir = ["train.txt", "splits/train.txt"]
-            .iter()
-            .map(|s| data.join(s))
-            .find(|p| p.is_file())
-            .and_then(|p| p.parent().map(|d| d.to_path_buf()));
-        self.new_project = Some(NewProject {
-            project: project.display().to_string(),
-            data,
-            split_dir,
-            labelled_fraction: 0.5,
-        });
+        let data = data.display().to_string();
+        match &mut self.dialogs.new_project {
+            Some(n) => n.set_data(&data),
+            None => self.dialogs.new_project = Some(super::new_project::NewProject::new(&data)),
+        }
     }
 
     /// The open project's folder.
@@ -585,7 +563,7 @@ impl App {
         egui::CentralPanel::default().show(ui, |ui| self.canvas_area_ui(ui));
         self.training_window_ui(&ctx);
         self.help_ui(&ctx);
-        self.new_project_ui(&ctx);
+        self.dialogs_ui(&ctx);
         self.toasts_ui(&ctx);
         self.apply_intents(&ctx);
         if self.training.running() || self.saving > 0 {

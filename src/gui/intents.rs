@@ -88,10 +88,10 @@ impl App {
             Intent::Canvas(c) => self.canvas_intent(c),
             Intent::ClearClicks => self.new_sam_object(),
             Intent::Open(p) => self.send_store(StoreCommand::Open(p)),
-            Intent::PickProject => self.workers.pick(super::worker::Pick::Project),
-            Intent::PickNewProject => self.workers.pick(super::worker::Pick::Dataset),
-            Intent::PickSam => self.workers.pick(super::worker::Pick::Sam),
-            Intent::PickUnet => self.workers.pick(super::worker::Pick::Unet),
+            Intent::PickProject => self.choose(super::worker::Pick::Project),
+            Intent::PickNewProject => self.choose(super::worker::Pick::Dataset),
+            Intent::PickSam => self.choose(super::worker::Pick::Sam),
+            Intent::PickUnet => self.choose(super::worker::Pick::Unet),
             Intent::LoadSam(p) => self.send_model(ModelCommand::LoadSam(p)),
             Intent::LoadUnet(p) => self.send_model(ModelCommand::LoadUnet(p)),
             Intent::Finetune => {
@@ -119,16 +119,6 @@ impl App {
                 if let (Some(project), true) = (self.project.clone(), self.sam.is_some()) {
                     let paths = self.rows.iter().map(|r| r.path.clone()).collect();
                     self.send_model(ModelCommand::Precompute { project, paths });
-                }
-            }
-            Intent::CreateProject => {
-                if let Some(n) = self.new_project.take() {
-                    self.send_store(StoreCommand::OpenOrCreate {
-                        project: PathBuf::from(n.project),
-                        data: n.data,
-                        split_dir: n.split_dir,
-                        labelled_fraction: n.labelled_fraction,
-                    });
                 }
             }
             Intent::CancelJob => self.workers.cancel.store(true, Ordering::Relaxed),

@@ -4,14 +4,18 @@
 //! of [`worker`].
 pub mod app;
 pub mod canvas;
+pub mod dialogs;
 pub mod edit;
 mod events;
 mod intents;
 mod model_thread;
+pub mod new_project;
 pub mod overlay;
 pub mod panels;
+pub mod path_field;
 pub mod sam_edit;
 pub mod training;
+pub mod weights_panel;
 pub mod worker;
 
 use std::path::{Path, PathBuf};

@@ -387,7 +387,7 @@ impl App {
         });
         ui.label(match &self.sam {
             Some((p, v)) => format!("SAM: {v} ({})", name(p)),
-            None => "SAM: not loaded (weights/README.md says where to get it)".into(),
+            None => "SAM: not loaded (download one with SAM weights…)".into(),
         });
         ui.horizontal_wrapped(|ui| {
             if ui
@@ -403,6 +403,15 @@ impl App {
                 .clicked()
             {
                 self.intents.push(Intent::PickSam);
+            }
+            if ui
+                .button("SAM weights…")
+                .on_hover_text(
+                    "Download the official SAM checkpoints (with resume and SHA-256 check) and choose the active one",
+                )
+                .clicked()
+            {
+                self.dialogs.weights.show = true;
             }
             if ui
                 .add_enabled(
@@ -514,42 +523,5 @@ impl App {
                 });
             });
         self.show_help = open;
-    }
-
-    /// The "New project from dataset" dialog: where the project goes and how much stays labelled.
-    pub(super) fn new_project_ui(&mut self, ctx: &egui::Context) {
-        let Some(n) = self.new_project.as_mut() else {
-            return;
-        };
-        let mut open = true;
-        let mut create = false;
-        egui::Window::new("New project from dataset")
-            .open(&mut open)
-            .collapsible(false)
-            .show(ctx, |ui| {
-                ui.label(format!("dataset: {}", n.data.display()));
-                ui.label(match &n.split_dir {
-                    Some(d) => format!("splits: {} (train/val/test lists)", d.display()),
-                    None => "no split lists: images with masks are the training pool".into(),
-                });
-                ui.horizontal(|ui| {
-                    ui.label("project folder");
-                    ui.text_edit_singleline(&mut n.project)
-                        .on_hover_text("Created if missing; an existing project is just opened");
-                });
-                ui.add(
-                    egui::Slider::new(&mut n.labelled_fraction, 0.05..=1.0)
-                        .text("labelled fraction"),
-                )
-                .on_hover_text(
-                    "Seeded share of the training images that keep their labels; the rest is mined",
-                );
-                create = ui.button("Create").clicked();
-            });
-        if create {
-            self.intents.push(Intent::CreateProject);
-        } else if !open {
-            self.new_project = None;
-        }
     }
 }

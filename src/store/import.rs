@@ -11,7 +11,7 @@ use rusqlite::{params, TransactionBehavior};
 
 use super::fsutil::{self, sha256_file};
 use super::{now_rfc3339, Project, Result, Role, StoreError};
-use crate::data::{self, Dataset, Sample};
+use crate::data::{self, Dataset, Sample, Skipped};
 
 /// What to import and how to assign roles.
 #[derive(Clone, Debug)]
@@ -29,7 +29,9 @@ pub struct ImportOptions {
     pub labelled_fraction: f64,
     pub seed: u64,
     /// Import the usable files and only list the unusable ones (non-image files, masks
-    /// without an image, images sharing a stem) instead of refusing the import.
+    /// without an image, images sharing a stem, images or masks that do not decode, masks of
+    /// another size) in [`ImportReport::skipped`] instead of refusing the import. An image
+    /// whose mask is unusable is skipped with it (its role was chosen for a labelled image).
     pub skip_unusable: bool,
 }
 
@@ -54,6 +56,9 @@ pub struct ImportReport {
     pub by_role: BTreeMap<Role, usize>,
     /// Things worth telling the user that did not stop the import.
     pub notes: Vec<String>,
+    /// Files left out, each with the reason (hidden files always; every unusable file with
+    /// [`ImportOptions::skip_unusable`]). Each is also in `notes`.
+    pub skipped: Vec<Skipped>,
 }
 
 /// What a relink did.
@@ -148,32 +153,46 @@ fn assign_roles(
     Ok(roles)
 }
 
-/// Decodes an image and its mask completely and hashes the image file.
-fn check_sample(s: &Sample, role: Role) -> Result<Checked, String> {
-    let img = data::load_image(&s.image).map_err(|e| e.to_string())?;
-    let sha256 = sha256_file(&s.image).map_err(|e| e.to_string())?;
+/// `error` without the `path: ` prefix that the data errors start with.
+fn reason(path: &Path, error: impl std::fmt::Display) -> String {
+    let e = error.to_string();
+    let prefix = format!("{}: ", path.display());
+    e.strip_prefix(&prefix).map(str::to_string).unwrap_or(e)
+}
+
+/// Decodes an image and its mask completely and hashes the image file; an error names the
+/// file at fault.
+fn check_sample(s: &Sample, role: Role) -> Result<Checked, Skipped> {
+    let bad = |path: &Path, e: &dyn std::fmt::Display| Skipped {
+        path: path.to_path_buf(),
+        reason: reason(path, e),
+    };
+    let img = data::load_image(&s.image).map_err(|e| bad(&s.image, &e))?;
+    let sha256 = sha256_file(&s.image).map_err(|e| bad(&s.image, &e))?;
     let mask = match &s.mask {
         None if matches!(role, Role::Labelled | Role::Val | Role::Test) => {
-            return Err(format!(
-                "{}: image has no mask but its role is {role} (which needs ground truth)",
-                s.image.display()
-            ));
+            return Err(Skipped {
+                path: s.image.clone(),
+                reason: format!(
+                    "image has no mask but its role is {role} (which needs ground truth)"
+                ),
+            });
         }
         None => None,
         Some(mp) => {
-            let m = data::load_mask(mp).map_err(|e| e.to_string())?;
+            let m = data::load_mask(mp).map_err(|e| bad(mp, &e))?;
             if (m.width, m.height) != (img.width, img.height) {
-                return Err(data::DataError::MaskSize {
+                let e = data::DataError::MaskSize {
                     path: mp.clone(),
                     mask_w: m.width,
                     mask_h: m.height,
                     image: s.image.clone(),
                     image_w: img.width,
                     image_h: img.height,
-                }
-                .to_string());
+                };
+                return Err(bad(mp, &e));
             }
-            let bytes = fsutil::mask_png_bytes(&m).map_err(|e| e.to_string())?;
+            let bytes = fsutil::mask_png_bytes(&m).map_err(|e| bad(mp, &e))?;
             Some((absolute(mp), bytes, m.foreground()))
         }
     };
@@ -203,6 +222,7 @@ impl Project {
             let line = format!("{}: {}", k.path.display(), k.reason);
             if hidden || opts.skip_unusable {
                 report.notes.push(format!("skipped {line}"));
+                report.skipped.push(k.clone());
             } else {
                 problems.push(line);
             }
@@ -223,7 +243,7 @@ impl Project {
                 ));
             }
         }
-        let checked: Vec<Result<Checked, String>> = ds
+        let checked: Vec<Result<Checked, Skipped>> = ds
             .samples
             .par_iter()
             .map(|s| check_sample(s, roles.get(&s.name).copied().unwrap_or(Role::Unlabelled)))
@@ -232,9 +252,16 @@ impl Project {
         for c in checked {
             match c {
                 Ok(c) => ok.push(c),
-                Err(p) => problems.push(p),
+                Err(k) if opts.skip_unusable => {
+                    report
+                        .notes
+                        .push(format!("skipped {}: {}", k.path.display(), k.reason));
+                    report.skipped.push(k);
+                }
+                Err(k) => problems.push(format!("{}: {}", k.path.display(), k.reason)),
             }
         }
+        report.skipped.sort_by(|a, b| a.path.cmp(&b.path));
         if !problems.is_empty() {
             return Err(StoreError::Import {
                 data: opts.data.clone(),

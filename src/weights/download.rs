@@ -25,6 +25,12 @@ pub enum DownloadEvent {
 
 pub trait DownloadProgress {
     fn event(&mut self, event: &DownloadEvent);
+
+    /// Polled after every chunk: `true` stops the download with [`WeightsError::Cancelled`],
+    /// keeping the part file for a later resume.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Ignores every event.
@@ -277,6 +283,13 @@ fn stream(
         hasher.update(&buf[..n]);
         done += n as u64;
         progress.event(&DownloadEvent::Progress { done });
+        if progress.cancelled() {
+            out.flush().map_err(io_err(part))?;
+            return Err(WeightsError::Cancelled {
+                part: part.to_path_buf(),
+                bytes: done,
+            });
+        }
     }
     out.flush().map_err(io_err(part))?;
     if let Some(r) = remaining.filter(|r| offset + r != done) {

@@ -92,6 +92,8 @@ pub enum WeightsError {
         expected: String,
         actual: String,
     },
+    #[error("download cancelled; the partial file {} ({bytes} bytes) is kept: download again to resume", .part.display())]
+    Cancelled { part: PathBuf, bytes: u64 },
     #[error("{file}: size mismatch: expected {expected} bytes, got {actual}; the download was discarded and no file was written")]
     SizeMismatch {
         file: PathBuf,

@@ -499,7 +499,18 @@ fn new_project_from_a_dataset_folder() {
     loaded(&mut h);
     // what "New project from dataset…" does once the folder dialog answers
     h.state_mut().start_new_project(tmp.path().join("data"));
-    h.run_steps(3);
+    {
+        // the user chooses to keep half of the masks (the default keeps them all)
+        let n = h.state_mut().dialogs_mut().new_project.as_mut().unwrap();
+        n.subsample = true;
+        n.labelled_fraction = 0.5;
+    }
+    wait_for(&mut h, "the scan of the dataset folder", |a| {
+        a.dialogs()
+            .new_project
+            .as_ref()
+            .is_some_and(|n| n.scan_summary().is_some())
+    });
     h.get_by_label("Create").click();
     h.step();
     let created = tmp.path().join("data.medmine");
@@ -511,6 +522,6 @@ fn new_project_from_a_dataset_folder() {
     assert_eq!(status.total, 8);
     assert_eq!(
         status.roles["labelled"], 4,
-        "half of the 8 images keep their labels"
+        "half of the 8 images keep their labels, as chosen"
     );
 }

@@ -12,6 +12,8 @@ mod finetune;
 mod generic_ops;
 mod gradcheck;
 mod gui;
+mod gui_project;
+mod gui_weights;
 mod mining;
 mod sam_batch;
 mod sam_bench;

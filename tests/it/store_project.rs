@@ -156,6 +156,49 @@ fn non_image_file_is_refused_unless_skipped() {
 }
 
 #[test]
+fn unusable_files_are_skipped_with_their_reasons_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_dataset(&data, 3, 3, 8, 8);
+    std::fs::write(data.join("images/fake.png"), b"this is not a PNG").unwrap();
+    std::fs::write(data.join("images/notes.txt"), b"hello").unwrap();
+    data::save_mask_png(&data.join("masks/img_2.png"), &rect_mask(9, 8, 0, 0, 2, 2)).unwrap();
+    let (problems, mut p) = import_error(&data);
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    let mut opts = ImportOptions::new(&data);
+    opts.skip_unusable = true;
+    let r = p.import(&opts).unwrap();
+    assert_eq!(r.imported, 2, "{r:?}");
+    assert_eq!(
+        r.by_role.get(&Role::Labelled),
+        Some(&2),
+        "every mask is labelled"
+    );
+    let skipped: Vec<(String, &str)> = r
+        .skipped
+        .iter()
+        .map(|k| {
+            let name = k.path.strip_prefix(&data).unwrap().display().to_string();
+            (name, k.reason.as_str())
+        })
+        .collect();
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    assert_eq!(skipped[0].0, "images/fake.png");
+    assert!(
+        skipped[0].1.starts_with("cannot decode image"),
+        "{skipped:?}"
+    );
+    assert_eq!(skipped[1].0, "images/notes.txt");
+    assert!(
+        skipped[1].1.contains("unsupported file type"),
+        "{skipped:?}"
+    );
+    assert_eq!(skipped[2].0, "masks/img_2.png");
+    assert!(skipped[2].1.contains("9x8"), "{skipped:?}");
+    assert_eq!(r.notes.len(), 3, "{r:?}");
+}
+
+#[test]
 fn mask_of_another_size_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

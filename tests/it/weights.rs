@@ -13,7 +13,7 @@ use medmine::weights::{self, Download, DownloadEvent, Recorder, WeightsError};
 
 /// How the test server answers.
 #[derive(Clone, Copy)]
-enum Mode {
+pub(crate) enum Mode {
     /// `Range: bytes=N-` gives 206 (or 416 past the end), otherwise 200.
     Normal,
     /// Always 200 with the whole file.
@@ -22,27 +22,30 @@ enum Mode {
     DropAfter(usize),
     /// As `Normal`, with one byte of the file changed.
     Corrupt,
+    /// As `Normal`, the body in `chunk`-byte pieces with a pause of `pause_ms` after each
+    /// (a slow network: the app's cancel test).
+    Slow { chunk: usize, pause_ms: u64 },
 }
 
-struct Server {
+pub(crate) struct Server {
     base: String,
     /// The `Range` header of every request (None: no Range), in order.
     ranges: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 impl Server {
-    fn url(&self, file: &str) -> String {
+    pub(crate) fn url(&self, file: &str) -> String {
         format!("{}/{file}", self.base)
     }
 
-    fn ranges(&self) -> Vec<Option<String>> {
+    pub(crate) fn ranges(&self) -> Vec<Option<String>> {
         self.ranges.lock().unwrap().clone()
     }
 }
 
 /// Serves `body` under every path on an ephemeral port of 127.0.0.1 (one thread, one request
 /// per connection).
-fn serve(body: Vec<u8>, mode: Mode) -> Server {
+pub(crate) fn serve(body: Vec<u8>, mode: Mode) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let ranges = Arc::new(Mutex::new(Vec::new()));
@@ -109,13 +112,21 @@ fn answer(
         Mode::DropAfter(k) => &rest[..k.min(rest.len())],
         _ => rest,
     };
+    if let Mode::Slow { chunk, pause_ms } = mode {
+        for piece in rest.chunks(chunk.max(1)) {
+            stream.write_all(piece)?;
+            stream.flush()?;
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        }
+        return Ok(());
+    }
     stream.write_all(rest)?;
     stream.flush()
     // dropping the stream closes the connection (early, for DropAfter)
 }
 
 /// A deterministic, incompressible-looking file of `n` bytes.
-fn file_bytes(n: usize) -> Vec<u8> {
+pub(crate) fn file_bytes(n: usize) -> Vec<u8> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..n)
         .map(|_| {
@@ -127,7 +138,7 @@ fn file_bytes(n: usize) -> Vec<u8> {
         .collect()
 }
 
-fn sha(bytes: &[u8]) -> String {
+pub(crate) fn sha(bytes: &[u8]) -> String {
     medmine::fsutil::sha256_hex(bytes)
 }
 
