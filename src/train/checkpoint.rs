@@ -33,6 +33,9 @@ pub enum CheckpointError {
         base: usize,
         problem: String,
     },
+    /// Not a U-Net++ checkpoint of medmine (what it looks like instead).
+    #[error("{}: {what}", path.display())]
+    NotUnet { path: PathBuf, what: String },
     #[error(
         "{}: tensor {tensor} holds {count} NaN or infinite values; the checkpoint cannot be \
          used (a diverged run? train again, or use an earlier checkpoint)",
@@ -234,7 +237,13 @@ pub fn fresh_checkpoint(
 
 pub fn load_meta(weights: &Path) -> Result<CheckpointMeta, CheckpointError> {
     let path = sidecar_path(weights);
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(explain_missing_sidecar(weights, &path, e))
+        }
+        Err(e) => return Err(io(&path)(e)),
+    };
     let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| CheckpointError::Meta {
         path: path.clone(),
         message: e.to_string(),
@@ -246,6 +255,45 @@ pub fn load_meta(weights: &Path) -> Result<CheckpointMeta, CheckpointError> {
         });
     }
     Ok(meta)
+}
+
+/// Why a checkpoint has no sidecar: the weights file is missing, empty, a SAM checkpoint or
+/// some other file.
+fn explain_missing_sidecar(weights: &Path, sidecar: &Path, e: std::io::Error) -> CheckpointError {
+    let not_unet = |what: String| CheckpointError::NotUnet {
+        path: weights.to_path_buf(),
+        what,
+    };
+    let bytes = match std::fs::read(weights) {
+        Ok(b) => b,
+        Err(e) => return io(weights)(e),
+    };
+    if bytes.is_empty() {
+        return not_unet("empty file (0 bytes), not a U-Net++ checkpoint".into());
+    }
+    let names: Vec<String> = match safetensors::SafeTensors::read_metadata(&bytes) {
+        Ok((_, meta)) => meta.tensors().into_keys().collect(),
+        Err(_) => Vec::new(),
+    };
+    let sam_like = |n: &str| n.contains("image_encoder") || n.contains("mask_decoder");
+    let looks_sam = if names.is_empty() {
+        // a PyTorch .pth (zip) of SAM names its tensors in the archive's pickle
+        bytes.windows(13).any(|w| w == b"image_encoder")
+    } else {
+        names.iter().any(|n| sam_like(n))
+    };
+    if looks_sam {
+        return not_unet(
+            "this is a SAM checkpoint; this command needs a U-Net++ checkpoint (a \
+             .safetensors written by `medmine train` or `finetune`, with its .json beside it)"
+                .into(),
+        );
+    }
+    not_unet(format!(
+        "not a medmine U-Net++ checkpoint: its sidecar {} is missing ({e}); `medmine train` \
+         writes both files",
+        sidecar.display()
+    ))
 }
 
 /// Copies the tensors of `path` into `map`, which must hold exactly the same names and
@@ -315,6 +363,38 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, Checkpoin
 mod tests {
     use super::*;
     use crate::models::unetpp::InferenceMode;
+
+    #[test]
+    fn other_files_say_what_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let empty = dir.path().join("empty.safetensors");
+        std::fs::write(&empty, b"").unwrap();
+        let Err(e) = load_model(&empty, &dev) else {
+            panic!("loaded an empty file")
+        };
+        assert!(e.to_string().contains("empty file (0 bytes)"), "{e}");
+        let sam = dir.path().join("sam.safetensors");
+        let t = HashMap::from([(
+            "image_encoder.neck.0.weight".to_string(),
+            Tensor::zeros((2, 2), DType::F32, &dev).unwrap(),
+        )]);
+        candle_core::safetensors::save(&t, &sam).unwrap();
+        let Err(e) = load_model(&sam, &dev) else {
+            panic!("loaded a SAM checkpoint")
+        };
+        assert!(e.to_string().contains("this is a SAM checkpoint"), "{e}");
+        let other = dir.path().join("random.bin");
+        std::fs::write(&other, b"not a checkpoint at all").unwrap();
+        let Err(e) = load_model(&other, &dev) else {
+            panic!("loaded random bytes")
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("random.bin") && e.contains("not a medmine U-Net++"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn non_finite_weights_are_refused_at_load() {
