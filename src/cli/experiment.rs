@@ -67,10 +67,10 @@ pub struct ExperimentArgs {
     #[arg(long, default_value_t = 1e-4)]
     finetune_lr: f64,
     /// Loss weight of accepted pseudo-labels in fine-tuning, in [0, 1].
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = super::unit_f32)]
     pseudo_weight: f32,
     /// Pseudo-labels with a quality score at least this are accepted automatically.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = super::unit_f64)]
     accept_threshold: f64,
     /// box | points | box+points | box+points+mask (SAM labeler).
     #[arg(long, default_value = "box+points")]

@@ -28,7 +28,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
     /// Loss weight of accepted / edited pseudo-labels, in [0, 1] (ground truth weighs 1).
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = super::unit_f32)]
     pseudo_weight: f32,
     /// Early stopping patience in epochs (0 = off).
     #[arg(long, default_value_t = 5)]

@@ -43,10 +43,10 @@ pub struct MineArgs {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Stop refining when two successive masks have at least this IoU.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, value_parser = super::unit_f64)]
     stop_iou: f64,
     /// Foreground threshold of the U-Net++ probability.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = super::unit_f32)]
     threshold: f32,
     /// Components with fewer pixels are not prompted (nor kept by self-training).
     #[arg(long, default_value_t = 25)]
@@ -56,7 +56,7 @@ pub struct MineArgs {
     multimask: bool,
     /// Accept the images mined now whose quality score (SAM IoU x stability x agreement x
     /// 1/(1 + |component count change|)) is at least S.
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", value_parser = super::unit_f64)]
     auto_accept: Option<f64>,
     /// Which pending or rejected images with a pseudo-label are mined again: changed (made by
     /// another U-Net++ checkpoint or labeler, by content hash), all, or none. Accepted and

@@ -136,6 +136,20 @@ const RUN_FILES: [&str; 5] = [
     "metrics.jsonl",
 ];
 
+/// A command-line value in `[0, 1]` (thresholds, scores, weights); NaN is refused.
+pub(crate) fn unit_f64(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("`{s}` is not a number in [0, 1]"));
+    }
+    Ok(v)
+}
+
+/// As [`unit_f64`], for `f32` options.
+pub(crate) fn unit_f32(s: &str) -> std::result::Result<f32, String> {
+    unit_f64(s).map(|v| v as f32)
+}
+
 /// The network's input size and width, checked before anything is allocated.
 pub(crate) fn check_size_base(size: usize, base: usize) -> Result<()> {
     if !(16..=2048).contains(&size) || !size.is_multiple_of(16) {

@@ -145,7 +145,7 @@ pub struct ReviewArgs {
     images: Vec<String>,
     /// accept only: every pending image whose pseudo-label quality
     /// (sam_iou × stability × agreement × 1/(1 + |component count change|)) is at least this.
-    #[arg(long)]
+    #[arg(long, value_parser = super::unit_f64)]
     min_score: Option<f64>,
     /// Reviewer name (default: $USER).
     #[arg(long)]

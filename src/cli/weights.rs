@@ -118,6 +118,12 @@ fn targets(
 }
 
 fn verify(names: &[String], dir: &Path, sha256: Option<String>) -> Result<()> {
+    if !dir.is_dir() {
+        bail!(
+            "{}: no such folder (give the folder that holds the checkpoints with --dir)",
+            dir.display()
+        );
+    }
     let explicit = !names.is_empty();
     let mut failed = Vec::new();
     for (name, file, expected) in targets(names, sha256)? {

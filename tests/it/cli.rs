@@ -494,3 +494,64 @@ fn segment_refuses_a_lossy_mask_file() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn numbers_and_prompts_are_checked_in_the_options_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = common::root().join("tests/fixtures/sam");
+    let fails_with = |args: &[&str], want: &str| {
+        let o = medmine(args);
+        let (_, err) = text(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    fails_with(
+        &["review", s(tmp.path()), "accept", "--min-score", "NaN"],
+        "not a number in [0, 1]",
+    );
+    fails_with(
+        &[
+            "mine",
+            s(tmp.path()),
+            "--labeler",
+            "unet",
+            "--threshold",
+            "1.5",
+        ],
+        "not a number in [0, 1]",
+    );
+    let out = tmp.path().join("m.png");
+    let (sam, image) = (fx.join("sam_tiny.pth"), fx.join("image.png"));
+    let seg = |prompt: &[&str]| {
+        let mut v = vec![
+            "segment",
+            "--sam",
+            s(&sam),
+            "--image",
+            s(&image),
+            "--out",
+            s(&out),
+        ];
+        v.extend_from_slice(prompt);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let call = |v: Vec<String>, want: &str| {
+        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
+        fails_with(&refs, want);
+    };
+    // the fixture image is 160 x 136
+    call(
+        seg(&["--box", "10,10,400,60"]),
+        "lies outside the 160x136 image",
+    );
+    call(
+        seg(&["--point", "-5,20,1"]),
+        "lies outside the 160x136 image",
+    );
+    call(seg(&["--point", "NaN,20,1"]), "not a finite number");
+    assert!(!out.exists());
+    fails_with(
+        &["weights", "verify", "--dir", s(&tmp.path().join("nowhere"))],
+        "nowhere: no such folder",
+    );
+}

@@ -68,6 +68,11 @@ fn parse_floats(s: &str, n: usize, what: &str) -> Result<Vec<f32>> {
         .map(|t| t.trim().parse::<f32>())
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| SamError::Prompt(format!("{what}: `{s}`: {e}")))?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(SamError::Prompt(format!(
+            "{what}: `{s}` is not a finite number"
+        )));
+    }
     if v.len() != n || v.iter().any(|x| !x.is_finite()) {
         return Err(SamError::Prompt(format!(
             "{what}: `{s}` is not {n} comma-separated numbers"
@@ -88,6 +93,23 @@ pub fn segment(req: &SegmentRequest, device: &Device) -> Result<SegmentReport> {
     let predictor = SamPredictor::new(sam);
     // every format the data layer reads (DICOM, 16-bit), decoded as mining decodes it
     let image = crate::data::load_rgb8(&req.image)?;
+    // prompts are in the image's pixels: one outside it is a mistake, not a prompt
+    let (w, h) = (image.width() as f32, image.height() as f32);
+    let inside = |x: f32, y: f32| (0.0..=w).contains(&x) && (0.0..=h).contains(&y);
+    if let Some([x0, y0, x1, y1]) = req.bbox {
+        if !inside(x0, y0) || !inside(x1, y1) {
+            return Err(SamError::Prompt(format!(
+                "--box {x0},{y0},{x1},{y1} lies outside the {w}x{h} image {}",
+                req.image.display()
+            )));
+        }
+    }
+    if let Some((x, y, _)) = req.points.iter().find(|(x, y, _)| !inside(*x, *y)) {
+        return Err(SamError::Prompt(format!(
+            "--point {x},{y} lies outside the {w}x{h} image {}",
+            req.image.display()
+        )));
+    }
     let mask_input = match &req.mask_input {
         Some(p) => {
             let t = Tensor::read_npy(p).map_err(|e| file_err(p, e))?;
