@@ -3,6 +3,7 @@
 //! runs the gradient check, the overfit test and both SAM parity suites with
 //! `MEDMINE_OPS=generic` (see `.ci/run`).
 use crate::common;
+use crate::common::sam_fixture::max_abs_diff;
 use crate::train::{cfg, run};
 
 use std::sync::atomic::AtomicBool;
@@ -13,19 +14,6 @@ use medmine::models::unetpp::{Config, InferenceMode, SeededInit};
 use medmine::ops;
 use medmine::progress::Recorder;
 use medmine::train;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 #[test]
 fn unetpp_inference_generic_matches_fast() {
