@@ -125,7 +125,7 @@ fn finetune_a_project_end_to_end() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("pseudo-label weight -0.5 is not in [0, 1]"),
+        err.contains("'-0.5' for '--pseudo-weight") && err.contains("not a number in [0, 1]"),
         "{err}"
     );
     assert!(Project::open(&proj).unwrap().runs().unwrap().is_empty());
