@@ -7,9 +7,11 @@ pub mod canvas;
 pub mod edit;
 mod events;
 mod intents;
+pub mod mining_panel;
 mod model_thread;
 pub mod overlay;
 pub mod panels;
+pub mod scheduler;
 pub mod training;
 pub mod worker;
 

@@ -401,18 +401,20 @@ impl App {
             {
                 self.intents.push(Intent::Precompute);
             }
-            let can_mine = self.sam.is_some() && self.model.is_some() && !self.training.running();
+            let can_mine = self.model.is_some() && !self.training.running();
             if ui
-                .add_enabled(can_mine, egui::Button::new("Mine"))
+                .add_enabled(can_mine, egui::Button::new("Mine…"))
                 .on_hover_text(
-                    "Predict the unlabelled images, prompt SAM, store pseudo-labels for review",
+                    "Predict the unlabelled images and store pseudo-labels for review \
+                     (SAM or self-training)",
                 )
-                .on_disabled_hover_text("Needs a U-Net++ model and a SAM checkpoint")
+                .on_disabled_hover_text("Needs a U-Net++ model")
                 .clicked()
             {
-                self.intents.push(Intent::Mine);
+                self.mining.dialog_open = true;
             }
         });
+        self.mining_summary_ui(ui);
         self.training_panel_ui(ui);
     }
 

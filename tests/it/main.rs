@@ -11,6 +11,7 @@ mod experiment;
 mod finetune;
 mod gradcheck;
 mod gui;
+mod gui_thread;
 mod mining;
 mod sam_batch;
 mod sam_bench;
