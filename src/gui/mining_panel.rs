@@ -58,6 +58,11 @@ impl App {
         &mut self.mining
     }
 
+    /// The newest pseudo-label of the image on the canvas (as last loaded from the store).
+    pub fn pseudo_label(&self) -> Option<&crate::data::Mask> {
+        self.current.as_ref().and_then(|c| c.image.pseudo.as_ref())
+    }
+
     /// Sends one mining pass with the current settings to the model thread.
     pub(super) fn mine(&mut self, ctx: &egui::Context) {
         let (Some(project), Some(unet)) = (self.project.clone(), self.model.clone()) else {
