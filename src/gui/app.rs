@@ -166,6 +166,7 @@ pub struct App {
     /// Store commands sent and not yet confirmed (the badge waits for the store).
     pub(super) saving: usize,
     pub(super) training: Training,
+    pub(super) mining: super::mining_panel::MiningSettings,
     pub(super) model: Option<PathBuf>,
     pub(super) model_dice: Option<f64>,
     pub(super) sam: Option<(PathBuf, String)>,
@@ -228,6 +229,7 @@ impl App {
             toasts: Vec::new(),
             saving: 0,
             training: Training::default(),
+            mining: Default::default(),
             model: None,
             model_dice: None,
             sam: None,
@@ -562,6 +564,7 @@ impl App {
             .show(ui, |ui| self.inspector_ui(ui));
         egui::CentralPanel::default().show(ui, |ui| self.canvas_area_ui(ui));
         self.training_window_ui(&ctx);
+        self.mining_window_ui(&ctx);
         self.help_ui(&ctx);
         self.dialogs_ui(&ctx);
         self.toasts_ui(&ctx);

@@ -1,7 +1,7 @@
 //! Events from the worker threads, applied to the app state at the start of a frame.
-use super::app::{App, Current, Intent};
+use super::app::{App, Current};
 use super::overlay::{CanvasData, LAYER_GT, LAYER_PROB, LAYER_PSEUDO};
-use super::worker::{Event, ModelCommand, StoreCommand};
+use super::worker::{Event, JobOutcome, ModelCommand, StoreCommand};
 use crate::store::ReviewState;
 
 impl App {
@@ -23,9 +23,13 @@ impl App {
                 self.thumbs_requested.clear();
                 self.current = None;
                 self.selected = None;
-                if let Some(m) = model {
-                    self.intents.push(Intent::LoadUnet(m));
-                }
+                // models and results belong to the project: the new one's own, or none
+                self.model = None;
+                self.model_dice = None;
+                self.training.result = None;
+                self.mining.last = None;
+                let root = self.project.clone().unwrap_or_default();
+                self.send_model(ModelCommand::SetProject { root, model });
                 self.next_pending();
                 if self.selected.is_none() {
                     self.step(0);
@@ -105,7 +109,15 @@ impl App {
                 self.prefs.sam_checkpoint = Some(path.clone());
                 self.sam = Some((path, variant));
             }
-            Event::UnetLoaded { path, dice, .. } => {
+            Event::UnetLoaded {
+                project,
+                path,
+                dice,
+                ..
+            } => {
+                if project != self.project {
+                    return; // loaded for the project open before
+                }
                 self.model = Some(path);
                 self.model_dice = dice;
                 if let Some(cur) = &self.current {
@@ -151,9 +163,29 @@ impl App {
             Event::JobStarted { what } => self.training.started(&what),
             Event::JobProgress { done, total } => self.training.progress(done, total),
             Event::Train(ev) => self.training.train_event(&ev),
-            Event::FinetuneDone(r) => self.training.finished(r),
-            Event::JobDone { what, message } => {
-                let failed = message.starts_with("failed");
+            Event::FinetuneDone(r) => {
+                if self.project.as_ref() == Some(&r.project) {
+                    self.training.finished(r);
+                }
+            }
+            Event::Mined { project, summary } => self.mined(&project, *summary),
+            Event::ModelThreadRestarted => {
+                // the thread lost its models: load them again
+                self.training.job = None;
+                if let Some(root) = self.project.clone() {
+                    let model = self.model.take();
+                    self.send_model(ModelCommand::SetProject { root, model });
+                }
+                if let Some((sam, _)) = self.sam.take() {
+                    self.send_model(ModelCommand::LoadSam(sam));
+                }
+            }
+            Event::JobDone {
+                what,
+                outcome,
+                message,
+            } => {
+                let failed = outcome == JobOutcome::Failed;
                 self.training.done(&message);
                 self.toast(ctx, format!("{what}: {message}"), failed);
                 self.send_store(StoreCommand::Refresh);

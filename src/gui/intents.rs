@@ -100,21 +100,7 @@ impl App {
                     self.send_model(ModelCommand::Finetune(job));
                 }
             }
-            Intent::Mine => match (&self.project, &self.sam, &self.model) {
-                (Some(p), Some((sam, _)), Some(unet)) => {
-                    self.send_model(ModelCommand::Mine {
-                        project: p.clone(),
-                        sam: sam.clone(),
-                        unet: unet.clone(),
-                        cfg: Box::default(),
-                    });
-                }
-                _ => self.toast(
-                    ctx,
-                    "mining needs a U-Net++ model and a SAM checkpoint",
-                    true,
-                ),
-            },
+            Intent::Mine => self.mine(ctx),
             Intent::Precompute => {
                 if let (Some(project), true) = (self.project.clone(), self.sam.is_some()) {
                     let paths = self.rows.iter().map(|r| r.path.clone()).collect();

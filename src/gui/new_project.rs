@@ -360,7 +360,7 @@ impl NewProject {
                 }
             }
             if busy {
-                ui.spinner();
+                super::panels::spinner_ui(ui, None, "importing");
                 ui.label("importing (every image and mask is decoded and checked)…");
             }
         });
@@ -374,7 +374,7 @@ impl NewProject {
         match task.done() {
             None => {
                 ui.horizontal(|ui| {
-                    ui.spinner();
+                    super::panels::spinner_ui(ui, None, "scanning");
                     ui.label("looking at the folder…");
                 });
             }

@@ -22,6 +22,16 @@ pub fn badge(role: Role, state: ReviewState, has_pseudo: bool) -> (&'static str,
     }
 }
 
+/// A spinner with an accessible name (screen readers, and the accessibility check of the UI
+/// tests, which an unnamed spinner fails whenever it happens to be on screen).
+pub fn spinner_ui(ui: &mut egui::Ui, size: Option<f32>, name: &str) -> egui::Response {
+    let size = size.unwrap_or(ui.style().spacing.interact_size.y);
+    let (rect, response) = ui.allocate_exact_size(egui::vec2(size, size), egui::Sense::hover());
+    response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::ProgressIndicator, true, name));
+    egui::Spinner::new().paint_at(ui, rect);
+    response
+}
+
 pub const SHORTCUTS: &[(&str, &str)] = &[
     ("A / R", "accept / reject (saved before the badge changes)"),
     ("Right J / Left K", "next / previous image"),
@@ -104,7 +114,7 @@ impl App {
                                 ui.add(egui::Image::new(t).fit_to_exact_size(egui::vec2(48., 48.)));
                             }
                             None => {
-                                ui.add_sized([48., 48.], egui::Spinner::new());
+                                spinner_ui(ui, Some(48.), "loading the thumbnail");
                             }
                         }
                         ui.vertical(|ui| {
@@ -152,7 +162,7 @@ impl App {
             ui.label(&cur.image.name);
             ui.label(RichText::new(text).color(color).strong());
             if self.saving > 0 {
-                ui.spinner().on_hover_text("saving to the project store");
+                spinner_ui(ui, None, "saving").on_hover_text("saving to the project store");
             }
         });
         ui.horizontal_wrapped(|ui| {
@@ -225,7 +235,7 @@ impl App {
                 self.intents.push(Intent::ClearClicks);
             }
             if self.sam_pending {
-                ui.spinner();
+                spinner_ui(ui, None, "SAM is working");
                 ui.label("SAM…").on_hover_text(
                     "SAM is answering the click (the first click on an image also encodes it)",
                 );
@@ -424,18 +434,20 @@ impl App {
             {
                 self.intents.push(Intent::Precompute);
             }
-            let can_mine = self.sam.is_some() && self.model.is_some() && !self.training.running();
+            let can_mine = self.model.is_some() && !self.training.running();
             if ui
-                .add_enabled(can_mine, egui::Button::new("Mine"))
+                .add_enabled(can_mine, egui::Button::new("Mine…"))
                 .on_hover_text(
-                    "Predict the unlabelled images, prompt SAM, store pseudo-labels for review",
+                    "Predict the unlabelled images and store pseudo-labels for review \
+                     (SAM or self-training)",
                 )
-                .on_disabled_hover_text("Needs a U-Net++ model and a SAM checkpoint")
+                .on_disabled_hover_text("Needs a U-Net++ model")
                 .clicked()
             {
-                self.intents.push(Intent::Mine);
+                self.mining.dialog_open = true;
             }
         });
+        self.mining_summary_ui(ui);
         self.training_panel_ui(ui);
     }
 

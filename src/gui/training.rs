@@ -226,14 +226,20 @@ impl App {
                 {
                     self.intents.push(Intent::LoadUnet(r.best.clone()));
                 }
-                let can_mine = self.sam.is_some();
+                let can_mine =
+                    self.sam.is_some() || self.mining.labeler != crate::mining::LabelerKind::Sam;
                 if ui
                     .add_enabled(
                         can_mine,
                         egui::Button::new("Mine next round with this model"),
                     )
-                    .on_hover_text("Load the new model, then mine the unlabelled images with SAM")
-                    .on_disabled_hover_text("Load a SAM checkpoint first")
+                    .on_hover_text(
+                        "Load the new model, then mine the unlabelled images with it (pending \
+                         and rejected ones again; the labeler of the Mining dialog)",
+                    )
+                    .on_disabled_hover_text(
+                        "Load a SAM checkpoint first, or choose self-training in Mine…",
+                    )
                     .clicked()
                 {
                     self.model = Some(r.best.clone());

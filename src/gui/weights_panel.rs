@@ -471,7 +471,7 @@ impl WeightsManager {
                 }
                 RowState::Verifying => {
                     ui.horizontal(|ui| {
-                        ui.spinner();
+                        super::panels::spinner_ui(ui, None, "verifying");
                         ui.label("computing the SHA-256…");
                     });
                 }

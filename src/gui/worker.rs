@@ -5,7 +5,10 @@
 //!   layers, reviews and edits (durable before their event is sent);
 //! - the **model** thread (`model_thread.rs`) owns the device and the models (SAM, U-Net++):
 //!   SAM clicks on cached embeddings, probability maps, and the long jobs (fine-tuning,
-//!   mining) with a shared cancel flag checked every batch/image;
+//!   mining) with a shared cancel flag checked every batch/image; what runs next is decided
+//!   by `scheduler.rs` (clicks first, stale prefetches dropped, nothing else ever dropped);
+//!   every job ends with exactly one [`Event::JobDone`]; a dead model thread is reported
+//!   ([`Event::ModelThreadRestarted`]) and restarted;
 //! - the **thumbnail** thread decodes small previews.
 //!
 //! A panic inside a command becomes an [`Event::Error`]; the thread keeps serving.
@@ -20,7 +23,7 @@ use candle_core::Device;
 
 use crate::data::{self, Mask};
 use crate::mining::finetune::FinetuneConfig;
-use crate::mining::MiningConfig;
+use crate::mining::{LabelerKind, MiningConfig, MiningSummary};
 use crate::progress::TrainEvent;
 use crate::store::{Actor, Project, PseudoLabel, ReviewState, Role};
 use crate::train::TrainStatus;
@@ -102,6 +105,12 @@ pub struct ClickPrompt {
 pub enum ModelCommand {
     LoadSam(PathBuf),
     LoadUnet(PathBuf),
+    /// A project was opened: drop the previous project's U-Net++ and SAM embedding cache, and
+    /// load the project's own model (`model`, if it has one).
+    SetProject {
+        root: PathBuf,
+        model: Option<PathBuf>,
+    },
     /// Encode an image ahead of the first click (cached in memory and in the project).
     Embed {
         project: PathBuf,
@@ -126,12 +135,45 @@ pub enum ModelCommand {
         project: PathBuf,
         paths: Vec<PathBuf>,
     },
+    /// One mining pass ([`crate::mining::mine_project`]); `sam` is needed by the SAM labeler
+    /// only.
     Mine {
         project: PathBuf,
-        sam: PathBuf,
+        labeler: LabelerKind,
+        sam: Option<PathBuf>,
         unet: PathBuf,
         cfg: Box<MiningConfig>,
     },
+    /// Any other background job, run like the built-in ones (one at a time, with the cancel
+    /// flag, yielding nothing, ending with exactly one [`Event::JobDone`]).
+    Job(CustomJob),
+}
+
+/// What a [`CustomJob`] gets: the cancel flag and a progress sink.
+pub struct JobContext<'a> {
+    pub cancel: &'a AtomicBool,
+    pub progress: &'a mut dyn FnMut(usize, usize),
+}
+
+/// A job given as a function: `Ok(message)` ends it as done; an error or a panic as failed.
+pub struct CustomJob {
+    pub what: String,
+    #[allow(clippy::type_complexity)]
+    pub run: Box<dyn FnOnce(&mut JobContext<'_>) -> Result<String> + Send>,
+}
+
+impl std::fmt::Debug for CustomJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({})", self.what)
+    }
+}
+
+/// How a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    Done,
+    Cancelled,
+    Failed,
 }
 
 /// A fine-tuning request from the training panel.
@@ -148,6 +190,8 @@ pub struct FinetuneJob {
 /// What a finished fine-tuning round reports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FinetuneResult {
+    /// The project it was trained for.
+    pub project: PathBuf,
     pub best: PathBuf,
     pub status: TrainStatus,
     pub new_dice: Option<f64>,
@@ -187,7 +231,9 @@ pub enum Event {
         path: PathBuf,
         variant: String,
     },
+    /// A U-Net++ is loaded, for `project` (the project the model thread had then).
     UnetLoaded {
+        project: Option<PathBuf>,
         path: PathBuf,
         size: usize,
         dice: Option<f64>,
@@ -216,10 +262,19 @@ pub enum Event {
     },
     Train(TrainEvent),
     FinetuneDone(FinetuneResult),
+    /// A mining pass ended (also when cancelled); sent before its [`Event::JobDone`].
+    Mined {
+        project: PathBuf,
+        summary: Box<MiningSummary>,
+    },
+    /// The one terminal event of every job, whatever happened (a guard sends it on panic).
     JobDone {
         what: String,
+        outcome: JobOutcome,
         message: String,
     },
+    /// The model thread crashed outside any job and was restarted: no model is loaded.
+    ModelThreadRestarted,
     Error {
         context: String,
         message: String,
@@ -279,11 +334,7 @@ pub(super) fn guarded(out: &Outbox, context: &str, f: impl FnOnce() -> Result<()
         Ok(Ok(())) => {}
         Ok(Err(e)) => out.error(context, &e),
         Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let msg = super::scheduler::panic_message(p.as_ref());
             out.error(context, &anyhow!("crashed: {msg}"));
         }
     }
@@ -309,7 +360,7 @@ impl Workers {
         let (o, c) = (out.clone(), cancel.clone());
         std::thread::Builder::new()
             .name("medmine-model".into())
-            .spawn(move || super::model_thread::ModelThread::new(device, o, c).run(model_rx))
+            .spawn(move || super::model_thread::thread_main(device, o, c, model_rx))
             .expect("spawn the model thread");
         std::thread::Builder::new()
             .name("medmine-thumbnails".into())

@@ -91,9 +91,17 @@ fn erode(m: &Mask, r: usize) -> Mask {
 }
 
 fn app_harness(project: &Path, sam: Option<PathBuf>) -> Harness<'static, App> {
+    app_harness_sized(project, sam, [1200.0, 800.0])
+}
+
+fn app_harness_sized(
+    project: &Path,
+    sam: Option<PathBuf>,
+    size: [f32; 2],
+) -> Harness<'static, App> {
     let project = project.to_path_buf();
     Harness::builder()
-        .with_size([1200.0, 800.0])
+        .with_size(size)
         .wgpu()
         .build_eframe(move |cc| {
             App::new(
@@ -524,4 +532,60 @@ fn new_project_from_a_dataset_folder() {
         status.roles["labelled"], 4,
         "half of the 8 images keep their labels, as chosen"
     );
+}
+
+#[test]
+fn mine_next_round_from_the_app_with_self_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    // tall enough that the inspector shows the fine-tuning result's buttons
+    let mut h = app_harness_sized(&root, None, [1200.0, 1500.0]);
+    let shown = loaded(&mut h);
+    {
+        let t = h.state_mut().training_mut();
+        t.epochs = 1;
+        t.size = 32;
+        t.base = 4;
+    }
+    h.get_by_label("Start fine-tuning…").click();
+    h.step();
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    wait_for(&mut h, "a fine-tuned model", |a| {
+        a.training().result.is_some() && !a.training().running()
+    });
+    // no SAM checkpoint: the Mining dialog's labeler is self-training
+    h.state_mut().mining_mut().labeler = medmine::mining::LabelerKind::Unet;
+    h.step();
+    let best = h.state().training().result.clone().unwrap().best;
+    h.get_by_label("Mine next round with this model").click();
+    h.step();
+    wait_for(&mut h, "the mining pass's counts", |a| {
+        a.mining().last.is_some() && !a.training().running()
+    });
+    let s = h.state().mining().last.clone().unwrap();
+    assert_eq!(h.state().model(), Some(&best));
+    // the 4 unlabelled images had pseudo-labels from no recorded model: all mined again
+    assert_eq!(s.mined.len() + s.no_component.len(), 4, "{s:?}");
+    assert!(s.failed.is_empty(), "{s:?}");
+    assert!(h.state().toasts().any(|t| t.starts_with("mining: mined")));
+    let p = Project::open(&root).unwrap();
+    let hash = medmine::fsutil::sha256_file(&best).unwrap();
+    for name in &s.mined {
+        let newest = p.latest_pseudo_label(name).unwrap().unwrap();
+        assert_eq!(newest.unet_hash.as_deref(), Some(hash.as_str()), "{name}");
+        assert_eq!(newest.labeler.as_deref(), Some("unet"));
+    }
+    // the canvas shows the image again, reloaded with its new pseudo-label
+    wait_for(&mut h, "the canvas to reload", |a| {
+        a.current_image() == Some(shown.as_str())
+    });
+    if s.mined.contains(&shown) {
+        let newest = p.latest_pseudo_label(&shown).unwrap().unwrap();
+        let mask = data::load_mask(&p.masks_dir().join(&newest.mask_file)).unwrap();
+        wait_for(&mut h, "the new pseudo-label on the canvas", |a| {
+            a.pseudo_label() == Some(&mask)
+        });
+    }
 }

@@ -35,7 +35,7 @@ fn snapshot(p: &Path) -> BTreeMap<String, (Vec<PseudoLabel>, ReviewState)> {
 }
 
 /// A barely trained U-Net++ on half the demo's training images: `RUN/best.safetensors`.
-fn tiny_unet(run: &Path) -> PathBuf {
+pub(crate) fn tiny_unet(run: &Path) -> PathBuf {
     let demo = root().join("assets/demo");
     ok(&[
         "train",
@@ -64,7 +64,7 @@ fn tiny_unet(run: &Path) -> PathBuf {
 }
 
 /// The demo as a project: half of the 18 training images unlabelled.
-fn demo_project(proj: &Path) {
+pub(crate) fn demo_project(proj: &Path) {
     let demo = root().join("assets/demo");
     ok(&["project", "init", s(proj)]);
     ok(&[
