@@ -158,6 +158,12 @@ pub struct App {
     pub(super) sam_object: Option<SamObject>,
     /// A SAM click is on its way (the image may be being encoded): the spinner.
     pub(super) sam_pending: bool,
+    /// The demo project's folder (its first open trains and mines, see `first_run`).
+    pub(super) demo_root: Option<PathBuf>,
+    /// The compute device (a copy of the model thread's, for jobs built here).
+    pub(super) device: candle_core::Device,
+    /// Show the first-steps hint.
+    pub(super) first_steps: bool,
     pub(super) sam_seq: u64,
     pub(super) compare: Compare,
     pub(super) swipe: f32,
@@ -202,7 +208,7 @@ impl App {
             .storage
             .and_then(|s| eframe::get_value(s, PREFS_KEY))
             .unwrap_or_default();
-        let workers = Workers::spawn(&cc.egui_ctx, device);
+        let workers = Workers::spawn(&cc.egui_ctx, device.clone());
         let dialogs = super::dialogs::Dialogs::new(prefs.weights_dir.as_deref());
         let mut app = App {
             workers,
@@ -222,6 +228,9 @@ impl App {
             clicks: ClickPrompt::default(),
             sam_object: None,
             sam_pending: false,
+            demo_root: startup.demo.as_ref().map(|(p, _)| p.clone()),
+            device,
+            first_steps: false,
             sam_seq: 0,
             compare: Compare::Off,
             swipe: 0.5,
@@ -282,11 +291,12 @@ impl App {
         self.rows.iter().find(|r| r.name == image).map(|r| r.state)
     }
 
-    /// The current edit mask of the canvas.
     /// Whether a SAM click is waiting for its answer (the spinner shows).
     pub fn sam_pending(&self) -> bool {
         self.sam_pending
     }
+
+    /// The current edit mask of the canvas.
 
     pub fn draft(&self) -> Option<&Mask> {
         self.current.as_ref().and_then(|c| c.draft.as_ref())
@@ -311,6 +321,16 @@ impl App {
 
     pub fn sam_loaded(&self) -> bool {
         self.sam.is_some()
+    }
+
+    /// Images with a pseudo-label, as the list shows them.
+    pub fn pseudo_labelled(&self) -> usize {
+        self.rows.iter().filter(|r| r.pseudo_label).count()
+    }
+
+    /// Whether the first-steps hint is shown.
+    pub fn first_steps_shown(&self) -> bool {
+        self.first_steps
     }
 
     pub fn model(&self) -> Option<&PathBuf> {
@@ -554,6 +574,16 @@ impl App {
         self.toasts.retain(|t| t.until > now);
 
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar_ui(ui));
+        if self.first_steps {
+            egui::Panel::bottom("first steps").show(ui, |ui| {
+                ui.horizontal_wrapped(|ui| {
+                    ui.label(super::first_run::FIRST_STEPS);
+                    if ui.button("Hide").clicked() {
+                        self.first_steps = false;
+                    }
+                });
+            });
+        }
         egui::Panel::left("images")
             .resizable(true)
             .default_size(230.0)

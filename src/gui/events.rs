@@ -29,7 +29,21 @@ impl App {
                 self.training.result = None;
                 self.mining.last = None;
                 let root = self.project.clone().unwrap_or_default();
-                self.send_model(ModelCommand::SetProject { root, model });
+                // the demo's first open: nothing to review yet, so make the first round here
+                let first_run = self.demo_root.as_ref() == Some(&root)
+                    && model.is_none()
+                    && !self.rows.iter().any(|r| r.pseudo_label);
+                self.send_model(ModelCommand::SetProject {
+                    root: root.clone(),
+                    model,
+                });
+                if first_run {
+                    self.first_steps = true;
+                    self.send_model(ModelCommand::Job(super::first_run::first_run_job(
+                        root,
+                        self.device.clone(),
+                    )));
+                }
                 self.next_pending();
                 if self.selected.is_none() {
                     self.step(0);
@@ -188,7 +202,14 @@ impl App {
                 let failed = outcome == JobOutcome::Failed;
                 self.training.done(&message);
                 self.toast(ctx, format!("{what}: {message}"), failed);
-                self.send_store(StoreCommand::Refresh);
+                if what == super::first_run::FIRST_RUN && outcome == JobOutcome::Done {
+                    // reopen: the list gets the pseudo-labels, the model thread the new model
+                    if let Some(root) = self.project.clone() {
+                        self.send_store(StoreCommand::Open(root));
+                    }
+                } else {
+                    self.send_store(StoreCommand::Refresh);
+                }
             }
             Event::Error { context, message } => {
                 self.sam_pending = false;

@@ -7,6 +7,7 @@ pub mod canvas;
 pub mod dialogs;
 pub mod edit;
 mod events;
+pub mod first_run;
 mod intents;
 pub mod mining_panel;
 mod model_thread;

@@ -589,3 +589,71 @@ fn mine_next_round_from_the_app_with_self_training() {
         });
     }
 }
+
+fn demo_harness(demo: &Path) -> Harness<'static, App> {
+    let demo = demo.to_path_buf();
+    Harness::builder()
+        .with_size([1200.0, 800.0])
+        .wgpu()
+        .build_eframe(move |cc| {
+            App::new(
+                cc,
+                Startup {
+                    project: None,
+                    demo: Some((demo, common::demo())),
+                    sam: None,
+                    device_name: "cpu".into(),
+                },
+                candle_core::Device::Cpu,
+            )
+        })
+}
+
+#[test]
+fn first_run_of_the_demo_has_pseudo_labels_to_review_without_any_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = tmp.path().join("demo");
+    let t0 = Instant::now();
+    let mut h = demo_harness(&demo);
+    wait_for(&mut h, "the demo's first round", |a| {
+        a.pseudo_labelled() > 0 && a.model().is_some()
+    });
+    eprintln!(
+        "first run: pseudo-labels after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(h.state().first_steps_shown());
+    assert!(h.state().errors().is_empty(), "{:?}", h.state().errors());
+    let p = Project::open(&demo).unwrap();
+    let runs = p.runs().unwrap();
+    assert_eq!(runs.len(), 1, "one model trained");
+    let mut labelers = std::collections::BTreeSet::new();
+    for img in p.images().unwrap() {
+        for l in p.pseudo_labels(&img.name).unwrap() {
+            labelers.insert(l.labeler.unwrap_or_default());
+        }
+    }
+    assert_eq!(labelers.into_iter().collect::<Vec<_>>(), ["unet"]);
+    let pending = p
+        .images()
+        .unwrap()
+        .iter()
+        .filter(|i| {
+            p.review(&i.name).unwrap().state == ReviewState::Pending
+                && !p.pseudo_labels(&i.name).unwrap().is_empty()
+        })
+        .count();
+    assert!(pending > 0, "pseudo-labels wait for review");
+    drop(p);
+    drop(h);
+    // the next start finds the model and the pseudo-labels: no second first run
+    let mut h = demo_harness(&demo);
+    wait_for(&mut h, "the demo reopened with its model", |a| {
+        a.pseudo_labelled() > 0 && a.model().is_some()
+    });
+    for _ in 0..20 {
+        h.step();
+    }
+    assert!(!h.state().first_steps_shown());
+    assert_eq!(Project::open(&demo).unwrap().runs().unwrap().len(), 1);
+}
