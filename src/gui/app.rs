@@ -297,7 +297,6 @@ impl App {
     }
 
     /// The current edit mask of the canvas.
-
     pub fn draft(&self) -> Option<&Mask> {
         self.current.as_ref().and_then(|c| c.draft.as_ref())
     }
