@@ -650,6 +650,10 @@ fn predict_cmd(a: PredictArgs, device: candle_core::Device) -> Result<()> {
                 Err(e) => failed.push(e.to_string()),
             }
         }
+        if loaded.is_empty() {
+            bar.inc(chunk.len() as u64);
+            continue; // every image of this batch failed to load (listed at the end)
+        }
         let refs: Vec<_> = loaded.iter().map(|(_, i)| i).collect();
         let maps = predictor.predict(&refs)?;
         for ((path, _), map) in loaded.iter().zip(maps) {

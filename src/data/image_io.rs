@@ -42,7 +42,30 @@ fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>,
         .map_err(|e| io_error(path, e))
 }
 
+/// The largest image medmine reads, in pixels (40 megapixels: a 6324 x 6324 square; chest
+/// X-rays and mammograms are below 25). Beyond it an image is refused from its header, before
+/// anything is decoded: one 3-channel `f32` copy of it alone would take 480 MB.
+pub const MAX_PIXELS: u64 = 40_000_000;
+
+fn check_pixels(path: &Path, w: u32, h: u32) -> Result<(), DataError> {
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(DataError::Decode {
+            path: path.to_path_buf(),
+            msg: format!(
+                "{w}x{h} pixels is more than medmine reads ({} megapixels); downscale the image \
+                 first",
+                MAX_PIXELS / 1_000_000
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn decode(path: &Path) -> Result<DynamicImage, DataError> {
+    let (w, h) = reader(path)?
+        .into_dimensions()
+        .map_err(|e| image_error(path, e))?;
+    check_pixels(path, w, h)?;
     let r = reader(path)?;
     if r.format() == Some(ImageFormat::Jpeg) {
         // the JPEG decoder fills a truncated file's missing part with grey instead of failing
@@ -87,6 +110,7 @@ pub fn image_size(path: &Path) -> Result<(usize, usize), DataError> {
     let (w, h) = reader(path)?
         .into_dimensions()
         .map_err(|e| image_error(path, e))?;
+    check_pixels(path, w, h)?;
     Ok((w as usize, h as usize))
 }
 
@@ -640,5 +664,31 @@ mod tests {
         let p = dir.path().join("padded.jpg");
         std::fs::write(&p, &padded).unwrap();
         assert!(load_image(&p).is_ok());
+    }
+
+    #[test]
+    fn images_beyond_the_pixel_limit_are_refused_from_their_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("huge.png");
+        // 8000 x 6000 = 48 MP of zeros: a small file, refused before decoding
+        let enc = image::codecs::png::PngEncoder::new(std::fs::File::create(&p).unwrap());
+        image::ImageEncoder::write_image(
+            enc,
+            &vec![0u8; 8000 * 6000],
+            8000,
+            6000,
+            ExtendedColorType::L8,
+        )
+        .unwrap();
+        for e in [
+            load_image(&p).unwrap_err().to_string(),
+            image_size(&p).unwrap_err().to_string(),
+            load_mask(&p).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.contains("huge.png") && e.contains("8000x6000") && e.contains("40 megapixels"),
+                "{e}"
+            );
+        }
     }
 }

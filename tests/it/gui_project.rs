@@ -140,6 +140,15 @@ fn a_chosen_fraction_and_a_failed_import_leave_no_half_project() {
     let mut h = empty_app();
     h.state_mut().start_new_project(data.clone());
     h.run_steps(4);
+    // the scan's report moves the checkbox when it arrives: click once it is there
+    wait_until(&mut h, "the first scan", |a| {
+        a.dialogs()
+            .new_project
+            .as_ref()
+            .unwrap()
+            .scan_summary()
+            .is_some()
+    });
     h.get_by_label("keep only a fraction of the masks as labelled (the rest is mined)")
         .click();
     h.run_steps(4);
