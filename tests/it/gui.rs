@@ -99,22 +99,22 @@ fn app_harness_sized(
     sam: Option<PathBuf>,
     size: [f32; 2],
 ) -> Harness<'static, App> {
-    let project = project.to_path_buf();
+    harness(
+        Startup {
+            project: Some(project.to_path_buf()),
+            demo: None,
+            sam,
+            device_name: "cpu".into(),
+        },
+        size,
+    )
+}
+
+fn harness(startup: Startup, size: [f32; 2]) -> Harness<'static, App> {
     Harness::builder()
         .with_size(size)
         .wgpu()
-        .build_eframe(move |cc| {
-            App::new(
-                cc,
-                Startup {
-                    project: Some(project),
-                    demo: None,
-                    sam,
-                    device_name: "cpu".into(),
-                },
-                candle_core::Device::Cpu,
-            )
-        })
+        .build_eframe(move |cc| App::new(cc, startup, candle_core::Device::Cpu))
 }
 
 const TIMEOUT: u64 = 120;
@@ -591,22 +591,15 @@ fn mine_next_round_from_the_app_with_self_training() {
 }
 
 fn demo_harness(demo: &Path) -> Harness<'static, App> {
-    let demo = demo.to_path_buf();
-    Harness::builder()
-        .with_size([1200.0, 800.0])
-        .wgpu()
-        .build_eframe(move |cc| {
-            App::new(
-                cc,
-                Startup {
-                    project: None,
-                    demo: Some((demo, common::demo())),
-                    sam: None,
-                    device_name: "cpu".into(),
-                },
-                candle_core::Device::Cpu,
-            )
-        })
+    harness(
+        Startup {
+            project: None,
+            demo: Some((demo.to_path_buf(), common::demo())),
+            sam: None,
+            device_name: "cpu".into(),
+        },
+        [1200.0, 800.0],
+    )
 }
 
 #[test]
