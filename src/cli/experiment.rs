@@ -37,9 +37,11 @@ pub struct ExperimentArgs {
     sam_variant: String,
     /// The mined arm's labeler: sam; oracle (the ground-truth objects the prompted boxes touch,
     /// whole); oracle-box (the ground truth clipped to the prompted boxes); unet (self-training,
-    /// which the selftrain arm runs anyway).
-    #[arg(long, default_value = "sam")]
-    labeler: String,
+    /// which the selftrain arm runs anyway). Several, comma-separated (`oracle,oracle-box`):
+    /// one mined arm each, sharing the baseline, control and selftrain arms; a labeler added
+    /// to an earlier experiment's command runs only its own arms.
+    #[arg(long, value_delimiter = ',', default_value = "sam")]
+    labeler: Vec<String>,
     /// Labelled fractions of train.txt, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,1.0")]
     fractions: Vec<f64>,
@@ -124,8 +126,15 @@ impl ExperimentObserver for ArmsBar {
 
 pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<()> {
     super::check_size_base(a.size, a.base)?;
-    let labeler: LabelerKind = a.labeler.parse()?;
-    if labeler == LabelerKind::Sam && a.sam.is_none() {
+    let labelers = a
+        .labeler
+        .iter()
+        .map(|l| l.trim().parse::<LabelerKind>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some((&labeler, more_labelers)) = labelers.split_first() else {
+        bail!("--labeler needs at least one labeler");
+    };
+    if labelers.contains(&LabelerKind::Sam) && a.sam.is_none() {
         bail!(
             "--labeler sam needs --sam FILE; {}",
             crate::mining::SAM_DOWNLOAD_HINT
@@ -137,6 +146,7 @@ pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<
         fractions: a.fractions,
         seeds: a.seeds,
         labeler,
+        more_labelers: more_labelers.to_vec(),
         sam: a.sam,
         train: TrainConfig {
             size: a.size,

@@ -177,6 +177,71 @@ fn oracle_experiment_writes_table_and_results_and_resumes() {
     assert_eq!(r[0]["mined_dice"], json[0]["mined_dice"]);
     assert_eq!(r[1], json[1]);
 
+    // A further labeler added to the same command: only its arms run (one per fraction and
+    // seed), in their own projects, and the table gets a row per fraction for it.
+    let both: Vec<&str> = args
+        .iter()
+        .map(|a| {
+            if *a == "oracle" {
+                "oracle,oracle-box"
+            } else {
+                a
+            }
+        })
+        .collect();
+    let fourth = ok(&both);
+    assert!(fourth.contains("8 of 10 arms finished earlier"), "{fourth}");
+    assert_eq!(fourth.matches("training epochs").count(), 2, "{fourth}");
+    assert!(fourth.contains("arms finished: 10/10"), "{fourth}");
+    for row in [
+        "| 50% | oracle |",
+        "| 50% | oracle-box |",
+        "| 100% | oracle-box |",
+    ] {
+        assert!(fourth.contains(row), "{row}: {fourth}");
+    }
+    let r = results(&out);
+    assert_eq!(r[0]["baseline_dice"], json[0]["baseline_dice"]);
+    assert_eq!(r[0]["control_dice"], json[0]["control_dice"]);
+    assert_eq!(r[0]["labeler"].as_str(), Some("oracle"));
+    let summary = &r[0]["more_mined"][0];
+    assert_eq!(summary["labeler"].as_str(), Some("oracle-box"));
+    let d = summary["dice"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&d), "{d}");
+    let delta = summary["delta_dice_vs_control"].as_f64().unwrap();
+    assert!((delta - (d - r[0]["control_dice"].as_f64().unwrap())).abs() < 1e-12);
+    let arm = &r[0]["seeds"][0]["more_mined"][0];
+    let ckpt = std::path::PathBuf::from(arm["checkpoint"].as_str().unwrap());
+    assert!(ckpt.is_file() && ckpt.starts_with(out.join("fraction-0.5-seed-0/project-oracle-box")));
+    let pb =
+        medmine::store::Project::open(&out.join("fraction-0.5-seed-0/project-oracle-box")).unwrap();
+    let mut labelers = std::collections::BTreeSet::new();
+    for img in pb.images().unwrap() {
+        for p in pb.pseudo_labels(&img.name).unwrap() {
+            labelers.insert(p.labeler.unwrap_or_default());
+        }
+    }
+    assert_eq!(labelers.into_iter().collect::<Vec<_>>(), vec!["oracle-box"]);
+    assert_eq!(
+        arm["mined"].as_u64(),
+        Some(
+            pb.images()
+                .unwrap()
+                .iter()
+                .filter(|i| i.role == medmine::store::Role::Unlabelled)
+                .count() as u64
+        )
+    );
+    // A labeler given twice, or unet as a further labeler, is refused before anything runs.
+    for bad in ["oracle,oracle", "oracle,unet"] {
+        let v: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "oracle" { bad } else { a })
+            .collect();
+        let err = fails(&v);
+        assert!(err.contains("invalid experiment settings"), "{bad}: {err}");
+    }
+
     // Other settings into the same folder are refused, naming what differs.
     let err = fails(&experiment_args(s(&splits), s(&out), "48"));
     assert!(

@@ -15,6 +15,10 @@
 //!   thresholded predictions as pseudo-labels, same acceptance rule), in a second project
 //!   (`project-selftrain`): `mined - selftrain` is what the large model's knowledge adds.
 //!
+//! Further labelers (`--labeler oracle,oracle-box`) add one arm each, `mined-<labeler>` in
+//! `project-<labeler>`, mined and fine-tuned like the mined arm and compared with the same
+//! baseline, control and selftrain arms (which therefore run once, not once per labeler).
+//!
 //! Each finished arm leaves a record in its run folder ([`arms`]); an interrupted experiment
 //! run again with the same `--out` and settings continues from the finished arms (the baseline
 //! from its last epoch). [`results`] describes the report.
@@ -41,7 +45,10 @@ use crate::train::{self, TrainConfig, TrainError, TrainRun, TrainStatus};
 
 pub use crate::mining::labeler::oracle::{oracle_mask, oracle_objects, OracleKind};
 pub use arms::{ArmRecord, ARMS};
-pub use results::{markdown_table, mean_std, write_results, FractionResult, SeedResult};
+pub use results::{
+    markdown_table, mean_std, write_results, FractionResult, LabelerSummary, MinedArmResult,
+    SeedResult,
+};
 
 /// Everything an experiment needs.
 #[derive(Clone, Debug)]
@@ -57,6 +64,10 @@ pub struct ExperimentConfig {
     /// The mined arm's labeler (`sam`, `oracle`, `oracle-box`; `unet` makes the mined arm the
     /// self-training arm).
     pub labeler: LabelerKind,
+    /// Further mined arms, one per labeler (`mined-<labeler>`). Not part of the settings that
+    /// finished arms are checked against: adding one to an earlier experiment runs only the
+    /// new arms.
+    pub more_labelers: Vec<LabelerKind>,
     /// SAM checkpoint (the `sam` labeler).
     pub sam: Option<PathBuf>,
     /// Baseline training (its `seed` is replaced by each run's seed).
@@ -137,7 +148,21 @@ impl ExperimentConfig {
                 self.split_dir.display()
             ));
         }
-        if self.labeler == LabelerKind::Sam {
+        let mut seen = vec![self.labeler];
+        for &k in &self.more_labelers {
+            if seen.contains(&k) {
+                return bad(format!("labeler {k} is given twice"));
+            }
+            if k == LabelerKind::Unet {
+                return bad(
+                    "unet can only be the first labeler (the selftrain arm is self-training \
+                     already)"
+                        .into(),
+                );
+            }
+            seen.push(k);
+        }
+        if seen.contains(&LabelerKind::Sam) {
             match &self.sam {
                 Some(p) if p.is_file() => {}
                 Some(p) => return Err(MiningError::NoSamCheckpoint { path: p.clone() }.into()),
@@ -163,6 +188,14 @@ impl ExperimentConfig {
             "finetune": finetune,
             "mining": format!("{:?}", self.mining),
         })
+    }
+
+    /// Every arm of one fraction and seed, in the order they run.
+    fn arm_names(&self) -> Vec<String> {
+        ARMS.iter()
+            .map(|a| a.to_string())
+            .chain(self.more_labelers.iter().map(|k| format!("mined-{k}")))
+            .collect()
     }
 
     fn run_dir(&self, fraction: f64, seed: u64) -> PathBuf {
@@ -193,9 +226,9 @@ pub fn run_experiment(
     let mut done = 0;
     for &fraction in &cfg.fractions {
         for seed in 0..cfg.seeds {
-            for arm in ARMS {
+            for arm in cfg.arm_names() {
                 total += 1;
-                done += arms::read_arm(&cfg.run_dir(fraction, seed), arm)?.is_some() as usize;
+                done += arms::read_arm(&cfg.run_dir(fraction, seed), &arm)?.is_some() as usize;
             }
         }
     }
@@ -224,7 +257,8 @@ pub fn run_experiment(
             };
             seeds.push(run.run()?);
         }
-        results.push(FractionResult::from_seeds(fraction, seeds));
+        let labeler = cfg.labeler.to_string();
+        results.push(FractionResult::from_seeds(fraction, &labeler, seeds));
     }
     Ok(results)
 }
@@ -280,6 +314,23 @@ impl RunCtx<'_> {
             let mut p = arms::open_or_import(&c.dir.join("project-selftrain"), &opts)?;
             c.mining_arm("selftrain", &mut p, &baseline, LabelerKind::Unet)
         })?;
+        let mut more_mined = Vec::new();
+        for &kind in &self.cfg.more_labelers {
+            let name = format!("mined-{kind}");
+            let rec = self.arm(&name, |c| {
+                let mut p = arms::open_or_import(&c.dir.join(format!("project-{kind}")), &opts)?;
+                c.mining_arm(&name, &mut p, &baseline, kind)
+            })?;
+            more_mined.push(MinedArmResult {
+                labeler: kind.to_string(),
+                test: rec.test,
+                val_dice: rec.val_dice,
+                steps: rec.optimizer_steps,
+                mined: rec.mined,
+                accepted: rec.accepted,
+                checkpoint: rec.checkpoint,
+            });
+        }
         Ok(SeedResult {
             seed,
             labelled: baseline.labelled,
@@ -304,6 +355,7 @@ impl RunCtx<'_> {
             control_checkpoint: control.checkpoint,
             mined_checkpoint: mined.checkpoint,
             selftrain_checkpoint: selftrain.checkpoint,
+            more_mined,
         })
     }
 

@@ -1,6 +1,7 @@
 //! What an experiment reports: per seed the test scores of the four arms (baseline, mined,
-//! control, selftrain: see the module above), per fraction their means, standard deviations
-//! and deltas, as a Markdown table and as `results.json`.
+//! control, selftrain: see the module above) and of the further mined arms (`--labeler
+//! oracle,oracle-box`), per fraction their means, standard deviations and deltas, as a Markdown
+//! table (one row per fraction and mining labeler) and as `results.json`.
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -54,12 +55,48 @@ pub struct SeedResult {
     pub mined_checkpoint: PathBuf,
     #[serde(default)]
     pub selftrain_checkpoint: PathBuf,
+    /// The further mined arms (`mined-<labeler>`), in the order the labelers were given.
+    #[serde(default)]
+    pub more_mined: Vec<MinedArmResult>,
+}
+
+/// A further mined arm of one seed: the baseline mined with another labeler and fine-tuned
+/// the same way as the mined arm.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MinedArmResult {
+    pub labeler: String,
+    pub test: Scores,
+    pub val_dice: Option<f64>,
+    pub steps: usize,
+    pub mined: usize,
+    pub accepted: usize,
+    pub checkpoint: PathBuf,
+}
+
+/// A further labeler over the seeds of one fraction, with its deltas to the shared arms.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelerSummary {
+    pub labeler: String,
+    pub dice: f64,
+    pub dice_std: f64,
+    pub iou: f64,
+    pub iou_std: f64,
+    /// Against the baseline, the control and the self-training arm (means).
+    pub delta_dice: f64,
+    pub delta_dice_vs_control: f64,
+    pub delta_dice_vs_selftrain: f64,
+    pub delta_iou_vs_control: f64,
+    pub dice_per_seed: Vec<f64>,
+    pub iou_per_seed: Vec<f64>,
 }
 
 /// One fraction: means and standard deviations over seeds, and the per-seed values.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FractionResult {
     pub fraction: f64,
+    /// The mined arm's labeler.
+    #[serde(default)]
+    pub labeler: String,
     pub baseline_dice: f64,
     pub baseline_dice_std: f64,
     pub baseline_iou: f64,
@@ -94,6 +131,9 @@ pub struct FractionResult {
     pub control_iou_per_seed: Vec<f64>,
     pub mined_iou_per_seed: Vec<f64>,
     pub selftrain_iou_per_seed: Vec<f64>,
+    /// The further mined arms' labelers (`--labeler oracle,oracle-box`: `oracle-box`).
+    #[serde(default)]
+    pub more_mined: Vec<LabelerSummary>,
     pub seeds: Vec<SeedResult>,
 }
 
@@ -112,7 +152,7 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 impl FractionResult {
-    pub fn from_seeds(fraction: f64, seeds: Vec<SeedResult>) -> Self {
+    pub fn from_seeds(fraction: f64, labeler: &str, seeds: Vec<SeedResult>) -> Self {
         let col = |f: &dyn Fn(&SeedResult) -> f64| seeds.iter().map(f).collect::<Vec<f64>>();
         let bd = col(&|s| s.baseline.dice);
         let cd = col(&|s| s.control.dice);
@@ -130,8 +170,42 @@ impl FractionResult {
         let (mined_iou, mined_iou_std) = mean_std(&mi);
         let (selftrain_dice, selftrain_dice_std) = mean_std(&sd);
         let (selftrain_iou, selftrain_iou_std) = mean_std(&si);
+        let labelers: Vec<String> = seeds
+            .first()
+            .map(|s| s.more_mined.iter().map(|m| m.labeler.clone()).collect())
+            .unwrap_or_default();
+        let more_mined = labelers
+            .into_iter()
+            .map(|name| {
+                let arm = |s: &SeedResult| {
+                    s.more_mined
+                        .iter()
+                        .find(|m| m.labeler == name)
+                        .map(|m| m.test)
+                        .unwrap_or_default()
+                };
+                let d = col(&|s| arm(s).dice);
+                let i = col(&|s| arm(s).iou);
+                let (dice, dice_std) = mean_std(&d);
+                let (iou, iou_std) = mean_std(&i);
+                LabelerSummary {
+                    labeler: name.clone(),
+                    dice,
+                    dice_std,
+                    iou,
+                    iou_std,
+                    delta_dice: dice - baseline_dice,
+                    delta_dice_vs_control: dice - control_dice,
+                    delta_dice_vs_selftrain: dice - selftrain_dice,
+                    delta_iou_vs_control: iou - control_iou,
+                    dice_per_seed: d,
+                    iou_per_seed: i,
+                }
+            })
+            .collect();
         Self {
             fraction,
+            labeler: labeler.to_string(),
             baseline_dice,
             baseline_dice_std,
             baseline_iou,
@@ -162,37 +236,55 @@ impl FractionResult {
             control_iou_per_seed: ci,
             mined_iou_per_seed: mi,
             selftrain_iou_per_seed: si,
+            more_mined,
             seeds,
         }
     }
 }
 
 /// The results as a Markdown table (Dice, then IoU; `±` is the standard deviation over
-/// seeds).
+/// seeds): one row per fraction and mining labeler (the further labelers' rows repeat the
+/// shared baseline, control and selftrain arms).
 pub fn markdown_table(results: &[FractionResult]) -> String {
     let mut s = String::from(
-        "| labelled | seeds | baseline Dice | control Dice | selftrain Dice | mined Dice | \
-         Δ Dice mined−baseline | Δ Dice mined−control | Δ Dice mined−selftrain | baseline IoU | \
-         mined IoU | Δ IoU mined−control |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| labelled | mined by | seeds | baseline Dice | control Dice | selftrain Dice | \
+         mined Dice | Δ Dice mined−baseline | Δ Dice mined−control | Δ Dice mined−selftrain | \
+         baseline IoU | mined IoU | Δ IoU mined−control |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let pm = |m: f64, sd: f64| format!("{m:.4} ± {sd:.4}");
     for r in results {
-        let cells = [
-            format!("{:.0}%", r.fraction * 100.0),
-            r.seeds.len().to_string(),
-            pm(r.baseline_dice, r.baseline_dice_std),
-            pm(r.control_dice, r.control_dice_std),
-            pm(r.selftrain_dice, r.selftrain_dice_std),
-            pm(r.mined_dice, r.mined_dice_std),
-            format!("{:+.4}", r.delta_dice),
-            format!("{:+.4}", r.delta_dice_vs_control),
-            format!("{:+.4}", r.delta_dice_vs_selftrain),
-            pm(r.baseline_iou, r.baseline_iou_std),
-            pm(r.mined_iou, r.mined_iou_std),
-            format!("{:+.4}", r.delta_iou_vs_control),
-        ];
-        s.push_str(&format!("| {} |\n", cells.join(" | ")));
+        let main = LabelerSummary {
+            labeler: r.labeler.clone(),
+            dice: r.mined_dice,
+            dice_std: r.mined_dice_std,
+            iou: r.mined_iou,
+            iou_std: r.mined_iou_std,
+            delta_dice: r.delta_dice,
+            delta_dice_vs_control: r.delta_dice_vs_control,
+            delta_dice_vs_selftrain: r.delta_dice_vs_selftrain,
+            delta_iou_vs_control: r.delta_iou_vs_control,
+            dice_per_seed: Vec::new(),
+            iou_per_seed: Vec::new(),
+        };
+        for m in std::iter::once(&main).chain(&r.more_mined) {
+            let cells = [
+                format!("{:.0}%", r.fraction * 100.0),
+                m.labeler.clone(),
+                r.seeds.len().to_string(),
+                pm(r.baseline_dice, r.baseline_dice_std),
+                pm(r.control_dice, r.control_dice_std),
+                pm(r.selftrain_dice, r.selftrain_dice_std),
+                pm(m.dice, m.dice_std),
+                format!("{:+.4}", m.delta_dice),
+                format!("{:+.4}", m.delta_dice_vs_control),
+                format!("{:+.4}", m.delta_dice_vs_selftrain),
+                pm(r.baseline_iou, r.baseline_iou_std),
+                pm(m.iou, m.iou_std),
+                format!("{:+.4}", m.delta_iou_vs_control),
+            ];
+            s.push_str(&format!("| {} |\n", cells.join(" | ")));
+        }
     }
     s
 }
@@ -251,6 +343,15 @@ mod tests {
             control_checkpoint: PathBuf::from("c"),
             mined_checkpoint: PathBuf::from("m"),
             selftrain_checkpoint: PathBuf::from("s"),
+            more_mined: vec![MinedArmResult {
+                labeler: "oracle-box".into(),
+                test: scores(m - 0.1, (m - 0.1) / 2.0),
+                val_dice: None,
+                steps: 6,
+                mined: 3,
+                accepted: 3,
+                checkpoint: PathBuf::from("mb"),
+            }],
         }
     }
 
@@ -264,8 +365,11 @@ mod tests {
 
     #[test]
     fn fraction_means_deltas_and_table() {
-        let r =
-            FractionResult::from_seeds(0.5, vec![seed(0, 0.6, 0.7, 0.8), seed(1, 0.4, 0.5, 0.8)]);
+        let r = FractionResult::from_seeds(
+            0.5,
+            "oracle",
+            vec![seed(0, 0.6, 0.7, 0.8), seed(1, 0.4, 0.5, 0.8)],
+        );
         let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
         assert!(close(r.baseline_dice, 0.5) && close(r.control_dice, 0.6));
         assert!(close(r.mined_dice, 0.8) && close(r.mined_dice_std, 0.0));
@@ -276,15 +380,23 @@ mod tests {
         assert!(close(r.delta_iou_vs_selftrain, 0.075));
         assert_eq!(r.control_dice_per_seed, vec![0.7, 0.5]);
         assert_eq!(r.control_iou_per_seed, vec![0.35, 0.25]);
+        // the further labeler: 0.7 on both seeds
+        let b = &r.more_mined[0];
+        assert_eq!(b.labeler, "oracle-box");
+        assert!(close(b.dice, 0.7) && close(b.delta_dice, 0.2));
+        assert!(close(b.delta_dice_vs_control, 0.1) && close(b.delta_dice_vs_selftrain, 0.05));
+        assert!(close(b.dice_per_seed[1], 0.7) && close(b.delta_iou_vs_control, 0.05));
         let t = markdown_table(&[r]);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[0].contains("control Dice") && lines[0].contains("mined−control"));
         assert!(lines[0].contains("selftrain Dice") && lines[0].contains("mined−selftrain"));
         let cols = |l: &str| l.matches('|').count();
         assert_eq!(cols(lines[0]), cols(lines[1]));
         assert_eq!(cols(lines[0]), cols(lines[2]));
-        assert!(lines[2].starts_with("| 50% | 2 | 0.5000 ± 0.1414 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 0.8000 ± 0.0000 | +0.3000 | +0.2000 | +0.1500 |"), "{t}");
+        assert_eq!(cols(lines[0]), cols(lines[3]));
+        assert!(lines[2].starts_with("| 50% | oracle | 2 | 0.5000 ± 0.1414 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 0.8000 ± 0.0000 | +0.3000 | +0.2000 | +0.1500 |"), "{t}");
+        assert!(lines[3].starts_with("| 50% | oracle-box | 2 | 0.5000 ± 0.1414 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 0.7000 ± 0.0000 | +0.2000 | +0.1000 | +0.0500 |"), "{t}");
     }
 
     #[test]
@@ -298,6 +410,7 @@ mod tests {
             "selftrain",
             "selftrain_checkpoint",
             "mined_steps",
+            "more_mined",
         ] {
             o.remove(k);
         }
@@ -305,5 +418,6 @@ mod tests {
         assert_eq!(s.control, Scores::default());
         assert_eq!(s.baseline_val_dice, None);
         assert_eq!((s.selftrain, s.mined_steps), (Scores::default(), 0));
+        assert!(s.more_mined.is_empty());
     }
 }
