@@ -49,16 +49,22 @@ def main():
     ap.add_argument("--decoder-runs", type=int, default=20, help="timed decoder runs")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N] (as `medmine --device`)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t = time.perf_counter()
-    sam = build(args.variant, args.sam).eval()
+    sam = build(args.variant, args.sam).eval().to(device)
     what = "checkpoint" if args.sam else f"random weights, seed {args.seed}"
     print(f"sam {args.variant} ({what}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads: built in {time.perf_counter() - t:.2f} s", flush=True)
+          f"{torch.get_num_threads()} threads, device {device}: built in {time.perf_counter() - t:.2f} s", flush=True)
     if args.variant == "vit_t":
         from mobile_sam import SamPredictor
     else:
@@ -77,6 +83,7 @@ def main():
         for i in range(max(1, args.runs)):
             t = time.perf_counter()
             predictor.set_image(image)
+            sync()
             s = time.perf_counter() - t
             print(f"encoder run {i + 1}: {s:.3f} s", flush=True)
             enc.append(s)
@@ -86,10 +93,12 @@ def main():
                      point_labels=np.array([1]))
         prompts = [box, point]
         predictor.predict(**box, multimask_output=True)  # warm-up
+        sync()
         dec = []
         for i in range(max(1, args.decoder_runs)):
             t = time.perf_counter()
             predictor.predict(**prompts[i % 2], multimask_output=True)
+            sync()
             ms = 1e3 * (time.perf_counter() - t)
             print(f"decoder run {i + 1}: {ms:.2f} ms", flush=True)
             dec.append(ms)

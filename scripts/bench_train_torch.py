@@ -29,7 +29,7 @@ from unetpp_torch import NestedUNet, count_parameters, loss  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Time U-Net++ training steps in PyTorch on CPU (reference for BENCHMARKS.md).",
+        description="Time U-Net++ training steps in PyTorch (reference for BENCHMARKS.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument("--size", type=int, required=True,
@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads(T); default: leave torch's default")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, input and target")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu | cuda[:N] (as `medmine --device`); CUDA steps are synchronised")
     ap.add_argument("--infer", action="store_true",
                     help="time inference instead (eval mode, no grad, mean of the four heads), "
                          "as `medmine bench infer`")
@@ -57,18 +59,19 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
 
     model = NestedUNet(in_channels=3, num_classes=1, base=args.base).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
 
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.rand([args.batch, 3, args.size, args.size], generator=gen)
+    x = torch.rand([args.batch, 3, args.size, args.size], generator=gen).to(device)
     target = (torch.rand([args.batch, 1, args.size, args.size], generator=gen) > 0.5).float()
+    target = target.to(device)
 
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"threads {torch.get_num_threads()}, nproc {os.cpu_count()}")
+          f"threads {torch.get_num_threads()}, nproc {os.cpu_count()}, device {device}")
     print(f"size {args.size} batch {args.batch} base {args.base} "
           f"params {count_parameters(model)} warmup {args.warmup} steps {args.steps}")
 

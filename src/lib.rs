@@ -4,6 +4,7 @@
 //! Imports run downward: `cli` -> `train`/`predict`/`bench` -> `models` -> `ops`; `data`,
 //! `metrics`, `device`, `progress` are leaves.
 pub mod bench;
+pub mod check;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -16,6 +16,7 @@ use crate::predict::{self, Predictor};
 use crate::progress::{Progress, TrainEvent};
 use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
 
+mod check;
 mod experiment;
 mod finetune;
 mod mine;
@@ -23,10 +24,20 @@ mod project;
 mod segment;
 mod weights;
 
+/// `medmine --version`: version, git commit and compiled features (also in the app's About).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MEDMINE_GIT_COMMIT"),
+    "; features: ",
+    env!("MEDMINE_FEATURES"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "medmine",
-    version,
+    version = VERSION,
     about = "Semi-supervised medical image segmentation: U-Net++ + knowledge mined from SAM"
 )]
 struct Cli {
@@ -67,6 +78,10 @@ enum Command {
     Weights(weights::WeightsCommand),
     /// Open the desktop app (review, correct, fine-tune); the default without a subcommand.
     Gui(GuiArgs),
+    /// Check that this device computes what the CPU computes: U-Net++ gradients, inference,
+    /// training and SAM against the official outputs (with --device cpu: the device-generic
+    /// op path against the fast one).
+    Check(check::CheckArgs),
 }
 
 #[derive(Args, Default)]
@@ -318,6 +333,7 @@ pub fn run() -> Result<()> {
         Command::Finetune(a) => finetune::finetune_cmd(a, device),
         Command::Experiment(a) => experiment::experiment_cmd(a, device),
         Command::Gui(a) => gui_cmd(a, device),
+        Command::Check(a) => check::check_cmd(a, device),
         Command::Bench(BenchCommand::Train {
             size,
             batch,

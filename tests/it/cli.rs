@@ -555,3 +555,20 @@ fn numbers_and_prompts_are_checked_in_the_options_words() {
         "nowhere: no such folder",
     );
 }
+
+#[test]
+fn version_names_commit_and_features() {
+    let out = common::ok(&["--version"]);
+    let line = out.lines().next().unwrap_or_default();
+    let rest = line
+        .strip_prefix(concat!("medmine ", env!("CARGO_PKG_VERSION"), " (commit "))
+        .unwrap_or_else(|| panic!("{line}"));
+    let (commit, features) = rest.split_once("; features: ").expect("features");
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 10 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{commit}"
+    );
+    // the tests build the default features: the app, no GPU backend
+    assert_eq!(features, "gui)", "{line}");
+}

@@ -160,3 +160,45 @@ fn gradient_check_overfit_and_sam_parity_pass_on_the_generic_path() {
     }
     assert!(passed >= 6, "only {passed} tests ran:\n{stdout}");
 }
+
+#[test]
+fn check_command_reports_every_check_and_fails_when_one_does() {
+    // 1 overfit step cannot reach Dice 0.8: that row fails, the command says so and exits 1
+    let fixtures = common::root().join("tests/fixtures");
+    let out = common::medmine(&[
+        "--device",
+        "cpu",
+        "check",
+        "--fixtures",
+        common::s(&fixtures),
+        "--overfit-steps",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("tested: the CPU's device-generic op path"),
+        "{stdout}"
+    );
+    for row in [
+        "| U-Net++ gradients vs finite differences (f64) | max rel. error |",
+        "| SAM vit_b-style embedding vs official |",
+        "| SAM vit_t masks vs official | 1 - min IoU |",
+    ] {
+        let line = stdout.lines().find(|l| l.starts_with(row));
+        assert!(
+            line.is_some_and(|l| l.ends_with("| pass |")),
+            "{row}: {stdout}"
+        );
+    }
+    let overfit = stdout
+        .lines()
+        .find(|l| l.starts_with("| U-Net++ overfits 4 images (1 steps) |"));
+    assert!(overfit.is_some_and(|l| l.ends_with("| FAIL |")), "{stdout}");
+    assert!(stdout.contains("10 of 11 checks passed"), "{stdout}");
+    assert!(
+        stderr.contains("1 of 11 checks failed on this device"),
+        "{stderr}"
+    );
+}
