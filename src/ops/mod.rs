@@ -27,6 +27,7 @@ mod conv;
 mod conv3x3;
 mod conv_bias;
 mod conv_cat_up;
+mod conv_generic;
 mod conv_grad;
 mod depthwise;
 pub mod fast_math;
