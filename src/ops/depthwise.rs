@@ -50,9 +50,9 @@ fn place(t: &Tensor, dim: usize, before: usize, len: usize) -> Result<Tensor> {
 }
 
 /// The device-generic depthwise convolution (same arguments as [`depthwise_conv2d`]): output
-/// pixel `(oy, ox)` reads padded pixel `(s*oy + ky, s*ox + kx)`, so with the padded input seen
-/// as `[N, C, Hp/s, s, Wp/s, s]` each tap `(ky, kx)` is one strided view, scaled by its
-/// per-channel weight and summed. Elementwise ops only (no per-channel convolutions), about
+/// pixel `(oy, ox)` reads padded pixel `(s*oy + ky, s*ox + kx)`, so with the padded input split
+/// into its `s*s` phases `[N, C, s, s, Hp/s, Wp/s]` each tap `(ky, kx)` is one window of one
+/// phase, scaled by its per-channel weight and summed. Elementwise ops only (no per-channel convolutions), about
 /// the same work as the convolution itself.
 fn depthwise_generic(
     x: &Tensor,
@@ -69,20 +69,26 @@ fn depthwise_generic(
     let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
     // taps reach (K-1)/s + Ho rows of each phase
     let (qh, qw) = ((k - 1) / s + ho, (k - 1) / s + wo);
-    // [N, C, H, W] -> padded [N, C, s*qh, s*qw] -> [N, C, qh, s, qw, s]
-    let xp = place(&place(x, 2, p, s * qh)?, 3, p, s * qw)?
-        .contiguous()?
-        .reshape((n, c, qh, s, qw, s))?;
+    // [N, C, H, W] -> padded [N, C, s*qh, s*qw] -> phases [N, C, s, s, qh, qw] (for stride
+    // 1 a reshape; else one strided copy, so that every tap below is copied by whole rows)
+    let xp = place(&place(x, 2, p, s * qh)?, 3, p, s * qw)?.contiguous()?;
+    let phases = if s == 1 {
+        xp.reshape((n, c, 1, 1, qh, qw))?
+    } else {
+        xp.reshape((n, c, qh, s, qw, s))?
+            .permute((0, 1, 3, 5, 2, 4))?
+            .contiguous()?
+    };
     let taps = weight.reshape((c, k * k))?;
     let mut acc: Option<Tensor> = None;
     for ky in 0..k {
         for kx in 0..k {
-            // [N, C, Ho, 1, Wo, 1], made contiguous (row copies for stride 1)
-            let v = xp
-                .narrow(2, ky / s, ho)?
-                .narrow(3, ky % s, 1)?
-                .narrow(4, kx / s, wo)?
-                .narrow(5, kx % s, 1)?
+            // [N, C, 1, 1, Ho, Wo], made contiguous (row copies)
+            let v = phases
+                .narrow(2, ky % s, 1)?
+                .narrow(3, kx % s, 1)?
+                .narrow(4, ky / s, ho)?
+                .narrow(5, kx / s, wo)?
                 .contiguous()?;
             let wt = taps
                 .narrow(1, ky * k + kx, 1)?
@@ -95,7 +101,7 @@ fn depthwise_generic(
         }
     }
     let acc = acc.ok_or_else(|| candle_core::Error::Msg("depthwise_conv2d: 0x0 kernel".into()))?;
-    // [N, C, Ho, 1, Wo, 1] -> [N, C, Ho, Wo]
+    // [N, C, 1, 1, Ho, Wo] -> [N, C, Ho, Wo]
     acc.reshape((n, c, ho, wo))?
         .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }
