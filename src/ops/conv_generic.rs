@@ -12,12 +12,15 @@
 //!   summed over the batch: cuBLAS on CUDA.
 //!
 //! The op itself only carries the backward: its forward is candle's `conv2d` on detached
-//! operands, handed through (a storage clone; on Metal a shared buffer) so that autograd calls
-//! [`ConvGeneric::bwd`]. Only tensor ops every device has are used: `conv2d`, `matmul`,
+//! operands, computed before and handed through (a storage clone; on Metal a shared buffer) so
+//! that autograd calls [`ConvGeneric::bwd`]. The op holds that result only until its forward
+//! runs: the graph keeps `x`, `w` and the op's output, as for candle's own convolution. Only tensor ops every device has are used: `conv2d`, `matmul`,
 //! `index_select`, `narrow`, `stack`, `pad_with_zeros`, `reshape`, `transpose`, `sum`.
+use std::sync::Mutex;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+    bail, CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor,
 };
 
 /// `x: [N, Cin, H, W]`, `w: [Cout, Cin, K, K]` -> `[N, Cout, H + 2p - K + 1, W + 2p - K + 1]`,
@@ -33,7 +36,11 @@ pub(super) fn conv2d_generic(x: &Tensor, w: &Tensor, padding: usize) -> Result<T
     } else {
         y.force_contiguous()?
     };
-    x.apply_op3(w, &y, ConvGeneric { padding })
+    let op = ConvGeneric {
+        padding,
+        y: Mutex::new(Some(y)),
+    };
+    x.apply_op2(w, op)
 }
 
 /// The input gradient of the stride-1 convolution: `grad: [N, Cout, Ho, Wo]`,
@@ -110,22 +117,39 @@ pub(super) fn kernel_grad(x: &Tensor, grad: &Tensor, k: usize, padding: usize) -
         .reshape((cout, cin, k, k))
 }
 
-/// `(x, w, y)` -> `y`, where `y` is the convolution of `x` and `w`; backward: the gradients
-/// of `x` and `w` (none for `y`, which was computed from detached operands).
+/// `(x, w)` -> `y`, the convolution of `x` and `w` computed beforehand (from detached
+/// operands, so it has no graph of its own); backward: the gradients of `x` and `w`.
 struct ConvGeneric {
     padding: usize,
+    /// The result, taken by the forward pass (which candle runs once).
+    y: Mutex<Option<Tensor>>,
 }
 
-/// The third operand's storage as the result: it is contiguous from offset 0 (see
-/// [`conv2d_generic`]), so a clone of the storage has the result's layout.
-fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        bail!("conv2d: the generic forward result must be contiguous from offset 0")
+impl ConvGeneric {
+    /// The result's storage on the device `pick` selects (a clone; it is contiguous from
+    /// offset 0, see [`conv2d_generic`], so the clone has the output's layout).
+    fn result<S: BackendStorage>(
+        &self,
+        pick: impl FnOnce(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let y = self
+            .y
+            .lock()
+            .ok()
+            .and_then(|mut y| y.take())
+            .ok_or_else(|| candle_core::Error::Msg("conv2d: generic forward run twice".into()))?;
+        let (storage, l) = y.storage_and_layout();
+        let Some(s) = pick(&storage) else {
+            bail!("conv2d: the generic forward result is on another device")
+        };
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            bail!("conv2d: the generic forward result must be contiguous from offset 0")
+        }
+        Ok((s.try_clone(l)?, l.shape().clone()))
     }
-    Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
-impl CustomOp3 for ConvGeneric {
+impl CustomOp2 for ConvGeneric {
     fn name(&self) -> &'static str {
         "medmine-conv2d-generic"
     }
@@ -136,10 +160,11 @@ impl CustomOp3 for ConvGeneric {
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s3, l3)
+        self.result(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn cuda_fwd(
@@ -148,10 +173,11 @@ impl CustomOp3 for ConvGeneric {
         _: &Layout,
         _: &CudaStorage,
         _: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s3, l3)
+        self.result(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn metal_fwd(
@@ -160,20 +186,20 @@ impl CustomOp3 for ConvGeneric {
         _: &Layout,
         _: &MetalStorage,
         _: &Layout,
-        s3: &MetalStorage,
-        l3: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s3, l3)
+        self.result(|s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, k, _) = w.dims4()?;
         // a leaf constant (the network input) needs no gradient
         let grad_x = if x.track_op() {
@@ -186,7 +212,7 @@ impl CustomOp3 for ConvGeneric {
         } else {
             None
         };
-        Ok((grad_x, grad_w, None))
+        Ok((grad_x, grad_w))
     }
 }
 
