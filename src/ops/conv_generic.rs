@@ -83,6 +83,17 @@ pub(super) fn input_grad(grad: &Tensor, w: &Tensor, padding: usize) -> Result<Te
 /// The kernel gradient of the stride-1 convolution: `x: [N, Cin, H, W]`,
 /// `grad: [N, Cout, Ho, Wo]` -> `[Cout, Cin, K, K]`, by im2col and one batched matmul.
 pub(super) fn kernel_grad(x: &Tensor, grad: &Tensor, k: usize, padding: usize) -> Result<Tensor> {
+    kernel_grad_in_chunks(x, grad, k, padding, COLS_BUDGET)
+}
+
+/// [`kernel_grad`] with at most `budget` elements of im2col columns at once.
+fn kernel_grad_in_chunks(
+    x: &Tensor,
+    grad: &Tensor,
+    k: usize,
+    padding: usize,
+    budget: usize,
+) -> Result<Tensor> {
     let (n, cin, h, w) = x.dims4()?;
     let (gn, cout, ho, wo) = grad.dims4()?;
     if gn != n || h + 2 * padding + 1 != ho + k || w + 2 * padding + 1 != wo + k {
@@ -93,28 +104,51 @@ pub(super) fn kernel_grad(x: &Tensor, grad: &Tensor, k: usize, padding: usize) -
         )
     }
     let x = x.detach();
-    let cols = if k == 1 && padding == 0 {
-        // the image is its own im2col matrix: [N, Cin, H*W]
-        x.reshape((n, cin, h * w))?
-    } else {
-        // [N, Cin, H + 2p, W + 2p]
+    let grad = grad.contiguous()?;
+    if k == 1 && padding == 0 {
+        // the image is its own im2col matrix: [N, Cin, H*W], no copy
+        let cols = x.reshape((n, cin, h * w))?;
+        return cols_product(&grad, &cols)?.reshape((cout, cin, k, k));
+    }
+    // im2col a few images at a time: at most COLS_BUDGET elements of columns at once
+    let per_image = cin * k * k * ho * wo;
+    let chunk = (budget / per_image).clamp(1, n);
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        // [len, Cin, H + 2p, W + 2p]
         let xp = x
+            .narrow(0, start, len)?
             .pad_with_zeros(2, padding, padding)?
             .pad_with_zeros(3, padding, padding)?;
         let mut taps = Vec::with_capacity(k * k);
         for kh in 0..k {
             for kw in 0..k {
-                taps.push(xp.narrow(2, kh, ho)?.narrow(3, kw, wo)?); // [N, Cin, Ho, Wo]
+                taps.push(xp.narrow(2, kh, ho)?.narrow(3, kw, wo)?); // [len, Cin, Ho, Wo]
             }
         }
-        // [N, Cin, K*K, Ho, Wo] -> [N, Cin*K*K, Ho*Wo], rows ordered like the kernel's
-        Tensor::stack(&taps, 2)?.reshape((n, cin * k * k, ho * wo))?
-    };
-    // [N, Cout, Ho*Wo] @ [N, Ho*Wo, Cin*K*K] -> [N, Cout, Cin*K*K] -> summed over the batch
-    let g = grad.contiguous()?.reshape((n, cout, ho * wo))?;
-    g.matmul(&cols.transpose(1, 2)?)?
-        .sum(0)?
-        .reshape((cout, cin, k, k))
+        // [len, Cin, K*K, Ho, Wo] -> [len, Cin*K*K, Ho*Wo], rows ordered like the kernel's
+        let cols = Tensor::stack(&taps, 2)?.reshape((len, cin * k * k, ho * wo))?;
+        let part = cols_product(&grad.narrow(0, start, len)?, &cols)?;
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+    }
+    let total = total.ok_or_else(|| candle_core::Error::Msg("conv2d: empty batch".into()))?;
+    total.reshape((cout, cin, k, k))
+}
+
+/// Elements of im2col columns [`kernel_grad`] builds at once (64 MiB of f32): a batch of
+/// large images goes in chunks of images (one at least), bounding the transient memory.
+const COLS_BUDGET: usize = 16 << 20;
+
+/// `grad: [n, Cout, Ho, Wo]`, `cols: [n, R, Ho*Wo]` -> `sum_n grad[n] @ cols[n]^T`: `[Cout, R]`.
+fn cols_product(grad: &Tensor, cols: &Tensor) -> Result<Tensor> {
+    let (n, cout, ho, wo) = grad.dims4()?;
+    // [n, Cout, Ho*Wo] @ [n, Ho*Wo, R] -> [n, Cout, R] -> summed over the images
+    let g = grad.reshape((n, cout, ho * wo))?;
+    g.matmul(&cols.transpose(1, 2)?)?.sum(0)
 }
 
 /// `(x, w)` -> `y`, the convolution of `x` and `w` computed beforehand (from detached
@@ -317,6 +351,21 @@ mod tests {
         assert!(grads.get(&w).is_some());
         let plain = conv2d(&x, &w.detach(), 1)?;
         assert_eq!(max_abs_diff(&plain, &x.conv2d(&w, 1, 1, 1, 1)?), 0.);
+        Ok(())
+    }
+
+    /// The kernel gradient summed over chunks of images (one image, two, all) is the same.
+    #[test]
+    fn kernel_gradient_in_chunks_of_images_is_the_same() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1., (5, 3, 7, 6), &dev)?;
+        let g = Tensor::randn(0f64, 1., (5, 4, 7, 6), &dev)?;
+        let per_image = 3 * 9 * 7 * 6;
+        let whole = kernel_grad_in_chunks(&x, &g, 3, 1, usize::MAX)?;
+        for budget in [1, 2 * per_image + 1] {
+            let chunked = kernel_grad_in_chunks(&x, &g, 3, 1, budget)?;
+            assert!(max_abs_diff(&whole, &chunked) < 1e-12, "budget {budget}");
+        }
         Ok(())
     }
 
