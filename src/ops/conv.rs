@@ -12,9 +12,10 @@
 //! - weight gradient (`conv_grad`): `grad_tile @ im2col_tile^T`, accumulated per parallel
 //!   chunk.
 //!
-//! Other devices and dtypes go to candle's own `Tensor::conv2d` (and its backward): candle's
+//! Other devices and dtypes go to candle's own `Tensor::conv2d` for the forward pass (candle's
 //! `ParamsConv2D` cannot be built outside candle, so a GPU `*_fwd` could not call the
-//! storage's conv2d; dispatching at the tensor level keeps GPU builds exactly as before.
+//! storage's conv2d) with a backward of forward convolutions and matmuls
+//! (`conv_generic`) instead of candle's `conv_transpose2d`.
 
 use std::cell::RefCell;
 
@@ -40,7 +41,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
         )
     }
     if !super::fast(x) || !matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.conv2d(w, padding, 1, 1, 1);
+        return super::conv_generic::conv2d_generic(x, w, padding);
     }
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Conv2d { padding })
@@ -409,7 +410,7 @@ impl CustomOp2 for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::check_op;
+    use crate::ops::gradcheck::{check_kernel, check_op};
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -473,44 +474,17 @@ mod tests {
         Ok(())
     }
 
-    /// Like `check_op`, for the kernel: `sum(conv(x1, w) * r1) + sum(conv(x2, w) * r2)`.
-    fn check_kernel(x_shape: &[usize], w_shape: &[usize], p: usize) -> Result<()> {
-        let dev = Device::Cpu;
-        let x1 = Tensor::randn(0f64, 1., x_shape, &dev)?;
-        let x2 = Tensor::randn(0f64, 1., x_shape, &dev)?;
-        let w = Var::from_tensor(&Tensor::randn(0f64, 1., w_shape, &dev)?)?;
-        let out_shape = conv2d(&x1, &w, p)?.dims().to_vec();
-        let r1 = Tensor::randn(0f64, 1., out_shape.as_slice(), &dev)?;
-        let r2 = Tensor::randn(0f64, 1., out_shape.as_slice(), &dev)?;
-        let loss = |w: &Tensor| -> Result<Tensor> {
-            conv2d(&x1, w, p)?.mul(&r1)?.sum_all()? + conv2d(&x2, w, p)?.mul(&r2)?.sum_all()?
-        };
-        let grads = loss(w.as_tensor())?.backward()?;
-        let g = grads.get(&w).expect("kernel gradient").flatten_all()?;
-        let g = g.to_vec1::<f64>()?;
-        let g_max = g.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let base = w.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-        let eps = 1e-6;
-        for i in 0..base.len() {
-            let (mut plus, mut minus) = (base.clone(), base.clone());
-            plus[i] += eps;
-            minus[i] -= eps;
-            let lp = loss(&Tensor::from_vec(plus, w_shape, &dev)?)?.to_scalar::<f64>()?;
-            let lm = loss(&Tensor::from_vec(minus, w_shape, &dev)?)?.to_scalar::<f64>()?;
-            let numeric = (lp - lm) / (2. * eps);
-            // floored at 1e-3 of the largest element: differences are good to ~1e-9 absolute
-            let err = (numeric - g[i]).abs() / numeric.abs().max(g[i].abs()).max(1e-3 * g_max);
-            assert!(err < 1e-5, "element {i}: autograd {} vs {numeric}", g[i]);
-        }
-        Ok(())
-    }
-
     #[test]
     fn kernel_gradient_matches_finite_differences() -> Result<()> {
-        check_kernel(&[2, 3, 5, 6], &[4, 3, 3, 3], 1)?;
-        check_kernel(&[1, 2, 6, 5], &[3, 2, 3, 3], 0)?;
-        check_kernel(&[2, 3, 4, 5], &[2, 3, 1, 1], 0)?;
-        check_kernel(&[1, 2, 4, 3], &[2, 2, 1, 1], 1)
+        for (x_shape, w_shape, p) in [
+            ([2, 3, 5, 6], [4, 3, 3, 3], 1),
+            ([1, 2, 6, 5], [3, 2, 3, 3], 0),
+            ([2, 3, 4, 5], [2, 3, 1, 1], 0),
+            ([1, 2, 4, 3], [2, 2, 1, 1], 1),
+        ] {
+            check_kernel(&x_shape, &w_shape, |x, w| conv2d(x, w, p))?;
+        }
+        Ok(())
     }
 
     #[test]

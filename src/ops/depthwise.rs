@@ -2,8 +2,10 @@
 //! inference. candle 0.11 runs a grouped convolution as one convolution per group (an im2col
 //! and a GEMM for every channel, then a concatenation); TinyViT (MobileSAM's encoder) has a
 //! depthwise 3x3 in every block. Here it is a direct loop, channels in parallel. Forward only:
-//! the op has no backward pass (SAM is never trained here); other devices use candle's grouped
-//! convolution.
+//! the op has no backward pass (SAM is never trained here). Other devices (and the forced
+//! generic path) run [`depthwise_generic`]: `K*K` shifted views of the padded input, each
+//! scaled per channel and summed, a few elementwise ops on the whole tensor instead of one
+//! convolution per channel.
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -32,9 +34,76 @@ pub fn depthwise_conv2d(
     if super::fast(x) {
         x.apply_op3_no_bwd(weight, bias, &Depthwise { stride, padding })
     } else {
-        x.conv2d(weight, padding, stride, 1, c)?
-            .broadcast_add(&bias.reshape((1, c, 1, 1))?)
+        depthwise_generic(x, weight, bias, stride, padding)
     }
+}
+
+/// `t` along `dim` with `before` zeros in front, then zero-padded or cut to `len` in all.
+fn place(t: &Tensor, dim: usize, before: usize, len: usize) -> Result<Tensor> {
+    let t = t.pad_with_zeros(dim, before, 0)?;
+    let have = t.dim(dim)?;
+    if have < len {
+        t.pad_with_zeros(dim, 0, len - have)
+    } else {
+        t.narrow(dim, 0, len)
+    }
+}
+
+/// The device-generic depthwise convolution (same arguments as [`depthwise_conv2d`]): output
+/// pixel `(oy, ox)` reads padded pixel `(s*oy + ky, s*ox + kx)`, so with the padded input split
+/// into its `s*s` phases `[N, C, s, s, Hp/s, Wp/s]` each tap `(ky, kx)` is one window of one
+/// phase, scaled by its per-channel weight and summed. Elementwise ops only (no per-channel convolutions), about
+/// the same work as the convolution itself.
+fn depthwise_generic(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    s: usize,
+    p: usize,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (_, _, k, _) = weight.dims4()?;
+    if h + 2 * p < k || w + 2 * p < k {
+        bail!("depthwise_conv2d: input {h}x{w} smaller than the kernel {k}");
+    }
+    let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+    // taps reach (K-1)/s + Ho rows of each phase
+    let (qh, qw) = ((k - 1) / s + ho, (k - 1) / s + wo);
+    // [N, C, H, W] -> padded [N, C, s*qh, s*qw] -> phases [N, C, s, s, qh, qw] (for stride
+    // 1 a reshape; else one strided copy, so that every tap below is copied by whole rows)
+    let xp = place(&place(x, 2, p, s * qh)?, 3, p, s * qw)?.contiguous()?;
+    let phases = if s == 1 {
+        xp.reshape((n, c, 1, 1, qh, qw))?
+    } else {
+        xp.reshape((n, c, qh, s, qw, s))?
+            .permute((0, 1, 3, 5, 2, 4))?
+            .contiguous()?
+    };
+    let taps = weight.reshape((c, k * k))?;
+    let mut acc: Option<Tensor> = None;
+    for ky in 0..k {
+        for kx in 0..k {
+            // [N, C, 1, 1, Ho, Wo], made contiguous (row copies)
+            let v = phases
+                .narrow(2, ky % s, 1)?
+                .narrow(3, kx % s, 1)?
+                .narrow(4, ky / s, ho)?
+                .narrow(5, kx / s, wo)?
+                .contiguous()?;
+            let wt = taps
+                .narrow(1, ky * k + kx, 1)?
+                .reshape((1, c, 1, 1, 1, 1))?;
+            let term = v.broadcast_mul(&wt)?;
+            acc = Some(match acc {
+                Some(a) => (a + term)?,
+                None => term,
+            });
+        }
+    }
+    let acc = acc.ok_or_else(|| candle_core::Error::Msg("depthwise_conv2d: 0x0 kernel".into()))?;
+    // [N, C, 1, 1, Ho, Wo] -> [N, C, Ho, Wo]
+    acc.reshape((n, c, ho, wo))?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }
 
 struct Depthwise {
@@ -140,30 +209,29 @@ mod tests {
         let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
         let ours = depthwise_conv2d(&x, &wt, &b, stride, padding).unwrap();
+        let generic = {
+            let _g = crate::ops::force_generic();
+            depthwise_conv2d(&x, &wt, &b, stride, padding).unwrap()
+        };
+        // the old generic path: candle's grouped convolution, one convolution per channel
         let reference = x
             .conv2d(&wt, padding, stride, 1, c)
             .unwrap()
             .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
             .unwrap();
-        assert_eq!(
-            ours.dims(),
-            reference.dims(),
-            "{h}x{w} k{k} s{stride} p{padding}"
-        );
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff < 1e-4,
-            "max diff {diff}: {h}x{w} k{k} s{stride} p{padding}"
-        );
+        for (what, t) in [("fast", &ours), ("generic", &generic)] {
+            assert_eq!(
+                t.dims(),
+                reference.dims(),
+                "{what}: {h}x{w} k{k} s{stride} p{padding}"
+            );
+            let diff = crate::ops::gradcheck::max_abs_diff(t, &reference);
+            // f32 sums of K*K products in another order
+            assert!(
+                diff < 1e-4,
+                "{what}: max diff {diff}: {h}x{w} k{k} s{stride} p{padding}"
+            );
+        }
     }
 
     #[test]
@@ -174,6 +242,8 @@ mod tests {
         check(1, 2, 7, 7, 5, 2, 2);
         check(1, 2, 5, 5, 1, 1, 0);
         check(1, 2, 9, 9, 3, 3, 1);
+        check(2, 3, 10, 11, 2, 3, 0); // taps of a phase stop short of the padded input
+        check(1, 3, 6, 7, 3, 2, 0);
     }
 
     #[test]

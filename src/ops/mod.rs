@@ -14,7 +14,11 @@
 //!
 //! Every op takes the CPU fast path only for CPU tensors and only when [`path`] allows it
 //! (`MEDMINE_OPS=generic` or [`force_generic`] send CPU tensors down the device-generic path,
-//! the candle composition a CUDA or Metal tensor takes).
+//! the candle composition a CUDA or Metal tensor takes). On that path `conv2d` keeps candle's
+//! forward but has a backward of forward convolutions and matmuls (`conv_generic`: cuDNN and
+//! cuBLAS on CUDA instead of candle's direct `conv_transpose2d` kernel), and
+//! `depthwise_conv2d` is `K*K` scaled views of the padded input instead of candle's one
+//! convolution per channel.
 //!
 //! Traps avoided (see `../shared/STACK-NOTES.md`):
 //! - `upsample_nearest2d` backward overwrites instead of accumulating;
@@ -27,6 +31,7 @@ mod conv;
 mod conv3x3;
 mod conv_bias;
 mod conv_cat_up;
+mod conv_generic;
 mod conv_grad;
 mod depthwise;
 pub mod fast_math;

@@ -9,6 +9,7 @@ mod data_dicom;
 mod data_loader;
 mod experiment;
 mod finetune;
+mod generic_bench;
 mod generic_ops;
 mod gradcheck;
 mod gui;

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod checkpoint;
 mod linear;
 pub mod mask_decoder;
+pub mod postprocess;
 pub mod predictor;
 pub mod preprocess;
 pub mod prompt_encoder;

@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
+use super::postprocess::postprocess_masks_t;
 use super::preprocess::{input_from_image, normalize_pad, postprocess_mask, resize_longest_side};
 use super::{Result, Sam, SamError, LOW_RES_SIZE};
 
@@ -219,6 +220,23 @@ impl SamPredictor {
         )?; // [B, M, 256, 256], [B, M]
         let m = low.dim(1)?;
         let iou = iou.to_vec2::<f32>()?;
+        if !crate::ops::fast(&low) {
+            // on the masks' device (no host round trip): same values as the CPU code below
+            let logits = postprocess_masks_t(&low, emb.input_size, emb.original_size)?;
+            let masks = logits.gt(0f32)?; // u8, [B, M, H, W]
+            return iou
+                .into_iter()
+                .enumerate()
+                .map(|(j, iou_predictions)| {
+                    Ok(Prediction {
+                        logits: logits.get(j)?,
+                        masks: masks.get(j)?,
+                        iou_predictions,
+                        low_res_logits: low.get(j)?, // [M, 256, 256]
+                    })
+                })
+                .collect();
+        }
         let low_host = low.flatten_all()?.to_vec1::<f32>()?;
         let (h, w) = emb.original_size;
         let plane = LOW_RES_SIZE * LOW_RES_SIZE;

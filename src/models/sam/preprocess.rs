@@ -154,6 +154,17 @@ pub fn normalize_pad(resized: &RgbImage, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(data, (1, 3, n, n), device)
 }
 
+/// PyTorch's bilinear source of output pixel `dst` along an axis of `in_size` -> `out_size`
+/// (`area_pixel_compute_source_index`: `max(scale * (dst + 0.5) - 0.5, 0)`): the two input
+/// pixels and the weight of the second.
+pub(super) fn source_index(dst: usize, in_size: usize, out_size: usize) -> (usize, usize, f32) {
+    let scale = in_size as f32 / out_size as f32;
+    let s = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
+    let i0 = s as usize;
+    let step = usize::from(i0 < in_size - 1);
+    (i0, i0 + step, s - i0 as f32)
+}
+
 /// PyTorch's bilinear `F.interpolate(align_corners=False)` (no antialias) of one channel,
 /// reading only `src[..in_h, ..in_w]` of a `src_w`-wide buffer, to `[out_h, out_w]`, of which
 /// only the top-left `[keep_h, keep_w]` is computed and returned.
@@ -164,14 +175,7 @@ pub fn resize_bilinear(
     (out_h, out_w): (usize, usize),
     (keep_h, keep_w): (usize, usize),
 ) -> Vec<f32> {
-    // area_pixel_compute_source_index: max(scale * (dst + 0.5) - 0.5, 0)
-    let index = |dst: usize, in_size: usize, out_size: usize| -> (usize, usize, f32) {
-        let scale = in_size as f32 / out_size as f32;
-        let s = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-        let i0 = s as usize;
-        let step = usize::from(i0 < in_size - 1);
-        (i0, i0 + step, s - i0 as f32)
-    };
+    let index = source_index;
     if (in_h, in_w) == (out_h, out_w) && (keep_h, keep_w) == (in_h, in_w) && src_w == in_w {
         // scale 1: every source index is the destination index with weight 0 (bit-identical)
         return src[..in_h * in_w].to_vec();
