@@ -33,6 +33,9 @@ pub struct DicomImage {
     /// `MONOCHROME1` (low values bright) or `MONOCHROME2` (low values dark).
     pub photometric: String,
     pub bits_stored: u16,
+    /// The file has a RescaleSlope or RescaleIntercept tag: its modality values are
+    /// physical units (Hounsfield units for CT).
+    pub rescaled: bool,
 }
 
 impl DicomImage {
@@ -72,6 +75,60 @@ impl DicomImage {
             width: self.width,
             height: self.height,
             data,
+        }
+    }
+}
+
+/// What the `[0, 1]` values of an image from [`crate::data::load_image`] stand for, for
+/// display: the image's own value at 0 and at 1, the inversion, and the file's window. The
+/// app's window/level and its presets work in these units.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ValueRange {
+    /// The image's own value shown as 0 (as 1 when `inverted`).
+    pub lo: f64,
+    /// The image's own value shown as 1 (as 0 when `inverted`).
+    pub hi: f64,
+    /// `MONOCHROME1`: `[0, 1]` value = `1 - (v - lo) / (hi - lo)`.
+    pub inverted: bool,
+    /// DICOM modality values with a rescale (Hounsfield units for CT).
+    pub rescaled: bool,
+    /// DICOM: the values are modality values (else 8-bit gray `0..=255`).
+    pub dicom: bool,
+    /// The file's own (centre, width), in the image's values.
+    pub window: Option<(f64, f64)>,
+}
+
+impl ValueRange {
+    /// 8-bit images (and 16-bit or float images, whose values are stretched to `[0, 1]` on
+    /// decoding): the gray levels `0..=255`.
+    pub const GRAY8: ValueRange = ValueRange {
+        lo: 0.0,
+        hi: 255.0,
+        inverted: false,
+        rescaled: false,
+        dicom: false,
+        window: None,
+    };
+}
+
+impl DicomImage {
+    /// The display range of [`DicomImage::to_image_f32`]'s output.
+    pub fn value_range(&self) -> ValueRange {
+        let (lo, hi) = min_max(&self.samples);
+        let (lo, hi) = if lo.is_finite() && hi.is_finite() {
+            (f64::from(lo), f64::from(hi))
+        } else {
+            (0.0, 0.0)
+        };
+        ValueRange {
+            lo,
+            hi,
+            inverted: self.is_inverted(),
+            rescaled: self.rescaled,
+            dicom: true,
+            window: self
+                .window
+                .filter(|(c, w)| c.is_finite() && w.is_finite() && *w > 0.0),
         }
     }
 }
@@ -247,6 +304,7 @@ struct Header {
     bits_stored: u16,
     slope: f64,
     intercept: f64,
+    rescaled: bool,
     window: Option<(f64, f64)>,
 }
 
@@ -354,6 +412,8 @@ fn header(obj: &DefaultDicomObject, path: &Path) -> Result<Header, DataError> {
         return Err(bad(path, "RescaleSlope is 0"));
     }
     let intercept = rescale(tags::RESCALE_INTERCEPT, "RescaleIntercept", 0.0)?;
+    let rescaled = float_tag(obj, tags::RESCALE_SLOPE).is_some()
+        || float_tag(obj, tags::RESCALE_INTERCEPT).is_some();
     let window = match (
         float_tag(obj, tags::WINDOW_CENTER),
         float_tag(obj, tags::WINDOW_WIDTH),
@@ -368,6 +428,7 @@ fn header(obj: &DefaultDicomObject, path: &Path) -> Result<Header, DataError> {
         bits_stored: stored as u16,
         slope,
         intercept,
+        rescaled,
         window,
     })
 }
@@ -478,6 +539,7 @@ pub fn read_dicom(path: &Path) -> Result<DicomImage, DataError> {
         window: h.window,
         photometric: h.photometric,
         bits_stored: h.bits_stored,
+        rescaled: h.rescaled,
     })
 }
 
@@ -499,6 +561,7 @@ mod tests {
             window: None,
             photometric: photometric.into(),
             bits_stored: 12,
+            rescaled: false,
         }
     }
 

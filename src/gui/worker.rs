@@ -25,7 +25,9 @@ use crate::data::{self, Mask};
 use crate::mining::finetune::FinetuneConfig;
 use crate::mining::{LabelerKind, MiningConfig, MiningSummary};
 use crate::progress::TrainEvent;
-use crate::store::{Actor, Project, PseudoLabel, ReviewState, Role};
+use crate::store::{
+    Actor, ImageScore, Project, PseudoLabel, ReviewState, Role, ScoreSource, ViewWindow,
+};
 use crate::train::TrainStatus;
 
 /// One row of the image list.
@@ -38,6 +40,12 @@ pub struct ImageRow {
     pub ground_truth: bool,
     pub pseudo_label: bool,
     pub path: PathBuf,
+    /// Dice of the newest pseudo-label against the ground truth (cached in the store).
+    pub pseudo_dice: Option<f64>,
+    /// Dice of the loaded U-Net++'s prediction against the ground truth.
+    pub unet_dice: Option<f64>,
+    /// Mean binary entropy of the loaded U-Net++'s probability map.
+    pub uncertainty: Option<f64>,
 }
 
 /// An image with everything the canvas shows.
@@ -60,6 +68,11 @@ pub struct LoadedImage {
     pub edit: Option<Mask>,
     /// Every round's pseudo-label (prompts and scores), oldest first.
     pub rounds: Vec<PseudoLabel>,
+    /// What the image's `[0, 1]` values stand for (window/level units, the DICOM window).
+    pub range: data::ValueRange,
+    /// The window the user set for this image, and the project's window.
+    pub window_image: Option<ViewWindow>,
+    pub window_project: Option<ViewWindow>,
 }
 
 /// Work for the store thread.
@@ -87,6 +100,23 @@ pub enum StoreCommand {
     Redo(String),
     /// Drops the edit: the SAM proposal (newest pseudo-label) is current again (pending).
     ResetToProposal(String),
+    /// Keeps a display window: for `image`, or the project's when `None`; `window: None`
+    /// removes it (the image follows the project's window again).
+    SetWindow {
+        image: Option<String>,
+        window: Option<ViewWindow>,
+    },
+    /// The U-Net++ the list's Dice and uncertainty are for (`None`: no model).
+    SetModel(Option<PathBuf>),
+    /// Caches the U-Net++ score of an image: its Dice against the ground truth (computed
+    /// here, where the truth is) and its uncertainty; the list is sent again.
+    SaveScore {
+        image: String,
+        model: PathBuf,
+        /// The prediction, 0/1 per pixel.
+        prediction: Vec<u8>,
+        uncertainty: f64,
+    },
 }
 
 /// A SAM prompt from the canvas, in original-image pixels.
@@ -252,6 +282,8 @@ pub enum Event {
     Probability {
         image: String,
         probs: Vec<u8>,
+        /// Mean binary entropy of the map ([`crate::metrics::mean_binary_entropy`]).
+        uncertainty: f64,
     },
     JobStarted {
         what: String,
@@ -403,21 +435,36 @@ impl Workers {
     }
 }
 
-fn rows(p: &Project) -> Result<Vec<ImageRow>> {
+/// The list: every image with its cached scores (the U-Net++ ones of `model` only).
+fn rows(p: &Project, model: Option<&std::path::Path>) -> Result<Vec<ImageRow>> {
     let status = p.status()?;
     let paths: std::collections::HashMap<String, PathBuf> =
         p.images()?.into_iter().map(|r| (r.name, r.path)).collect();
+    let pseudo = p.scores(ScoreSource::Pseudo)?;
+    let model = model.map(|m| m.display().to_string());
+    let unet: std::collections::HashMap<String, ImageScore> = p
+        .scores(ScoreSource::Unet)?
+        .into_iter()
+        .filter(|(_, s)| Some(&s.reference) == model.as_ref())
+        .collect();
     Ok(status
         .images
         .into_iter()
-        .map(|s| ImageRow {
-            path: paths.get(&s.name).cloned().unwrap_or_default(),
-            name: s.name,
-            role: s.role,
-            state: s.review,
-            quality: s.quality,
-            ground_truth: s.ground_truth,
-            pseudo_label: s.pseudo_label_round.is_some(),
+        .map(|s| {
+            let u = unet.get(&s.name);
+            ImageRow {
+                path: paths.get(&s.name).cloned().unwrap_or_default(),
+                // a pseudo-label score counts only while that label is the newest
+                pseudo_dice: pseudo.get(&s.name).and_then(|d| d.dice),
+                unet_dice: u.and_then(|u| u.dice),
+                uncertainty: u.and_then(|u| u.uncertainty),
+                name: s.name,
+                role: s.role,
+                state: s.review,
+                quality: s.quality,
+                ground_truth: s.ground_truth,
+                pseudo_label: s.pseudo_label_round.is_some(),
+            }
         })
         .collect())
 }
@@ -440,7 +487,7 @@ fn edit_mask(p: &Project, image: &str) -> Result<Option<Mask>> {
 
 fn load(p: &Project, name: &str) -> Result<LoadedImage> {
     let rec = p.image(name)?;
-    let img = p.load_image(name)?;
+    let (img, range) = data::load_image_with_range(&p.image_file(name)?)?;
     let n = img.width * img.height;
     let (r, g, b) = (img.channel(0), img.channel(1), img.channel(2));
     let grayscale = r == g && g == b;
@@ -471,6 +518,9 @@ fn load(p: &Project, name: &str) -> Result<LoadedImage> {
         pseudo,
         edit: edit_mask(p, name)?,
         rounds,
+        range,
+        window_image: p.image_window(name)?,
+        window_project: p.project_window()?,
     })
 }
 
@@ -481,6 +531,7 @@ const GUI_ACTOR: Actor<'static> = Actor {
 
 fn store_thread(rx: Receiver<StoreCommand>, out: Outbox) {
     let mut project: Option<Project> = None;
+    let mut model: Option<PathBuf> = None;
     for cmd in rx {
         let context = format!("{cmd:?}").chars().take(80).collect::<String>();
         guarded(&out, &context, || {
@@ -505,14 +556,21 @@ fn store_thread(rx: Receiver<StoreCommand>, out: Outbox) {
             if let StoreCommand::Open(root) | StoreCommand::OpenOrCreate { project: root, .. } =
                 &cmd
             {
-                let p = Project::open(root)
+                let mut p = Project::open(root)
                     .with_context(|| format!("opening project {}", root.display()))?;
+                model = project_model(&p);
                 out.send(Event::Opened {
                     root: p.root().to_path_buf(),
-                    rows: rows(&p)?,
-                    model: project_model(&p),
+                    rows: rows(&p, model.as_deref())?,
+                    model: model.clone(),
                 });
+                // pseudo-label Dice of labels mined since the last open (cached in the store)
+                let computed = p.update_pseudo_scores();
+                let listing = rows(&p, model.as_deref());
                 project = Some(p);
+                if computed? > 0 {
+                    out.send(Event::Listing(listing?));
+                }
                 return Ok(());
             }
             let p = project.as_mut().context("no project is open")?;
@@ -520,7 +578,32 @@ fn store_thread(rx: Receiver<StoreCommand>, out: Outbox) {
                 StoreCommand::Open(_) | StoreCommand::OpenOrCreate { .. } => {
                     unreachable!("handled above")
                 }
-                StoreCommand::Refresh => out.send(Event::Listing(rows(p)?)),
+                StoreCommand::Refresh => {
+                    p.update_pseudo_scores()?;
+                    out.send(Event::Listing(rows(p, model.as_deref())?))
+                }
+                StoreCommand::SetWindow { image, window } => match image {
+                    Some(image) => p.set_image_window(&image, window.as_ref())?,
+                    None => p.set_project_window(window.as_ref())?,
+                },
+                StoreCommand::SetModel(m) => {
+                    model = m;
+                    out.send(Event::Listing(rows(p, model.as_deref())?));
+                }
+                StoreCommand::SaveScore {
+                    image,
+                    model: m,
+                    prediction,
+                    uncertainty,
+                } => {
+                    let score = ImageScore {
+                        reference: m.display().to_string(),
+                        dice: p.dice_against_truth(&image, &prediction)?,
+                        uncertainty: Some(uncertainty),
+                    };
+                    p.set_score(&image, ScoreSource::Unet, &score)?;
+                    out.send(Event::Listing(rows(p, model.as_deref())?));
+                }
                 StoreCommand::Load(name) => out.send(Event::Loaded(Box::new(load(p, &name)?))),
                 StoreCommand::Review { image, state } => {
                     p.set_review(&[&image], state, GUI_ACTOR)?;
