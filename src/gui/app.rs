@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::canvas::{CanvasIntent, Pointer, Tool, View};
-use super::overlay::{self, CanvasData, OverlayUniform, LAYER_EDIT, LAYER_GT, LAYER_PROB};
+use super::overlay::{self, CanvasData, LAYER_EDIT};
 use super::sam_edit::SamObject;
 use super::training::Training;
 use super::worker::{ClickPrompt, ImageRow, LoadedImage, ModelCommand, StoreCommand, Workers};
@@ -495,53 +495,6 @@ impl App {
         Self::set_layer(cur, LAYER_EDIT, mask.as_ref());
     }
 
-    /// The shader uniform for the main canvas (the canvas fills in the transform).
-    pub(super) fn uniform(&self, only: Option<usize>) -> OverlayUniform {
-        let mut u = OverlayUniform::zeroed();
-        if let Some(c) = &self.current {
-            u.image_size = [c.image.width as f32, c.image.height as f32];
-            u.flags[0] = u32::from(c.image.grayscale);
-        }
-        u.window = self.wl.window.to_shader(&self.wl.range);
-        for (i, l) in self.prefs.layers.iter().enumerate() {
-            let [r, g, b] = l.color;
-            u.colors[i] = [r as f32 / 255., g as f32 / 255., b as f32 / 255., l.opacity];
-            u.modes[i] = if !l.visible {
-                0
-            } else if i == LAYER_PROB {
-                3
-            } else if l.outline {
-                2
-            } else {
-                1
-            };
-            if let Some(o) = only {
-                u.modes[i] = if i == o {
-                    if i == LAYER_PROB {
-                        3
-                    } else {
-                        2
-                    }
-                } else {
-                    0
-                };
-            }
-        }
-        match self.compare {
-            Compare::Swipe if only.is_none() => {
-                u.flags[2] = 1;
-                u.params[0] = self.swipe;
-                u.sides = [1, 0, 2, 2];
-                u.modes[LAYER_GT] = 2;
-                u.modes[self.current_mask_layer()] = 2;
-            }
-            // the error map compares the ground truth with the chosen source
-            Compare::ErrorMap if only.is_none() => u.flags[1] = self.error_layer() as u32 + 1,
-            _ => {}
-        }
-        u
-    }
-
     pub(super) fn request_thumbnails(&mut self) {
         for r in &self.rows {
             if self.thumbs_requested.insert(r.name.clone()) {
@@ -590,26 +543,6 @@ impl App {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }
     }
-
-    pub(super) fn toasts_ui(&self, ctx: &egui::Context) {
-        if self.toasts.is_empty() {
-            return;
-        }
-        egui::Area::new(egui::Id::unique("toasts"))
-            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12., -36.))
-            .show(ctx, |ui| {
-                for t in &self.toasts {
-                    let color = if t.error {
-                        egui::Color32::from_rgb(120, 30, 30)
-                    } else {
-                        egui::Color32::from_rgb(40, 60, 40)
-                    };
-                    egui::Frame::popup(ui.style()).fill(color).show(ui, |ui| {
-                        ui.label(egui::RichText::new(&t.text).color(egui::Color32::WHITE));
-                    });
-                }
-            });
-    }
 }
 
 impl eframe::App for App {
@@ -621,5 +554,3 @@ impl eframe::App for App {
         eframe::set_value(storage, PREFS_KEY, &self.prefs);
     }
 }
-
-use bytemuck::Zeroable as _;

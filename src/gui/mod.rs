@@ -19,6 +19,7 @@ pub mod path_field;
 pub mod sam_edit;
 pub mod scheduler;
 mod scoring;
+mod store_thread;
 pub mod training;
 pub mod view_ui;
 pub mod weights_panel;

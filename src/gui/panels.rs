@@ -463,4 +463,24 @@ impl App {
             });
         self.show_help = open;
     }
+
+    pub(super) fn toasts_ui(&self, ctx: &egui::Context) {
+        if self.toasts.is_empty() {
+            return;
+        }
+        egui::Area::new(egui::Id::unique("toasts"))
+            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12., -36.))
+            .show(ctx, |ui| {
+                for t in &self.toasts {
+                    let color = if t.error {
+                        egui::Color32::from_rgb(120, 30, 30)
+                    } else {
+                        egui::Color32::from_rgb(40, 60, 40)
+                    };
+                    egui::Frame::popup(ui.style()).fill(color).show(ui, |ui| {
+                        ui.label(egui::RichText::new(&t.text).color(egui::Color32::WHITE));
+                    });
+                }
+            });
+    }
 }

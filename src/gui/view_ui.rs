@@ -3,7 +3,9 @@
 //! source (the pseudo-label / edit, or the U-Net++ prediction).
 use super::app::{App, Compare, Intent};
 use super::canvas::{canvas_ui, CanvasInput, Pointer, Tool};
-use super::overlay::{LAYER_EDIT, LAYER_GT, LAYER_PROB, LAYER_PSEUDO};
+use bytemuck::Zeroable as _;
+
+use super::overlay::{OverlayUniform, LAYER_EDIT, LAYER_GT, LAYER_PROB, LAYER_PSEUDO};
 use super::window::{self, Preset, Window, WindowSource};
 use super::worker::StoreCommand;
 use crate::data::ValueRange;
@@ -69,6 +71,58 @@ pub enum WindowIntent {
 }
 
 impl App {
+    /// The shader uniform for the main canvas (the canvas fills in the transform).
+    pub(super) fn uniform(&self, only: Option<usize>) -> OverlayUniform {
+        let mut u = OverlayUniform::zeroed();
+        if let Some(c) = &self.current {
+            u.image_size = [c.image.width as f32, c.image.height as f32];
+            u.flags[0] = u32::from(c.image.grayscale);
+        }
+        u.window = self.wl.window.to_shader(&self.wl.range);
+        for (i, l) in self.prefs.layers.iter().enumerate() {
+            let [r, g, b] = l.color;
+            u.colors[i] = [r as f32 / 255., g as f32 / 255., b as f32 / 255., l.opacity];
+            u.modes[i] = if !l.visible {
+                0
+            } else if i == LAYER_PROB {
+                3
+            } else if l.outline {
+                2
+            } else {
+                1
+            };
+            if let Some(o) = only {
+                u.modes[i] = if i == o {
+                    if i == LAYER_PROB {
+                        3
+                    } else {
+                        2
+                    }
+                } else {
+                    0
+                };
+            }
+        }
+        match self.compare {
+            Compare::Swipe if only.is_none() => {
+                u.flags[2] = 1;
+                u.params[0] = self.swipe;
+                u.sides = [1, 0, 2, 2];
+                u.modes[LAYER_GT] = 2;
+                u.modes[self.current_mask_layer()] = 2;
+            }
+            // the error map compares the ground truth with the chosen source
+            Compare::ErrorMap if only.is_none() => u.flags[1] = self.error_layer() as u32 + 1,
+            _ => {}
+        }
+        u
+    }
+
+    /// Where the main canvas (in compare panes: the first pane) was drawn last frame.
+    pub fn canvas_rect(&self) -> Option<egui::Rect> {
+        self.canvas_rect
+    }
+
     /// The window on the canvas.
     pub fn window(&self) -> &WindowState {
         &self.wl
