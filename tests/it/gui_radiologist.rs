@@ -15,7 +15,7 @@ use medmine::gui::app::{ErrorSource, SortBy};
 use medmine::gui::window::{Preset, WindowSource};
 use medmine::gui::App;
 use medmine::metrics::Confusion;
-use medmine::store::Project;
+use medmine::store::{ImportOptions, Project, RunStatus, ScoreSource};
 
 use super::gui::{app_harness_sized, loaded, lung_project, wait_for};
 
@@ -262,4 +262,116 @@ fn compare_panes_pan_together() {
         ((after - before) - delta).length() < 2.0,
         "before {before:?} after {after:?}"
     );
+}
+
+#[test]
+fn a_dicom_image_starts_at_its_own_window_and_presets_are_in_hounsfield_units() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ct");
+    std::fs::create_dir_all(data.join("images")).unwrap();
+    for n in ["s1", "s2"] {
+        crate::data_dicom::write_ct(&data.join(format!("images/{n}.dcm")), 48);
+    }
+    let root = tmp.path().join("project");
+    let mut p = Project::init(&root).unwrap();
+    p.import(&ImportOptions::new(&data)).unwrap();
+    drop(p);
+
+    let mut h = harness(&root);
+    let name = loaded(&mut h);
+    let w = h.state().window();
+    assert_eq!(w.source, WindowSource::File);
+    assert_eq!((w.window.center, w.window.width), (40.0, 400.0));
+    assert!(w.range.rescaled && w.range.dicom);
+    assert_eq!((w.range.lo, w.range.hi), (-1024.0, 3071.0));
+    h.get_by_label("lung").click();
+    h.step();
+    assert_eq!(
+        (
+            h.state().window().window.center,
+            h.state().window().window.width
+        ),
+        (-600.0, 1500.0)
+    );
+    store_until(&root, "the lung window saved in HU", |p| {
+        p.image_window(&name)
+            .unwrap()
+            .is_some_and(|w| w.center == -600.0 && w.unit == "hu")
+    });
+}
+
+#[test]
+fn scoring_with_the_unet_fills_the_list_and_sorts_by_uncertainty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let dev = candle_core::Device::Cpu;
+    let ckpt =
+        medmine::train::checkpoint::fresh_checkpoint(&root.join("runs/init"), 2, 32, 1, &dev)
+            .unwrap();
+    let mut p = Project::open(&root).unwrap();
+    let run = p
+        .start_run("init", &serde_json::json!({}), &root.join("runs/init"))
+        .unwrap();
+    p.finish_run(run, RunStatus::Done, Some(&ckpt), Some(&ckpt), None)
+        .unwrap();
+    let images = p.images().unwrap();
+    drop(p);
+
+    let mut h = harness(&root);
+    loaded(&mut h);
+    wait_for(&mut h, "the project's U-Net++", |a| a.model().is_some());
+    h.get_by_label("Score images").click();
+    wait_for(&mut h, "every image scored", |a| {
+        a.visible_rows().iter().all(|r| r.uncertainty.is_some())
+    });
+    // what the list shows is what the store keeps, and is the model's own entropy
+    let stored = Project::open(&root)
+        .unwrap()
+        .scores(ScoreSource::Unet)
+        .unwrap();
+    let predictor = medmine::predict::Predictor::load(
+        &ckpt,
+        &dev,
+        medmine::models::unetpp::InferenceMode::Accurate,
+    )
+    .unwrap();
+    let rec = &images[0];
+    let img = data::load_image(&rec.path).unwrap();
+    let prob = predictor.predict(&[&img]).unwrap().pop().unwrap();
+    let h0 = medmine::metrics::mean_binary_entropy(&prob.data);
+    let row = h
+        .state()
+        .visible_rows()
+        .into_iter()
+        .find(|r| r.name == rec.name)
+        .cloned()
+        .unwrap();
+    assert!(
+        (row.uncertainty.unwrap() - h0).abs() < 1e-9,
+        "{row:?} vs {h0}"
+    );
+    assert_eq!(stored[&rec.name].uncertainty, row.uncertainty);
+    for r in h.state().visible_rows() {
+        assert_eq!(r.unet_dice.is_some(), r.ground_truth, "{r:?}");
+        let u = r.uncertainty.unwrap();
+        assert!((0.0..=1.0).contains(&u), "{r:?}");
+    }
+    h.get_by_label(SortBy::Uncertainty.label()).click();
+    h.step();
+    let order: Vec<f64> = h
+        .state()
+        .visible_rows()
+        .iter()
+        .map(|r| r.uncertainty.unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] >= w[1]), "{order:?}");
+    h.get_by_label(SortBy::UnetDice.label()).click();
+    h.step();
+    let order: Vec<f64> = h
+        .state()
+        .visible_rows()
+        .iter()
+        .filter_map(|r| r.unet_dice)
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
 }
