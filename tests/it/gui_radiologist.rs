@@ -375,3 +375,46 @@ fn scoring_with_the_unet_fills_the_list_and_sorts_by_uncertainty() {
         .collect();
     assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
 }
+
+#[test]
+fn a_right_drag_windows_the_image_and_is_kept_once_it_rests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let mut h = harness(&root);
+    let name = loaded(&mut h);
+    let before = h.state().window().window;
+    let c = h.state().canvas_rect().unwrap().center();
+    let button = |pos, pressed| egui::Event::PointerButton {
+        pos,
+        button: egui::PointerButton::Secondary,
+        pressed,
+        modifiers: egui::Modifiers::NONE,
+    };
+    h.hover_at(c);
+    h.step();
+    h.event(button(c, true));
+    h.step();
+    for k in 1..=5 {
+        h.hover_at(c + vec2(8.0 * k as f32, -10.0 * k as f32));
+        h.step();
+    }
+    h.event(button(c + vec2(40.0, -50.0), false));
+    h.step();
+    let after = h.state().window().window;
+    // up raises the level (the centre), right widens the window
+    assert!(
+        after.center > before.center + 1.0,
+        "{before:?} -> {after:?}"
+    );
+    assert!(after.width > before.width + 1.0, "{before:?} -> {after:?}");
+    assert_eq!(h.state().window().source, WindowSource::Image);
+    // saved after the drag rests (the harness's clock advances one step per frame)
+    for _ in 0..60 {
+        h.step();
+    }
+    store_until(&root, "the dragged window saved", |p| {
+        p.image_window(&name)
+            .unwrap()
+            .is_some_and(|w| (w.center - after.center).abs() < 1e-9)
+    });
+}
