@@ -168,8 +168,8 @@ fn colour_at(h: &mut Harness<'static, App>, at: egui::Pos2) -> [f32; 3] {
     for dy in -2..=2 {
         for dx in -2..=2 {
             let px = img.get_pixel((at.x as i32 + dx) as u32, (at.y as i32 + dy) as u32);
-            for c in 0..3 {
-                sum[c] += f32::from(px.0[c]);
+            for (acc, v) in sum.iter_mut().zip(px.0) {
+                *acc += f32::from(v);
             }
             n += 1.0;
         }
