@@ -155,6 +155,20 @@ impl App {
                     self.sort = by;
                 }
             }
+            if ui
+                .add_enabled(
+                    self.model.is_some() && !self.training.running(),
+                    egui::Button::new("Score images"),
+                )
+                .on_hover_text(
+                    "Predict every image with the U-Net++ and keep its Dice against the ground \
+                     truth and its uncertainty, for the image list's sort",
+                )
+                .on_disabled_hover_text("Needs a U-Net++ model")
+                .clicked()
+            {
+                self.intents.push(Intent::ScoreAll);
+            }
         });
         ui.separator();
         let rows: Vec<_> = self.visible_rows().into_iter().cloned().collect();

@@ -201,7 +201,6 @@ impl App {
                 }
             }
         });
-        self.error_map_ui(ui);
     }
 
     fn layers_ui(&mut self, ui: &mut egui::Ui) {
@@ -232,7 +231,6 @@ impl App {
             "5 Prompts (boxes, points by round)",
         )
         .on_hover_text("Show the SAM prompts of every mining round (5)");
-        self.window_ui(ui);
     }
 
     fn facts_ui(&self, ui: &mut egui::Ui) {
@@ -346,20 +344,6 @@ impl App {
                 .clicked()
             {
                 self.intents.push(Intent::Precompute);
-            }
-            if ui
-                .add_enabled(
-                    self.model.is_some() && !self.training.running(),
-                    egui::Button::new("Score images"),
-                )
-                .on_hover_text(
-                    "Predict every image with the U-Net++ and keep its Dice against the ground \
-                     truth and its uncertainty, for the image list's sort",
-                )
-                .on_disabled_hover_text("Needs a U-Net++ model")
-                .clicked()
-            {
-                self.intents.push(Intent::ScoreAll);
             }
             let can_mine = self.model.is_some() && !self.training.running();
             if ui

@@ -271,7 +271,7 @@ impl App {
         self.save_image_window();
     }
 
-    /// Window/level controls (grayscale images).
+    /// Window/level controls (grayscale images), above the canvas.
     pub(super) fn window_ui(&mut self, ui: &mut egui::Ui) {
         if !self.current.as_ref().is_some_and(|c| c.image.grayscale) {
             return;
@@ -282,7 +282,7 @@ impl App {
             "modality" => "DICOM values",
             _ => "gray levels 0–255",
         };
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.label("window/level")
                 .on_hover_text(format!("In {unit}. Right-drag on the image changes it too"));
             let mut w = self.wl.window;
@@ -307,8 +307,6 @@ impl App {
             if (c.changed() || wd.changed()) && w != self.wl.window {
                 self.intents.push(Intent::Window(WindowIntent::Set(w)));
             }
-        });
-        ui.horizontal_wrapped(|ui| {
             for p in Preset::ALL {
                 if ui
                     .small_button(p.label())
@@ -318,8 +316,7 @@ impl App {
                     self.intents.push(Intent::Window(WindowIntent::Preset(p)));
                 }
             }
-        });
-        ui.horizontal_wrapped(|ui| {
+            ui.separator();
             ui.label(egui::RichText::new(format!("from {}", self.wl.source.describe())).small());
             if ui
                 .small_button("reset to project window")
@@ -387,6 +384,12 @@ impl App {
                     "Loading…"
                 })
             });
+            return;
+        };
+        // the radiologist's toolbar: window/level and the error map's source
+        self.window_ui(ui);
+        self.error_map_ui(ui);
+        let Some(cur) = &self.current else {
             return;
         };
         let data = cur.data.clone();
