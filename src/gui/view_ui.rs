@@ -376,7 +376,7 @@ impl App {
 
     /// Lays the canvas (or the three compare panes) into the central panel.
     pub(super) fn canvas_area_ui(&mut self, ui: &mut egui::Ui) {
-        let Some(cur) = &self.current else {
+        if self.current.is_none() {
             ui.centered_and_justified(|ui| {
                 ui.label(if self.project.is_none() {
                     "Open a project (Project > Open…) or create one from a dataset folder."
@@ -385,7 +385,7 @@ impl App {
                 })
             });
             return;
-        };
+        }
         // the radiologist's toolbar: window/level and the error map's source
         self.window_ui(ui);
         self.error_map_ui(ui);
