@@ -105,6 +105,16 @@ pub struct ScoreSummary {
     pub cancelled: bool,
 }
 
+/// Why [`score_project`] stopped (an image that cannot be read or predicted is only
+/// counted in [`ScoreSummary::failed`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// Predicts every image of a project with the U-Net++ at `model` and caches per image the
 /// Dice of the prediction (>= 0.5) against the ground truth (where there is one) and the
 /// mean binary entropy of the probability map ([`crate::metrics::mean_binary_entropy`]): the
@@ -116,7 +126,7 @@ pub fn score_project(
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
     cancel: &std::sync::atomic::AtomicBool,
-) -> anyhow::Result<ScoreSummary> {
+) -> Result<ScoreSummary, ScoreError> {
     use crate::store::{ImageScore, ScoreSource};
     let predictor = Predictor::load(model, device, InferenceMode::Accurate)?;
     let images = p.images()?;
@@ -128,15 +138,20 @@ pub fn score_project(
             out.cancelled = true;
             break;
         }
-        let one = || -> anyhow::Result<ImageScore> {
-            let img = crate::data::load_image(&p.image_file(&rec.name)?)?;
+        let one = || -> Result<ImageScore, String> {
+            let path = p.image_file(&rec.name).map_err(|e| e.to_string())?;
+            let img = crate::data::load_image(&path).map_err(|e| e.to_string())?;
             let prob = predictor
-                .predict(&[&img])?
+                .predict(&[&img])
+                .map_err(|e| format!("{}: prediction failed: {e}", rec.name))?
                 .pop()
-                .ok_or_else(|| anyhow::anyhow!("no probability map"))?;
+                .ok_or_else(|| format!("{}: no probability map", rec.name))?;
+            let dice = p
+                .dice_against_truth(&rec.name, &prob.to_mask().data)
+                .map_err(|e| e.to_string())?;
             Ok(ImageScore {
                 reference: model.display().to_string(),
-                dice: p.dice_against_truth(&rec.name, &prob.to_mask().data)?,
+                dice,
                 uncertainty: Some(crate::metrics::mean_binary_entropy(&prob.data)),
             })
         };
@@ -145,7 +160,7 @@ pub fn score_project(
                 p.set_score(&rec.name, ScoreSource::Unet, &score)?;
                 out.scored += 1;
             }
-            Err(e) => out.failed.push((rec.name.clone(), format!("{e:#}"))),
+            Err(e) => out.failed.push((rec.name.clone(), e)),
         }
         progress(i + 1, total);
     }

@@ -79,61 +79,7 @@ impl DicomImage {
     }
 }
 
-/// What the `[0, 1]` values of an image from [`crate::data::load_image`] stand for, for
-/// display: the image's own value at 0 and at 1, the inversion, and the file's window. The
-/// app's window/level and its presets work in these units.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ValueRange {
-    /// The image's own value shown as 0 (as 1 when `inverted`).
-    pub lo: f64,
-    /// The image's own value shown as 1 (as 0 when `inverted`).
-    pub hi: f64,
-    /// `MONOCHROME1`: `[0, 1]` value = `1 - (v - lo) / (hi - lo)`.
-    pub inverted: bool,
-    /// DICOM modality values with a rescale (Hounsfield units for CT).
-    pub rescaled: bool,
-    /// DICOM: the values are modality values (else 8-bit gray `0..=255`).
-    pub dicom: bool,
-    /// The file's own (centre, width), in the image's values.
-    pub window: Option<(f64, f64)>,
-}
-
-impl ValueRange {
-    /// 8-bit images (and 16-bit or float images, whose values are stretched to `[0, 1]` on
-    /// decoding): the gray levels `0..=255`.
-    pub const GRAY8: ValueRange = ValueRange {
-        lo: 0.0,
-        hi: 255.0,
-        inverted: false,
-        rescaled: false,
-        dicom: false,
-        window: None,
-    };
-}
-
-impl DicomImage {
-    /// The display range of [`DicomImage::to_image_f32`]'s output.
-    pub fn value_range(&self) -> ValueRange {
-        let (lo, hi) = min_max(&self.samples);
-        let (lo, hi) = if lo.is_finite() && hi.is_finite() {
-            (f64::from(lo), f64::from(hi))
-        } else {
-            (0.0, 0.0)
-        };
-        ValueRange {
-            lo,
-            hi,
-            inverted: self.is_inverted(),
-            rescaled: self.rescaled,
-            dicom: true,
-            window: self
-                .window
-                .filter(|(c, w)| c.is_finite() && w.is_finite() && *w > 0.0),
-        }
-    }
-}
-
-fn min_max(values: &[f32]) -> (f32, f32) {
+pub(super) fn min_max(values: &[f32]) -> (f32, f32) {
     values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use image::{DynamicImage, ExtendedColorType, ImageError, ImageFormat, ImageReader};
 
-use super::dicom::{dicom_size, is_dicom_path, load_dicom, read_dicom, ValueRange};
+use super::dicom::{dicom_size, is_dicom_path, load_dicom};
 use super::{DataError, ImageF32, Mask};
 
 fn image_error(path: &Path, err: ImageError) -> DataError {
@@ -61,7 +61,7 @@ fn check_pixels(path: &Path, w: u32, h: u32) -> Result<(), DataError> {
     Ok(())
 }
 
-fn decode(path: &Path) -> Result<DynamicImage, DataError> {
+pub(super) fn decode(path: &Path) -> Result<DynamicImage, DataError> {
     let (w, h) = reader(path)?
         .into_dimensions()
         .map_err(|e| image_error(path, e))?;
@@ -268,16 +268,6 @@ pub fn load_image(path: &Path) -> Result<ImageF32, DataError> {
         return load_dicom(path);
     }
     Ok(to_image_f32(&decode(path)?))
-}
-
-/// [`load_image`] and what its `[0, 1]` values stand for (the DICOM modality range and
-/// window; [`ValueRange::GRAY8`] for every other format), from one decoding.
-pub fn load_image_with_range(path: &Path) -> Result<(ImageF32, ValueRange), DataError> {
-    if is_dicom_path(path) {
-        let d = read_dicom(path)?;
-        return Ok((d.to_image_f32(), d.value_range()));
-    }
-    Ok((to_image_f32(&decode(path)?), ValueRange::GRAY8))
 }
 
 /// An image as the models' 8-bit RGB input (SAM's encoder, the app's view): the planes of
