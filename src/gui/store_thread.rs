@@ -63,14 +63,9 @@ fn edit_mask(p: &Project, image: &str) -> Result<Option<Mask>> {
 fn load(p: &Project, name: &str) -> Result<LoadedImage> {
     let rec = p.image(name)?;
     let (img, range) = data::load_image_with_range(&p.image_file(name)?)?;
-    let n = img.width * img.height;
     let (r, g, b) = (img.channel(0), img.channel(1), img.channel(2));
     let grayscale = r == g && g == b;
-    let mut rgba = Vec::with_capacity(n * 4);
-    let q = |v: f32| (v.clamp(0., 1.) * 255.).round() as u8;
-    for i in 0..n {
-        rgba.extend_from_slice(&[q(r[i]), q(g[i]), q(b[i]), 255]);
-    }
+    let rgba = super::overlay::image_rgba(&img, grayscale);
     let ground_truth = match p.ground_truth(name)? {
         Some(path) => Some(data::load_mask(&path)?),
         None => None,

@@ -55,7 +55,7 @@ pub struct LoadedImage {
     pub state: ReviewState,
     pub width: usize,
     pub height: usize,
-    /// RGBA8 pixels.
+    /// RGBA8 pixels ([`super::overlay::image_rgba`]: 16-bit gray in R/G for grayscale images).
     pub rgba: Vec<u8>,
     /// All three channels equal (window/level applies).
     pub grayscale: bool,

@@ -284,6 +284,21 @@ fn a_dicom_image_starts_at_its_own_window_and_presets_are_in_hounsfield_units() 
     assert_eq!((w.window.center, w.window.width), (40.0, 400.0));
     assert!(w.range.rescaled && w.range.dicom);
     assert_eq!((w.range.lo, w.range.hi), (-1024.0, 3071.0));
+    // the 400 HU window spreads ~225 of the slice's 12-bit steps over the gray scale: far
+    // more gray levels on screen than an 8-bit texture (~25 levels in 400 of 4095 HU) could
+    // give
+    let rect = h.state().canvas_rect().unwrap();
+    let shot = h.render().expect("render");
+    let mut levels = std::collections::HashSet::new();
+    for y in rect.top() as u32 + 2..rect.bottom() as u32 - 2 {
+        for x in rect.left() as u32 + 2..rect.right() as u32 - 2 {
+            let p = shot.get_pixel(x, y).0;
+            if p[0] == p[1] && p[1] == p[2] {
+                levels.insert(p[0]);
+            }
+        }
+    }
+    assert!(levels.len() > 60, "{} gray levels", levels.len());
     h.get_by_label("lung").click();
     h.step();
     assert_eq!(
