@@ -52,6 +52,19 @@ impl App {
                 }
             }
             Event::Listing(rows) => self.rows = rows,
+            Event::Scored {
+                image,
+                model,
+                dice,
+                uncertainty,
+            } => {
+                if self.model.as_ref() == Some(&model) {
+                    if let Some(r) = self.rows.iter_mut().find(|r| r.name == image) {
+                        r.unet_dice = dice;
+                        r.uncertainty = Some(uncertainty);
+                    }
+                }
+            }
             Event::Loaded(img) => {
                 if self.selected.as_deref() != Some(&img.name) {
                     return; // the user moved on

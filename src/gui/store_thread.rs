@@ -29,7 +29,8 @@ fn rows(p: &Project, model: Option<&std::path::Path>) -> Result<Vec<ImageRow>> {
             let u = unet.get(&s.name);
             ImageRow {
                 path: paths.get(&s.name).cloned().unwrap_or_default(),
-                // a pseudo-label score counts only while that label is the newest
+                // (kept up to date with the newest label by `update_pseudo_scores` on open
+                // and refresh)
                 pseudo_dice: pseudo.get(&s.name).and_then(|d| d.dice),
                 unet_dice: u.and_then(|u| u.dice),
                 uncertainty: u.and_then(|u| u.uncertainty),
@@ -172,7 +173,12 @@ pub(super) fn store_thread(rx: Receiver<StoreCommand>, out: Outbox) {
                         uncertainty: Some(uncertainty),
                     };
                     p.set_score(&image, ScoreSource::Unet, &score)?;
-                    out.send(Event::Listing(rows(p, model.as_deref())?));
+                    out.send(Event::Scored {
+                        image,
+                        model: m,
+                        dice: score.dice,
+                        uncertainty,
+                    });
                 }
                 StoreCommand::Load(name) => out.send(Event::Loaded(Box::new(load(p, &name)?))),
                 StoreCommand::Review { image, state } => {

@@ -107,7 +107,7 @@ pub enum StoreCommand {
     /// The U-Net++ the list's Dice and uncertainty are for (`None`: no model).
     SetModel(Option<PathBuf>),
     /// Caches the U-Net++ score of an image: its Dice against the ground truth (computed
-    /// here, where the truth is) and its uncertainty; the list is sent again.
+    /// here, where the truth is) and its uncertainty; answered with [`Event::Scored`].
     SaveScore {
         image: String,
         model: PathBuf,
@@ -236,6 +236,13 @@ pub enum Event {
         model: Option<PathBuf>,
     },
     Listing(Vec<ImageRow>),
+    /// The U-Net++ score of one image is kept (for the list's row).
+    Scored {
+        image: String,
+        model: PathBuf,
+        dice: Option<f64>,
+        uncertainty: f64,
+    },
     Loaded(Box<LoadedImage>),
     /// A review is committed to the store.
     Reviewed {

@@ -333,8 +333,19 @@ fn scoring_with_the_unet_fills_the_list_and_sorts_by_uncertainty() {
     drop(p);
 
     let mut h = harness(&root);
-    loaded(&mut h);
+    let shown = loaded(&mut h);
     wait_for(&mut h, "the project's U-Net++", |a| a.model().is_some());
+    // the image on the canvas is scored from its probability map, the others not yet
+    wait_for(&mut h, "the shown image's score in the list", |a| {
+        a.visible_rows()
+            .iter()
+            .any(|r| r.name == shown && r.uncertainty.is_some())
+    });
+    assert!(h
+        .state()
+        .visible_rows()
+        .iter()
+        .any(|r| r.uncertainty.is_none()));
     h.get_by_label("Score images").click();
     wait_for(&mut h, "every image scored", |a| {
         a.visible_rows().iter().all(|r| r.uncertainty.is_some())
