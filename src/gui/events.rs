@@ -105,9 +105,13 @@ impl App {
                     });
                 }
                 self.view.fitted = true;
+                // the same image again (after a job): it keeps the window on screen
+                let same = self.current.as_ref().map(|c| &c.image.name) == Some(&cur.image.name);
                 self.flush_window();
                 self.current = Some(cur);
-                self.window_for_loaded();
+                if !same {
+                    self.window_for_loaded();
+                }
             }
             Event::Reviewed { image, state } => {
                 self.saving = self.saving.saturating_sub(1);
@@ -190,8 +194,10 @@ impl App {
                 probs,
                 uncertainty,
             } => {
-                // the list's Dice and uncertainty of this image, for the model it shows
-                if let Some(model) = self.model.clone() {
+                // the list's Dice and uncertainty of this image, for the model it shows (not
+                // for an image of the project open before)
+                let listed = self.rows.iter().any(|r| r.name == image);
+                if let Some(model) = self.model.clone().filter(|_| listed) {
                     let prediction = probs.iter().map(|&v| u8::from(v >= 128)).collect();
                     self.send_store(StoreCommand::SaveScore {
                         image: image.clone(),
