@@ -1,10 +1,10 @@
 //! The radiologist's view: the canvas area (one canvas, or compare panes that zoom, pan and
 //! window together), window/level with presets kept in the project, and the error map's
 //! source (the pseudo-label / edit, or the U-Net++ prediction).
-use super::app::{App, Compare, Intent};
-use super::canvas::{canvas_ui, CanvasInput, Pointer, Tool};
 use bytemuck::Zeroable as _;
 
+use super::app::{App, Compare, Intent};
+use super::canvas::{canvas_ui, CanvasInput, Pointer, Tool};
 use super::overlay::{OverlayUniform, LAYER_EDIT, LAYER_GT, LAYER_PROB, LAYER_PSEUDO};
 use super::window::{self, Preset, Window, WindowSource};
 use super::worker::StoreCommand;
@@ -32,7 +32,7 @@ impl Default for WindowState {
     }
 }
 
-/// A dragged window is saved this long after the last change.
+/// A dragged or typed window is saved this long after the last change (not every frame).
 const SAVE_AFTER_S: f64 = 0.5;
 
 /// What the error map compares the ground truth with.
@@ -59,7 +59,7 @@ impl ErrorSource {
 pub enum WindowIntent {
     /// A preset, kept for this image.
     Preset(Preset),
-    /// Typed values, kept for this image.
+    /// Typed or dragged values in the panel, kept for this image once they rest.
     Set(Window),
     /// A right-drag step (fractions of the display range), kept for this image once the
     /// drag rests.
@@ -213,7 +213,9 @@ impl App {
         match i {
             WindowIntent::Preset(p) => self.set_image_window(p.window(&range)),
             WindowIntent::Set(w) if w.width > 0.0 && w.center.is_finite() => {
-                self.set_image_window(w)
+                self.wl.window = w;
+                self.wl.source = WindowSource::Image;
+                self.wl.unsaved_since = Some(ctx.input(|i| i.time));
             }
             WindowIntent::Set(_) => {}
             WindowIntent::Drag { dlevel, dwidth } => {
