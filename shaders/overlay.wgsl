@@ -8,7 +8,7 @@ struct Overlay {
     image_size: vec2<f32>,
     // window/level of grayscale images: (level, width) in [0, 1] intensity units
     window: vec2<f32>,
-    // x: 1 = grayscale image (apply window/level); y: error map against ground truth:
+    // x: 1 = grayscale image (16-bit in r/g, apply window/level); y: error map against ground truth:
     // 0 = off, else (layer index + 1) compared with layer 0; z: 1 = swipe compare; w: unused
     flags: vec4<u32>,
     // x: swipe position in uv; y: image pixels per screen pixel (outline thickness); zw: unused
@@ -97,8 +97,11 @@ fn fs_main(in: VertexOut) -> @location(0) vec4<f32> {
     }
     var rgb = textureSampleLevel(image_tex, image_sampler, point_in_image / u.image_size, 0.0).rgb;
     if u.flags.x == 1u {
+        // grayscale images carry 16 bits: high byte in r, low byte in g (see `image_rgba` in
+        // src/gui/overlay.rs); 8-bit gray has r == g and reads r exactly
+        let gray = (rgb.r * 256.0 + rgb.g) / 257.0;
         let lo = u.window.x - 0.5 * u.window.y;
-        let v = clamp((rgb.r - lo) / max(u.window.y, 1e-4), 0.0, 1.0);
+        let v = clamp((gray - lo) / max(u.window.y, 1e-4), 0.0, 1.0);
         rgb = vec3<f32>(v, v, v);
     }
     let p = vec2<i32>(floor(point_in_image));

@@ -79,6 +79,21 @@ impl Scores {
     }
 }
 
+/// Mean binary entropy (bits, in `[0, 1]`) of a probability map: 0 where the model is sure
+/// (every pixel 0 or 1), 1 where it is undecided everywhere (every pixel 0.5). The U-Net++
+/// uncertainty the app sorts by. An empty map gives 0.
+pub fn mean_binary_entropy(probs: &[f32]) -> f64 {
+    if probs.is_empty() {
+        return 0.0;
+    }
+    let h = |p: f32| {
+        let p = f64::from(p.clamp(0.0, 1.0));
+        let term = |q: f64| if q > 0.0 { -q * q.log2() } else { 0.0 };
+        term(p) + term(1.0 - p)
+    };
+    probs.iter().map(|&p| h(p)).sum::<f64>() / probs.len() as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +152,15 @@ mod tests {
         ]);
         assert!((m.dice - (s.dice + 1.) / 2.).abs() < 1e-12);
         assert_eq!(Scores::mean(&[]), Scores::default());
+    }
+
+    #[test]
+    fn mean_binary_entropy_is_zero_when_sure_and_one_when_undecided() {
+        assert_eq!(mean_binary_entropy(&[0.0, 1.0, 1.0]), 0.0);
+        assert!((mean_binary_entropy(&[0.5, 0.5]) - 1.0).abs() < 1e-12);
+        let h = mean_binary_entropy(&[0.9]);
+        assert!((h - 0.468_995_6).abs() < 1e-6, "{h}");
+        assert!((mean_binary_entropy(&[0.0, 0.5]) - 0.5).abs() < 1e-12);
+        assert_eq!(mean_binary_entropy(&[]), 0.0);
     }
 }

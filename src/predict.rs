@@ -96,6 +96,77 @@ impl Predictor {
     }
 }
 
+/// What [`score_project`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScoreSummary {
+    pub scored: usize,
+    /// Images that could not be read or predicted (name, reason).
+    pub failed: Vec<(String, String)>,
+    pub cancelled: bool,
+}
+
+/// Why [`score_project`] stopped (an image that cannot be read or predicted is only
+/// counted in [`ScoreSummary::failed`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Predicts every image of a project with the U-Net++ at `model` and caches per image the
+/// Dice of the prediction (>= 0.5) against the ground truth (where there is one) and the
+/// mean binary entropy of the probability map ([`crate::metrics::mean_binary_entropy`]): the
+/// scores the app's image list sorts by. `progress(done, total)` after each image; `cancel`
+/// is checked before each.
+pub fn score_project(
+    p: &mut crate::store::Project,
+    model: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<ScoreSummary, ScoreError> {
+    use crate::store::{ImageScore, ScoreSource};
+    let predictor = Predictor::load(model, device, InferenceMode::Accurate)?;
+    let images = p.images()?;
+    let total = images.len();
+    let mut out = ScoreSummary::default();
+    progress(0, total);
+    for (i, rec) in images.iter().enumerate() {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            out.cancelled = true;
+            break;
+        }
+        let one = || -> Result<ImageScore, String> {
+            let path = p.image_file(&rec.name).map_err(|e| e.to_string())?;
+            let img = crate::data::load_image(&path).map_err(|e| e.to_string())?;
+            let prob = predictor
+                .predict(&[&img])
+                .map_err(|e| format!("{}: prediction failed: {e}", rec.name))?
+                .pop()
+                .ok_or_else(|| format!("{}: no probability map", rec.name))?;
+            let dice = p
+                .dice_against_truth(&rec.name, &prob.to_mask().data)
+                .map_err(|e| e.to_string())?;
+            Ok(ImageScore {
+                reference: model.display().to_string(),
+                dice,
+                uncertainty: Some(crate::metrics::mean_binary_entropy(&prob.data)),
+            })
+        };
+        match one() {
+            Ok(score) => {
+                p.set_score(&rec.name, ScoreSource::Unet, &score)?;
+                out.scored += 1;
+            }
+            Err(e) => out.failed.push((rec.name.clone(), e)),
+        }
+        progress(i + 1, total);
+    }
+    Ok(out)
+}
+
 /// The image files of `dir` (or of `dir/images` when `dir` is a dataset folder), sorted.
 pub fn image_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, crate::data::DataError> {
     let list = |d: &Path| -> Result<Vec<std::path::PathBuf>, crate::data::DataError> {

@@ -1,4 +1,5 @@
 //! `medmine project …` and `medmine review …`: thin wrappers over [`crate::store`].
+mod score;
 mod stress;
 
 use std::path::{Path, PathBuf};
@@ -59,6 +60,14 @@ pub enum ProjectCommand {
     },
     /// Store a folder of masks (<stem>.png) as pseudo-labels of one round, pending review.
     AddPseudo(AddPseudoArgs),
+    /// Predict every image with a U-Net++ (on the CPU) and cache its Dice against the ground
+    /// truth and its uncertainty (mean binary entropy), as the app's "Score images"; prints
+    /// `name, uncertainty, dice` per image, most uncertain first.
+    Score {
+        dir: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+    },
     /// Test helper: review actions one by one, printing `ack N IMAGE STATE` after each commit.
     #[command(hide = true)]
     StressReview {
@@ -182,6 +191,7 @@ pub fn project_cmd(c: ProjectCommand) -> Result<()> {
         }
         ProjectCommand::Import(a) => import_cmd(a),
         ProjectCommand::Status { dir, json } => status_cmd(&dir, json),
+        ProjectCommand::Score { dir, model } => score::score_cmd(&dir, &model),
         ProjectCommand::Relink { dir, data } => {
             let mut p = Project::open(&dir)?;
             let r = p.relink(&data)?;

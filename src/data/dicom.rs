@@ -33,6 +33,9 @@ pub struct DicomImage {
     /// `MONOCHROME1` (low values bright) or `MONOCHROME2` (low values dark).
     pub photometric: String,
     pub bits_stored: u16,
+    /// The file has a RescaleSlope or RescaleIntercept tag: its modality values are
+    /// physical units (Hounsfield units for CT).
+    pub rescaled: bool,
 }
 
 impl DicomImage {
@@ -76,7 +79,7 @@ impl DicomImage {
     }
 }
 
-fn min_max(values: &[f32]) -> (f32, f32) {
+pub(super) fn min_max(values: &[f32]) -> (f32, f32) {
     values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
@@ -247,6 +250,7 @@ struct Header {
     bits_stored: u16,
     slope: f64,
     intercept: f64,
+    rescaled: bool,
     window: Option<(f64, f64)>,
 }
 
@@ -354,6 +358,8 @@ fn header(obj: &DefaultDicomObject, path: &Path) -> Result<Header, DataError> {
         return Err(bad(path, "RescaleSlope is 0"));
     }
     let intercept = rescale(tags::RESCALE_INTERCEPT, "RescaleIntercept", 0.0)?;
+    let rescaled = float_tag(obj, tags::RESCALE_SLOPE).is_some()
+        || float_tag(obj, tags::RESCALE_INTERCEPT).is_some();
     let window = match (
         float_tag(obj, tags::WINDOW_CENTER),
         float_tag(obj, tags::WINDOW_WIDTH),
@@ -368,6 +374,7 @@ fn header(obj: &DefaultDicomObject, path: &Path) -> Result<Header, DataError> {
         bits_stored: stored as u16,
         slope,
         intercept,
+        rescaled,
         window,
     })
 }
@@ -478,6 +485,7 @@ pub fn read_dicom(path: &Path) -> Result<DicomImage, DataError> {
         window: h.window,
         photometric: h.photometric,
         bits_stored: h.bits_stored,
+        rescaled: h.rescaled,
     })
 }
 
@@ -499,6 +507,7 @@ mod tests {
             window: None,
             photometric: photometric.into(),
             bits_stored: 12,
+            rescaled: false,
         }
     }
 

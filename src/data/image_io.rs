@@ -61,7 +61,7 @@ fn check_pixels(path: &Path, w: u32, h: u32) -> Result<(), DataError> {
     Ok(())
 }
 
-fn decode(path: &Path) -> Result<DynamicImage, DataError> {
+pub(super) fn decode(path: &Path) -> Result<DynamicImage, DataError> {
     let (w, h) = reader(path)?
         .into_dimensions()
         .map_err(|e| image_error(path, e))?;

@@ -100,6 +100,7 @@
 mod augment;
 mod dataset;
 mod dicom;
+mod display;
 mod image_io;
 mod prepare;
 
@@ -113,6 +114,7 @@ pub use dataset::{
 pub use dicom::{
     dicom_size, is_dicom_path, read_dicom, window_to_u8, DicomImage, DICOM_EXTENSIONS,
 };
+pub use display::{load_image_with_range, ValueRange};
 pub use image_io::{
     image_size, load_image, load_mask, load_rgb8, mask_to_training, resize_image, resize_plane,
     save_gray_png, save_mask_png, to_image_f32, to_mask, to_rgb8,

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::canvas::{CanvasIntent, Pointer, Tool, View};
-use super::overlay::LAYER_PSEUDO;
-use super::overlay::{self, CanvasData, OverlayUniform, LAYER_EDIT, LAYER_GT, LAYER_PROB};
+use super::overlay::{self, CanvasData, LAYER_EDIT};
 use super::sam_edit::SamObject;
 use super::training::Training;
 use super::worker::{ClickPrompt, ImageRow, LoadedImage, ModelCommand, StoreCommand, Workers};
@@ -77,6 +76,9 @@ pub enum Compare {
     ErrorMap,
 }
 
+pub use super::image_list::SortBy;
+pub use super::view_ui::{ErrorSource, WindowIntent, WindowState};
+
 /// An action from the UI, applied after the frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Intent {
@@ -108,6 +110,10 @@ pub enum Intent {
     CancelJob,
     Fit,
     OneToOne,
+    /// Window/level: presets, typed values, drags, reset, the project's window.
+    Window(WindowIntent),
+    /// Predict every image with the U-Net++ and cache its Dice and uncertainty for the list.
+    ScoreAll,
 }
 
 /// A message shown for a while in the corner.
@@ -146,7 +152,7 @@ pub struct App {
     pub(super) thumbs_requested: HashSet<String>,
     pub(super) filter_state: Option<ReviewState>,
     pub(super) filter_role: Option<Role>,
-    pub(super) sort_by_quality: bool,
+    pub(super) sort: SortBy,
     pub(super) current: Option<Current>,
     pub(super) selected: Option<String>,
     pub(super) view: View,
@@ -167,7 +173,9 @@ pub struct App {
     pub(super) sam_seq: u64,
     pub(super) compare: Compare,
     pub(super) swipe: f32,
-    pub(super) window: [f32; 2],
+    /// Window/level of the image on the canvas (one for every compare pane).
+    pub(super) wl: WindowState,
+    pub(super) error_source: ErrorSource,
     pub(super) toasts: Vec<Toast>,
     /// Store commands sent and not yet confirmed (the badge waits for the store).
     pub(super) saving: usize,
@@ -219,7 +227,7 @@ impl App {
             thumbs_requested: HashSet::new(),
             filter_state: None,
             filter_role: None,
-            sort_by_quality: false,
+            sort: SortBy::Name,
             current: None,
             selected: None,
             view: View::default(),
@@ -234,7 +242,8 @@ impl App {
             sam_seq: 0,
             compare: Compare::Off,
             swipe: 0.5,
-            window: [0.5, 1.0],
+            wl: WindowState::default(),
+            error_source: ErrorSource::default(),
             toasts: Vec::new(),
             saving: 0,
             training: Training::default(),
@@ -403,29 +412,11 @@ impl App {
         });
     }
 
-    /// Rows after the filters, in display order.
-    pub fn visible_rows(&self) -> Vec<&ImageRow> {
-        let mut v: Vec<&ImageRow> = self
-            .rows
-            .iter()
-            .filter(|r| self.filter_state.is_none_or(|s| r.state == s))
-            .filter(|r| self.filter_role.is_none_or(|s| r.role == s))
-            .collect();
-        if self.sort_by_quality {
-            v.sort_by(|a, b| match (a.quality, b.quality) {
-                (Some(x), Some(y)) => x.total_cmp(&y),
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, None) => a.name.cmp(&b.name),
-            });
-        }
-        v
-    }
-
     pub(super) fn select(&mut self, name: String) {
         if self.selected.as_deref() == Some(&name) {
             return;
         }
+        self.flush_window();
         self.selected = Some(name.clone());
         self.new_sam_object();
         self.send_store(StoreCommand::Load(name));
@@ -504,57 +495,6 @@ impl App {
         Self::set_layer(cur, LAYER_EDIT, mask.as_ref());
     }
 
-    /// The shader uniform for the main canvas (the canvas fills in the transform).
-    pub(super) fn uniform(&self, only: Option<usize>) -> OverlayUniform {
-        let mut u = OverlayUniform::zeroed();
-        if let Some(c) = &self.current {
-            u.image_size = [c.image.width as f32, c.image.height as f32];
-            u.flags[0] = u32::from(c.image.grayscale);
-        }
-        u.window = self.window;
-        for (i, l) in self.prefs.layers.iter().enumerate() {
-            let [r, g, b] = l.color;
-            u.colors[i] = [r as f32 / 255., g as f32 / 255., b as f32 / 255., l.opacity];
-            u.modes[i] = if !l.visible {
-                0
-            } else if i == LAYER_PROB {
-                3
-            } else if l.outline {
-                2
-            } else {
-                1
-            };
-            if let Some(o) = only {
-                u.modes[i] = if i == o {
-                    if i == LAYER_PROB {
-                        3
-                    } else {
-                        2
-                    }
-                } else {
-                    0
-                };
-            }
-        }
-        let has_edit = self
-            .current
-            .as_ref()
-            .is_some_and(|c| c.draft.is_some() || c.image.edit.is_some());
-        let compared = if has_edit { LAYER_EDIT } else { LAYER_PSEUDO };
-        match self.compare {
-            Compare::Swipe if only.is_none() => {
-                u.flags[2] = 1;
-                u.params[0] = self.swipe;
-                u.sides = [1, 0, 2, 2];
-                u.modes[LAYER_GT] = 2;
-                u.modes[compared] = 2;
-            }
-            Compare::ErrorMap if only.is_none() => u.flags[1] = compared as u32 + 1,
-            _ => {}
-        }
-        u
-    }
-
     pub(super) fn request_thumbnails(&mut self) {
         for r in &self.rows {
             if self.thumbs_requested.insert(r.name.clone()) {
@@ -571,6 +511,7 @@ impl App {
         self.request_thumbnails();
         let now = ctx.input(|i| i.time);
         self.toasts.retain(|t| t.until > now);
+        self.window_tick(now);
 
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar_ui(ui));
         if self.first_steps {
@@ -602,110 +543,6 @@ impl App {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }
     }
-
-    /// Lays the canvas (or the three compare panes) into the central panel.
-    pub(super) fn canvas_area_ui(&mut self, ui: &mut egui::Ui) {
-        let Some(cur) = &self.current else {
-            ui.centered_and_justified(|ui| {
-                ui.label(if self.project.is_none() {
-                    "Open a project (Project > Open…) or create one from a dataset folder."
-                } else {
-                    "Loading…"
-                })
-            });
-            return;
-        };
-        let data = cur.data.clone();
-        let grayscale = cur.image.grayscale;
-        let rounds = cur.image.rounds.clone();
-        let mut canvas_intents = Vec::new();
-        let clicks = self.clicks.clone();
-        if self.compare == Compare::SideBySide {
-            let panes = [
-                (LAYER_GT, "ground truth"),
-                (LAYER_PROB, "U-Net++ probability"),
-                (
-                    if cur.draft.is_some() {
-                        LAYER_EDIT
-                    } else {
-                        LAYER_PSEUDO
-                    },
-                    "pseudo-label / edit",
-                ),
-            ];
-            ui.columns(3, |cols| {
-                for (k, (layer, title)) in panes.into_iter().enumerate() {
-                    cols[k].label(title);
-                    let mut view = self.view;
-                    super::canvas::canvas_ui(
-                        &mut cols[k],
-                        &mut view,
-                        &mut Pointer::default(),
-                        super::canvas::CanvasInput {
-                            grayscale,
-                            wgpu: self.wgpu,
-                            ..super::canvas::CanvasInput::passive(
-                                10 + k as u64,
-                                &data,
-                                self.uniform(Some(layer)),
-                            )
-                        },
-                        &mut canvas_intents,
-                    );
-                }
-            });
-            return;
-        }
-        if self.compare == Compare::Swipe {
-            ui.add(
-                egui::Slider::new(&mut self.swipe, 0.0..=1.0).text("swipe: ground truth | current"),
-            );
-        }
-        let uniform = self.uniform(None);
-        let response = super::canvas::canvas_ui(
-            ui,
-            &mut self.view,
-            &mut self.pointer,
-            super::canvas::CanvasInput {
-                id: 1,
-                data: &data,
-                uniform,
-                tool: self.tool,
-                brush_radius: self.prefs.brush_radius,
-                grayscale,
-                rounds: self.prefs.prompts_visible.then_some(&rounds[..]),
-                click_points: &clicks.points_in_image,
-                click_box: clicks.box_in_image,
-                wgpu: self.wgpu,
-                interactive: true,
-            },
-            &mut canvas_intents,
-        );
-        self.canvas_rect = Some(response.rect);
-        response.on_hover_text_at_pointer(self.tool.tooltip());
-        self.intents
-            .extend(canvas_intents.into_iter().map(Intent::Canvas));
-    }
-
-    pub(super) fn toasts_ui(&self, ctx: &egui::Context) {
-        if self.toasts.is_empty() {
-            return;
-        }
-        egui::Area::new(egui::Id::unique("toasts"))
-            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12., -36.))
-            .show(ctx, |ui| {
-                for t in &self.toasts {
-                    let color = if t.error {
-                        egui::Color32::from_rgb(120, 30, 30)
-                    } else {
-                        egui::Color32::from_rgb(40, 60, 40)
-                    };
-                    egui::Frame::popup(ui.style()).fill(color).show(ui, |ui| {
-                        ui.label(egui::RichText::new(&t.text).color(egui::Color32::WHITE));
-                    });
-                }
-            });
-    }
 }
 
 impl eframe::App for App {
@@ -717,5 +554,3 @@ impl eframe::App for App {
         eframe::set_value(storage, PREFS_KEY, &self.prefs);
     }
 }
-
-use bytemuck::Zeroable as _;

@@ -14,6 +14,8 @@ impl App {
     pub(super) fn handle_event(&mut self, ctx: &egui::Context, e: Event) {
         match e {
             Event::Opened { root, rows, model } => {
+                // too late to save a dragged window: the store has the new project now
+                self.wl.unsaved_since = None;
                 self.prefs.recent.retain(|p| p != &root);
                 self.prefs.recent.insert(0, root.clone());
                 self.prefs.recent.truncate(8);
@@ -50,6 +52,19 @@ impl App {
                 }
             }
             Event::Listing(rows) => self.rows = rows,
+            Event::Scored {
+                image,
+                model,
+                dice,
+                uncertainty,
+            } => {
+                if self.model.as_ref() == Some(&model) {
+                    if let Some(r) = self.rows.iter_mut().find(|r| r.name == image) {
+                        r.unet_dice = dice;
+                        r.uncertainty = Some(uncertainty);
+                    }
+                }
+            }
             Event::Loaded(img) => {
                 if self.selected.as_deref() != Some(&img.name) {
                     return; // the user moved on
@@ -76,7 +91,6 @@ impl App {
                 Self::set_layer(&mut cur, LAYER_PROB, None);
                 cur.draft = cur.image.edit.clone();
                 Self::refresh_draft_layer(&mut cur);
-                self.window = [0.5, 1.0];
                 if self.model.is_some() {
                     self.send_model(ModelCommand::Probability {
                         image: cur.image.name.clone(),
@@ -91,7 +105,13 @@ impl App {
                     });
                 }
                 self.view.fitted = true;
+                // the same image again (after a job): it keeps the window on screen
+                let same = self.current.as_ref().map(|c| &c.image.name) == Some(&cur.image.name);
+                self.flush_window();
                 self.current = Some(cur);
+                if !same {
+                    self.window_for_loaded();
+                }
             }
             Event::Reviewed { image, state } => {
                 self.saving = self.saving.saturating_sub(1);
@@ -132,8 +152,10 @@ impl App {
                 if project != self.project {
                     return; // loaded for the project open before
                 }
-                self.model = Some(path);
+                self.model = Some(path.clone());
                 self.model_dice = dice;
+                // the list's U-Net++ Dice and uncertainty are this model's
+                self.send_store(StoreCommand::SetModel(Some(path)));
                 if let Some(cur) = &self.current {
                     self.send_model(ModelCommand::Probability {
                         image: cur.image.name.clone(),
@@ -167,7 +189,23 @@ impl App {
                 Self::refresh_draft_layer(cur);
                 self.send_store(StoreCommand::SaveEdit { image, mask });
             }
-            Event::Probability { image, probs } => {
+            Event::Probability {
+                image,
+                probs,
+                uncertainty,
+            } => {
+                // the list's Dice and uncertainty of this image, for the model it shows (not
+                // for an image of the project open before)
+                let listed = self.rows.iter().any(|r| r.name == image);
+                if let Some(model) = self.model.clone().filter(|_| listed) {
+                    let prediction = probs.iter().map(|&v| u8::from(v >= 128)).collect();
+                    self.send_store(StoreCommand::SaveScore {
+                        image: image.clone(),
+                        model,
+                        prediction,
+                        uncertainty,
+                    });
+                }
                 if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
                     cur.data.layers[LAYER_PROB] = Some(std::sync::Arc::new(probs.clone()));
                     cur.data.versions[LAYER_PROB + 1] += 1;

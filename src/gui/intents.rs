@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use egui::{Key, KeyboardShortcut, Modifiers};
 
-use super::app::{App, Intent};
+use super::app::{App, Intent, WindowIntent};
 use super::canvas::{CanvasIntent, Tool};
 use super::edit;
 use super::sam_edit::SamObject;
@@ -85,9 +85,12 @@ impl App {
                     l.opacity = (l.opacity + d).clamp(0.05, 1.0);
                 }
             }
-            Intent::Canvas(c) => self.canvas_intent(c),
+            Intent::Canvas(c) => self.canvas_intent(ctx, c),
             Intent::ClearClicks => self.new_sam_object(),
-            Intent::Open(p) => self.send_store(StoreCommand::Open(p)),
+            Intent::Open(p) => {
+                self.flush_window();
+                self.send_store(StoreCommand::Open(p));
+            }
             Intent::PickProject => self.choose(super::worker::Pick::Project),
             Intent::PickNewProject => self.choose(super::worker::Pick::Dataset),
             Intent::PickSam => self.choose(super::worker::Pick::Sam),
@@ -108,12 +111,23 @@ impl App {
                 }
             }
             Intent::CancelJob => self.workers.cancel.store(true, Ordering::Relaxed),
+            Intent::Window(w) => self.window_intent(ctx, w),
+            Intent::ScoreAll => {
+                if let (Some(project), Some(model)) = (self.project.clone(), self.model.clone()) {
+                    let job = super::scoring::score_job(project, model, self.device.clone());
+                    self.send_model(ModelCommand::Job(job));
+                }
+            }
             Intent::Fit => self.view.fitted = true,
             Intent::OneToOne => self.view.one_to_one(ctx.pixels_per_point()),
         }
     }
 
-    pub(super) fn canvas_intent(&mut self, c: CanvasIntent) {
+    pub(super) fn canvas_intent(&mut self, ctx: &egui::Context, c: CanvasIntent) {
+        if let CanvasIntent::WindowLevel { dlevel, dwidth } = c {
+            self.window_intent(ctx, WindowIntent::Drag { dlevel, dwidth });
+            return;
+        }
         let Some(cur) = self.current.as_mut() else {
             return;
         };
@@ -152,10 +166,7 @@ impl App {
                 self.clicks.box_in_image = Some(box_in_image);
                 self.ask_sam();
             }
-            CanvasIntent::WindowLevel { dlevel, dwidth } => {
-                self.window[0] = (self.window[0] + dlevel).clamp(0.0, 1.0);
-                self.window[1] = (self.window[1] + dwidth).clamp(0.02, 2.0);
-            }
+            CanvasIntent::WindowLevel { .. } => unreachable!("handled above"),
         }
     }
 

@@ -534,6 +534,7 @@ impl Models {
                 out.send(Event::Probability {
                     image,
                     probs: prob.to_u8(),
+                    uncertainty: crate::metrics::mean_binary_entropy(&prob.data),
                 });
             }
             job => return Err(anyhow!("{} is a job", describe(&job))),

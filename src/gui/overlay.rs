@@ -44,6 +44,31 @@ pub struct OverlayUniform {
     pub sides: [u32; 4],
 }
 
+/// The image texture's RGBA8 bytes. Colour images: their 8-bit channels. Grayscale images:
+/// 16 bits per pixel, the high byte in R (and B) and the low byte in G, which the shader reads
+/// as `(r * 256 + g) / 257` (keep in sync with shaders/overlay.wgsl), so that a narrow window
+/// on a 12- or 16-bit image (DICOM) keeps its gray steps; an 8-bit gray value `k` is stored as
+/// `R = G = B = k` and reads exactly `k / 255`. Linear filtering commutes with that sum, so
+/// filtered samples stay exact.
+pub fn image_rgba(img: &crate::data::ImageF32, grayscale: bool) -> Vec<u8> {
+    let n = img.width * img.height;
+    let (r, g, b) = (img.channel(0), img.channel(1), img.channel(2));
+    let mut rgba = Vec::with_capacity(n * 4);
+    if grayscale {
+        for &v in r {
+            let q = (v.clamp(0., 1.) * 65535.).round() as u16;
+            let [hi, lo] = q.to_be_bytes();
+            rgba.extend_from_slice(&[hi, lo, hi, 255]);
+        }
+    } else {
+        let q = |v: f32| (v.clamp(0., 1.) * 255.).round() as u8;
+        for i in 0..n {
+            rgba.extend_from_slice(&[q(r[i]), q(g[i]), q(b[i]), 255]);
+        }
+    }
+    rgba
+}
+
 /// Pixels of the current image and its layers, shared with the UI through `Arc`s so that a
 /// frame costs no copy; `version` changes whenever any of them changes.
 #[derive(Clone, Default)]
@@ -381,5 +406,44 @@ mod tests {
             panic!("Overlay is not a struct")
         };
         assert_eq!(span as usize, std::mem::size_of::<OverlayUniform>());
+    }
+
+    #[test]
+    fn gray_images_keep_16_bits_and_8_bit_gray_reads_exactly() {
+        let read = |px: &[u8]| (f32::from(px[0]) * 256.0 + f32::from(px[1])) / 257.0 / 255.0;
+        // 8-bit gray: R = G = B = k, read back as k / 255
+        let img = crate::data::ImageF32 {
+            width: 3,
+            height: 1,
+            data: [0.0, 128.0 / 255.0, 1.0].repeat(3),
+        };
+        let rgba = image_rgba(&img, true);
+        assert_eq!(
+            rgba,
+            vec![0, 0, 0, 255, 128, 128, 128, 255, 255, 255, 255, 255]
+        );
+        for (px, k) in rgba.chunks(4).zip([0.0, 128.0, 255.0]) {
+            assert!((read(px) - k / 255.0).abs() < 1e-6);
+        }
+        // 12-bit steps survive (an 8-bit texture would merge 16 of them into one level)
+        let v: Vec<f32> = (0..16).map(|i| (2000.0 + i as f32) / 4095.0).collect();
+        let img = crate::data::ImageF32 {
+            width: 16,
+            height: 1,
+            data: v.repeat(3),
+        };
+        let rgba = image_rgba(&img, true);
+        for (px, v) in rgba.chunks(4).zip(&v) {
+            assert!((read(px) - v).abs() < 1.0 / 65535.0, "{px:?} {v}");
+        }
+        let distinct: std::collections::HashSet<_> = rgba.chunks(4).map(|p| (p[0], p[1])).collect();
+        assert_eq!(distinct.len(), 16);
+        // colour: plain 8-bit channels
+        let img = crate::data::ImageF32 {
+            width: 1,
+            height: 1,
+            data: vec![1.0, 0.5, 0.0],
+        };
+        assert_eq!(image_rgba(&img, false), vec![255, 128, 0, 255]);
     }
 }

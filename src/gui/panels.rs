@@ -58,85 +58,14 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ),
     ("wheel, space+drag", "zoom at the cursor, pan"),
     ("F / 0", "fit / 1:1"),
-    ("right-drag", "window/level on grayscale images"),
+    (
+        "right-drag",
+        "window/level on grayscale images (every compare pane); kept for the image",
+    ),
     ("?", "this sheet"),
 ];
 
 impl App {
-    pub(super) fn image_list_ui(&mut self, ui: &mut egui::Ui) {
-        let total = self.rows.iter().filter(|r| r.pseudo_label).count();
-        let reviewed = self
-            .rows
-            .iter()
-            .filter(|r| r.pseudo_label && r.state != ReviewState::Pending)
-            .count();
-        ui.heading("Images");
-        ui.label(format!("{reviewed}/{total} pseudo-labels reviewed"))
-            .on_hover_text("Images with a pseudo-label that are accepted, rejected or edited");
-        ui.horizontal_wrapped(|ui| {
-            egui::ComboBox::from_id_salt("filter-state")
-                .selected_text(self.filter_state.map_or("any state", |s| s.as_str()))
-                .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut self.filter_state, None, "any state");
-                    for s in ReviewState::ALL {
-                        ui.selectable_value(&mut self.filter_state, Some(*s), s.as_str());
-                    }
-                })
-                .response
-                .on_hover_text("Show only images in this review state");
-            egui::ComboBox::from_id_salt("filter-role")
-                .selected_text(self.filter_role.map_or("any role", |r| r.as_str()))
-                .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut self.filter_role, None, "any role");
-                    for r in Role::ALL {
-                        ui.selectable_value(&mut self.filter_role, Some(*r), r.as_str());
-                    }
-                })
-                .response
-                .on_hover_text("Show only images of this split role");
-            ui.checkbox(&mut self.sort_by_quality, "least confident first")
-                .on_hover_text(
-                    "Sort by the pseudo-label quality score (SAM IoU × stability × agreement)",
-                );
-        });
-        ui.separator();
-        let rows: Vec<_> = self.visible_rows().into_iter().cloned().collect();
-        let selected = self.selected.clone();
-        egui::ScrollArea::vertical().show_rows(ui, 52.0, rows.len(), |ui, range| {
-            for r in &rows[range] {
-                let (text, color) = badge(r.role, r.state, r.pseudo_label);
-                let is_sel = selected.as_deref() == Some(r.name.as_str());
-                let resp = ui
-                    .horizontal(|ui| {
-                        ui.set_min_height(50.0);
-                        match self.thumbs.get(&r.name) {
-                            Some(t) => {
-                                ui.add(egui::Image::new(t).fit_to_exact_size(egui::vec2(48., 48.)));
-                            }
-                            None => {
-                                spinner_ui(ui, Some(48.), "loading the thumbnail");
-                            }
-                        }
-                        ui.vertical(|ui| {
-                            let label = ui.selectable_label(is_sel, &r.name);
-                            ui.horizontal(|ui| {
-                                ui.label(RichText::new(text).color(color).small());
-                                if let Some(q) = r.quality {
-                                    ui.label(RichText::new(format!("q {q:.2}")).small());
-                                }
-                            });
-                            label
-                        })
-                        .inner
-                    })
-                    .inner;
-                if resp.clicked() {
-                    self.intents.push(Intent::Select(r.name.clone()));
-                }
-            }
-        });
-    }
-
     pub(super) fn inspector_ui(&mut self, ui: &mut egui::Ui) {
         egui::ScrollArea::vertical().show(ui, |ui| {
             self.review_ui(ui);
@@ -254,12 +183,13 @@ impl App {
                 (
                     Compare::SideBySide,
                     "side by side",
-                    "Ground truth | probability | pseudo-label",
+                    "Ground truth | probability | pseudo-label: they zoom, pan and window together",
                 ),
                 (
                     Compare::ErrorMap,
                     "error map",
-                    "False positives red, false negatives blue",
+                    "Ground truth against the pseudo-label or the U-Net++ prediction: false \
+                     positives red, false negatives blue",
                 ),
             ] {
                 if ui
@@ -301,25 +231,6 @@ impl App {
             "5 Prompts (boxes, points by round)",
         )
         .on_hover_text("Show the SAM prompts of every mining round (5)");
-        if self.current.as_ref().is_some_and(|c| c.image.grayscale) {
-            ui.horizontal(|ui| {
-                ui.label("window/level")
-                    .on_hover_text("Right-drag on the image changes it");
-                ui.add(
-                    egui::DragValue::new(&mut self.window[0])
-                        .range(0.0..=1.0)
-                        .speed(0.005),
-                );
-                ui.add(
-                    egui::DragValue::new(&mut self.window[1])
-                        .range(0.02..=2.0)
-                        .speed(0.005),
-                );
-                if ui.small_button("reset").clicked() {
-                    self.window = [0.5, 1.0];
-                }
-            });
-        }
     }
 
     fn facts_ui(&self, ui: &mut egui::Ui) {
@@ -535,5 +446,25 @@ impl App {
                 });
             });
         self.show_help = open;
+    }
+
+    pub(super) fn toasts_ui(&self, ctx: &egui::Context) {
+        if self.toasts.is_empty() {
+            return;
+        }
+        egui::Area::new(egui::Id::unique("toasts"))
+            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12., -36.))
+            .show(ctx, |ui| {
+                for t in &self.toasts {
+                    let color = if t.error {
+                        egui::Color32::from_rgb(120, 30, 30)
+                    } else {
+                        egui::Color32::from_rgb(40, 60, 40)
+                    };
+                    egui::Frame::popup(ui.style()).fill(color).show(ui, |ui| {
+                        ui.label(egui::RichText::new(&t.text).color(egui::Color32::WHITE));
+                    });
+                }
+            });
     }
 }

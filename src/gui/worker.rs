@@ -18,14 +18,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, Result};
 use candle_core::Device;
 
 use crate::data::{self, Mask};
 use crate::mining::finetune::FinetuneConfig;
 use crate::mining::{LabelerKind, MiningConfig, MiningSummary};
 use crate::progress::TrainEvent;
-use crate::store::{Actor, Project, PseudoLabel, ReviewState, Role};
+use crate::store::{PseudoLabel, ReviewState, Role, ViewWindow};
 use crate::train::TrainStatus;
 
 /// One row of the image list.
@@ -38,6 +38,12 @@ pub struct ImageRow {
     pub ground_truth: bool,
     pub pseudo_label: bool,
     pub path: PathBuf,
+    /// Dice of the newest pseudo-label against the ground truth (cached in the store).
+    pub pseudo_dice: Option<f64>,
+    /// Dice of the loaded U-Net++'s prediction against the ground truth.
+    pub unet_dice: Option<f64>,
+    /// Mean binary entropy of the loaded U-Net++'s probability map.
+    pub uncertainty: Option<f64>,
 }
 
 /// An image with everything the canvas shows.
@@ -49,7 +55,7 @@ pub struct LoadedImage {
     pub state: ReviewState,
     pub width: usize,
     pub height: usize,
-    /// RGBA8 pixels.
+    /// RGBA8 pixels ([`super::overlay::image_rgba`]: 16-bit gray in R/G for grayscale images).
     pub rgba: Vec<u8>,
     /// All three channels equal (window/level applies).
     pub grayscale: bool,
@@ -60,6 +66,11 @@ pub struct LoadedImage {
     pub edit: Option<Mask>,
     /// Every round's pseudo-label (prompts and scores), oldest first.
     pub rounds: Vec<PseudoLabel>,
+    /// What the image's `[0, 1]` values stand for (window/level units, the DICOM window).
+    pub range: data::ValueRange,
+    /// The window the user set for this image, and the project's window.
+    pub window_image: Option<ViewWindow>,
+    pub window_project: Option<ViewWindow>,
 }
 
 /// Work for the store thread.
@@ -87,6 +98,23 @@ pub enum StoreCommand {
     Redo(String),
     /// Drops the edit: the SAM proposal (newest pseudo-label) is current again (pending).
     ResetToProposal(String),
+    /// Keeps a display window: for `image`, or the project's when `None`; `window: None`
+    /// removes it (the image follows the project's window again).
+    SetWindow {
+        image: Option<String>,
+        window: Option<ViewWindow>,
+    },
+    /// The U-Net++ the list's Dice and uncertainty are for (`None`: no model).
+    SetModel(Option<PathBuf>),
+    /// Caches the U-Net++ score of an image: its Dice against the ground truth (computed
+    /// here, where the truth is) and its uncertainty; answered with [`Event::Scored`].
+    SaveScore {
+        image: String,
+        model: PathBuf,
+        /// The prediction, 0/1 per pixel.
+        prediction: Vec<u8>,
+        uncertainty: f64,
+    },
 }
 
 /// A SAM prompt from the canvas, in original-image pixels.
@@ -208,6 +236,13 @@ pub enum Event {
         model: Option<PathBuf>,
     },
     Listing(Vec<ImageRow>),
+    /// The U-Net++ score of one image is kept (for the list's row).
+    Scored {
+        image: String,
+        model: PathBuf,
+        dice: Option<f64>,
+        uncertainty: f64,
+    },
     Loaded(Box<LoadedImage>),
     /// A review is committed to the store.
     Reviewed {
@@ -252,6 +287,8 @@ pub enum Event {
     Probability {
         image: String,
         probs: Vec<u8>,
+        /// Mean binary entropy of the map ([`crate::metrics::mean_binary_entropy`]).
+        uncertainty: f64,
     },
     JobStarted {
         what: String,
@@ -285,6 +322,8 @@ pub enum Event {
         path: PathBuf,
     },
 }
+
+pub use super::store_thread::project_model;
 
 /// What a file dialog is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -355,7 +394,7 @@ impl Workers {
         let outbox = out.clone();
         std::thread::Builder::new()
             .name("medmine-store".into())
-            .spawn(move || store_thread(store_rx, o))
+            .spawn(move || super::store_thread::store_thread(store_rx, o))
             .expect("spawn the store thread");
         let (o, c) = (out.clone(), cancel.clone());
         std::thread::Builder::new()
@@ -401,176 +440,6 @@ impl Workers {
             }
         });
     }
-}
-
-fn rows(p: &Project) -> Result<Vec<ImageRow>> {
-    let status = p.status()?;
-    let paths: std::collections::HashMap<String, PathBuf> =
-        p.images()?.into_iter().map(|r| (r.name, r.path)).collect();
-    Ok(status
-        .images
-        .into_iter()
-        .map(|s| ImageRow {
-            path: paths.get(&s.name).cloned().unwrap_or_default(),
-            name: s.name,
-            role: s.role,
-            state: s.review,
-            quality: s.quality,
-            ground_truth: s.ground_truth,
-            pseudo_label: s.pseudo_label_round.is_some(),
-        })
-        .collect())
-}
-
-/// The model of the project: the best checkpoint of its newest finished or cancelled run.
-pub fn project_model(p: &Project) -> Option<PathBuf> {
-    let runs = p.runs().ok()?;
-    runs.iter()
-        .rev()
-        .filter_map(|r| r.best_checkpoint.clone())
-        .find(|b| b.is_file())
-}
-
-fn edit_mask(p: &Project, image: &str) -> Result<Option<Mask>> {
-    Ok(match p.current_mask(image)? {
-        Some((path, "edited")) => Some(data::load_mask(&path)?),
-        _ => None,
-    })
-}
-
-fn load(p: &Project, name: &str) -> Result<LoadedImage> {
-    let rec = p.image(name)?;
-    let img = p.load_image(name)?;
-    let n = img.width * img.height;
-    let (r, g, b) = (img.channel(0), img.channel(1), img.channel(2));
-    let grayscale = r == g && g == b;
-    let mut rgba = Vec::with_capacity(n * 4);
-    let q = |v: f32| (v.clamp(0., 1.) * 255.).round() as u8;
-    for i in 0..n {
-        rgba.extend_from_slice(&[q(r[i]), q(g[i]), q(b[i]), 255]);
-    }
-    let ground_truth = match p.ground_truth(name)? {
-        Some(path) => Some(data::load_mask(&path)?),
-        None => None,
-    };
-    let rounds = p.pseudo_labels(name)?;
-    let pseudo = match rounds.last() {
-        Some(l) => Some(data::load_mask(&p.masks_dir().join(&l.mask_file))?),
-        None => None,
-    };
-    Ok(LoadedImage {
-        name: name.into(),
-        path: rec.path,
-        role: rec.role,
-        state: p.review(name)?.state,
-        width: img.width,
-        height: img.height,
-        rgba,
-        grayscale,
-        ground_truth,
-        pseudo,
-        edit: edit_mask(p, name)?,
-        rounds,
-    })
-}
-
-const GUI_ACTOR: Actor<'static> = Actor {
-    reviewer: Some("gui"),
-    note: None,
-};
-
-fn store_thread(rx: Receiver<StoreCommand>, out: Outbox) {
-    let mut project: Option<Project> = None;
-    for cmd in rx {
-        let context = format!("{cmd:?}").chars().take(80).collect::<String>();
-        guarded(&out, &context, || {
-            if let StoreCommand::OpenOrCreate {
-                project: root,
-                data,
-                split_dir,
-                labelled_fraction,
-            } = &cmd
-            {
-                if !root.join(crate::store::DB_FILE).is_file() {
-                    let mut p = Project::init(root)
-                        .with_context(|| format!("creating project {}", root.display()))?;
-                    let mut opts = crate::store::ImportOptions::new(data);
-                    opts.split_dir = split_dir.clone();
-                    opts.labelled_fraction = *labelled_fraction;
-                    opts.skip_unusable = true;
-                    p.import(&opts)
-                        .with_context(|| format!("importing {}", data.display()))?;
-                }
-            }
-            if let StoreCommand::Open(root) | StoreCommand::OpenOrCreate { project: root, .. } =
-                &cmd
-            {
-                let p = Project::open(root)
-                    .with_context(|| format!("opening project {}", root.display()))?;
-                out.send(Event::Opened {
-                    root: p.root().to_path_buf(),
-                    rows: rows(&p)?,
-                    model: project_model(&p),
-                });
-                project = Some(p);
-                return Ok(());
-            }
-            let p = project.as_mut().context("no project is open")?;
-            match cmd {
-                StoreCommand::Open(_) | StoreCommand::OpenOrCreate { .. } => {
-                    unreachable!("handled above")
-                }
-                StoreCommand::Refresh => out.send(Event::Listing(rows(p)?)),
-                StoreCommand::Load(name) => out.send(Event::Loaded(Box::new(load(p, &name)?))),
-                StoreCommand::Review { image, state } => {
-                    p.set_review(&[&image], state, GUI_ACTOR)?;
-                    out.send(Event::Reviewed { image, state });
-                }
-                StoreCommand::SaveEdit { image, mask } => {
-                    p.save_edit(&image, &mask, GUI_ACTOR)?;
-                    let state = p.review(&image)?.state;
-                    out.send(Event::MaskSaved {
-                        image,
-                        state,
-                        edit: Some(mask),
-                    });
-                }
-                StoreCommand::Undo(image) => undo_redo(p, &out, image, true)?,
-                StoreCommand::Redo(image) => undo_redo(p, &out, image, false)?,
-                StoreCommand::ResetToProposal(image) => {
-                    p.set_review(&[&image], ReviewState::Pending, GUI_ACTOR)?;
-                    out.send(Event::MaskSaved {
-                        edit: edit_mask(p, &image)?,
-                        state: p.review(&image)?.state,
-                        image,
-                    });
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
-fn undo_redo(p: &mut Project, out: &Outbox, image: String, undo: bool) -> Result<()> {
-    let done = if undo {
-        p.undo_edit(&image, GUI_ACTOR)?
-    } else {
-        p.redo_edit(&image, GUI_ACTOR)?
-    };
-    if done.is_none() {
-        out.send(Event::Nothing(if undo {
-            "nothing to undo".into()
-        } else {
-            "nothing to redo".into()
-        }));
-        return Ok(());
-    }
-    out.send(Event::MaskSaved {
-        edit: edit_mask(p, &image)?,
-        state: p.review(&image)?.state,
-        image,
-    });
-    Ok(())
 }
 
 fn thumbnail_thread(rx: Receiver<(String, PathBuf)>, out: Outbox) {

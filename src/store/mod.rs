@@ -81,6 +81,7 @@ pub mod rle;
 mod runs;
 pub mod schema;
 mod status;
+mod views;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -101,6 +102,7 @@ pub use records::{
 };
 pub use review::Actor;
 pub use status::{ImageStatus, ProjectStatus};
+pub use views::{ImageScore, ScoreSource, ViewWindow};
 
 /// File name of the project database inside the project folder.
 pub const DB_FILE: &str = "medmine.db";

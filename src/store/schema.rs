@@ -138,6 +138,27 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE pseudo_labels ADD COLUMN unet_hash TEXT;
     ALTER TABLE pseudo_labels ADD COLUMN labeler TEXT;
     "#,
+    // v5: the radiologist's view: a display window per image (the project's default window
+    // is the `meta` key `view_window`), and cached per-image scores of the U-Net++
+    // prediction and of the newest pseudo-label (`source`), valid for `ref` (the model
+    // checkpoint, or the pseudo-label's mask file).
+    r#"
+    CREATE TABLE image_windows (
+        image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+        center   REAL NOT NULL,
+        width    REAL NOT NULL CHECK (width > 0),
+        unit     TEXT NOT NULL
+    );
+    CREATE TABLE image_scores (
+        image_id    INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        source      TEXT NOT NULL CHECK (source IN ('unet', 'pseudo')),
+        ref         TEXT NOT NULL,
+        dice        REAL,
+        uncertainty REAL,
+        at          TEXT NOT NULL,
+        PRIMARY KEY (image_id, source)
+    );
+    "#,
 ];
 
 /// The schema version this medmine writes and understands.

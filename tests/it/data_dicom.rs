@@ -9,8 +9,8 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use medmine::data::{
-    image_size, load_image, load_mask, prepare, read_dicom, save_gray_png, window_to_u8, DataError,
-    Dataset,
+    image_size, load_image, load_image_with_range, load_mask, prepare, read_dicom, save_gray_png,
+    window_to_u8, DataError, Dataset, ValueRange,
 };
 
 enum Pixels {
@@ -136,6 +136,47 @@ pub(crate) fn write_cr(path: &Path) {
     write_dicom(path, s);
 }
 
+/// A `size x size` CT-like slice (stored values 0..4095 in a gradient, rescale slope 1 and
+/// intercept -1024, so -1024..3071 HU) with the soft-tissue window 40 / 400 in the file.
+pub(crate) fn write_ct(path: &Path, size: u16) {
+    let n = usize::from(size) * usize::from(size);
+    let words = (0..n).map(|i| (i * 4095 / (n - 1)) as u16).collect();
+    let mut s = Spec::cr(size, size, words);
+    s.rescale = Some(("1", "-1024"));
+    s.window = Some(("40", "400"));
+    write_dicom(path, s);
+}
+
+#[test]
+fn value_range_keeps_the_modality_range_rescale_and_window() {
+    let dir = tmp();
+    let p = dir.path().join("cr.dcm");
+    write_cr(&p);
+    let (img, range) = load_image_with_range(&p).expect("load with range");
+    assert_eq!(img, load_image(&p).unwrap(), "the same image as load_image");
+    assert_eq!(
+        range,
+        ValueRange {
+            lo: -824.0,
+            hi: 7166.0,
+            inverted: false,
+            rescaled: true,
+            dicom: true,
+            window: Some((1000.0, 400.0)),
+        }
+    );
+    // no rescale tags: modality values are the stored values, not HU
+    let q = dir.path().join("plain.dcm");
+    write_dicom(&q, Spec::cr(1, 2, vec![5, 9]));
+    let (_, r) = load_image_with_range(&q).unwrap();
+    assert!(r.dicom && !r.rescaled && r.window.is_none());
+    assert_eq!((r.lo, r.hi), (5.0, 9.0));
+    // a PNG: gray levels
+    let png = dir.path().join("a.png");
+    save_gray_png(&png, 2, 1, &[0, 255]).unwrap();
+    assert_eq!(load_image_with_range(&png).unwrap().1, ValueRange::GRAY8);
+}
+
 #[test]
 fn cr_16bit_rescale_window_and_model_input() {
     let dir = tmp();
@@ -199,6 +240,7 @@ fn monochrome1_is_inverted_for_the_model_and_display() {
         assert_eq!(x.channel(c), &[1.0, 0.5, 0.0]);
     }
     assert_eq!(window_to_u8(&img, None), vec![255, 127, 0]);
+    assert!(load_image_with_range(&p).unwrap().1.inverted);
 }
 
 #[test]

@@ -21,7 +21,7 @@ use medmine::store::{
 
 /// A project of 8 lung X-rays from `../shared/data` (half labelled); each unlabelled image gets
 /// a pseudo-label (its ground truth eroded by 3 px, as a stand-in for a mined mask).
-fn lung_project(tmp: &Path) -> PathBuf {
+pub(crate) fn lung_project(tmp: &Path) -> PathBuf {
     let src = common::shared_data().join("lung-cxr");
     let data = tmp.join("data");
     std::fs::create_dir_all(data.join("images")).unwrap();
@@ -90,11 +90,11 @@ fn erode(m: &Mask, r: usize) -> Mask {
     out
 }
 
-fn app_harness(project: &Path, sam: Option<PathBuf>) -> Harness<'static, App> {
+pub(crate) fn app_harness(project: &Path, sam: Option<PathBuf>) -> Harness<'static, App> {
     app_harness_sized(project, sam, [1200.0, 800.0])
 }
 
-fn app_harness_sized(
+pub(crate) fn app_harness_sized(
     project: &Path,
     sam: Option<PathBuf>,
     size: [f32; 2],
@@ -120,7 +120,7 @@ fn harness(startup: Startup, size: [f32; 2]) -> Harness<'static, App> {
 const TIMEOUT: u64 = 120;
 
 /// Steps frames until `cond` holds (the workers answer asynchronously).
-fn wait_for(h: &mut Harness<'static, App>, what: &str, cond: impl Fn(&App) -> bool) {
+pub(crate) fn wait_for(h: &mut Harness<'static, App>, what: &str, cond: impl Fn(&App) -> bool) {
     let t0 = Instant::now();
     while !cond(h.state()) {
         assert!(
@@ -134,7 +134,7 @@ fn wait_for(h: &mut Harness<'static, App>, what: &str, cond: impl Fn(&App) -> bo
     h.step();
 }
 
-fn loaded(h: &mut Harness<'static, App>) -> String {
+pub(crate) fn loaded(h: &mut Harness<'static, App>) -> String {
     wait_for(h, "the selected image on the canvas", |a| {
         a.current_image().is_some()
             && a.current_image() == a.selected_image()

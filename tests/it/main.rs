@@ -14,6 +14,7 @@ mod generic_ops;
 mod gradcheck;
 mod gui;
 mod gui_project;
+mod gui_radiologist;
 mod gui_thread;
 mod gui_weights;
 mod mining;

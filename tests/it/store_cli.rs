@@ -551,3 +551,38 @@ fn full_disk_is_a_clear_error_and_the_database_stays_intact() {
     assert_eq!(review_of(&st, "im1.png"), "edited");
     assert_eq!(review_of(&st, "im2.png"), "rejected");
 }
+
+#[test]
+fn cli_score_caches_dice_and_uncertainty_most_uncertain_first() {
+    use medmine::store::ScoreSource;
+    let tmp = tempfile::tempdir().unwrap();
+    let proj = project(tmp.path(), 3, 24);
+    let ckpt = medmine::train::checkpoint::fresh_checkpoint(
+        &tmp.path().join("init"),
+        2,
+        32,
+        1,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let out = ok(&["project", "score", s(&proj), "--model", s(&ckpt)]);
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let u: Vec<f64> = lines.iter().map(|l| l[1].parse().unwrap()).collect();
+    assert!(u.windows(2).all(|w| w[0] >= w[1]), "{out}");
+    // every image has ground truth here: a Dice per line, and the store keeps them all
+    let scores = Project::open(&proj)
+        .unwrap()
+        .scores(ScoreSource::Unet)
+        .unwrap();
+    for l in &lines {
+        let stored = &scores[l[0]];
+        let dice: f64 = l[2].parse().unwrap();
+        assert!(
+            (stored.dice.unwrap() - dice).abs() < 1e-4,
+            "{l:?} {stored:?}"
+        );
+        assert!((stored.uncertainty.unwrap() - l[1].parse::<f64>().unwrap()).abs() < 1e-4);
+        assert_eq!(stored.reference, ckpt.display().to_string());
+    }
+}
