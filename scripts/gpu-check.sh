@@ -8,13 +8,15 @@
 #      PyTorch's time, inference <= 1.0x, SAM encoders <= 1.25x, decoder <= 5 ms per click.
 #
 # Build the binary here (no GPU needed; see README "CUDA"):
-#   eval "$(scripts/cuda-toolkit.sh)"; cargo build --release --features cuda,cudnn
-#   cp target/release/medmine target/medmine-cuda
+#   eval "$(scripts/cuda-toolkit.sh)"
+#   CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda,cudnn
+#   strip -o target/medmine-cuda target/cuda/release/medmine   # ~300 MB with line tables
 # and, for the PyTorch SAM reference (the GPU machine has torch but may have no internet):
 #   pip install --target target/pydeps --no-deps segment-anything mobilesam-mirror timm
+#   tar czf target/pydeps.tar.gz -C target pydeps      # 4 MB instead of 19 (carry limit 64 MiB)
 # then run it there with the device tool, carrying both:
 #   run(command="scripts/gpu-check.sh target/medmine-cuda", carry=["target/medmine-cuda",
-#       "target/pydeps"], timeout_s=540)
+#       "target/pydeps.tar.gz"], timeout_s=540)
 # Environment: PYTHON (default python3, with torch built for CUDA), STEPS (timed steps, 5),
 # DEVICE (default cuda; `DEVICE=cpu QUICK=1` tries the plumbing on any machine: small sizes,
 # vit_t only).
@@ -29,6 +31,8 @@ else SZ="--size 256 --batch 8 --base 32"; VARIANTS="vit_t vit_b"; OVERFIT=""; fi
 OUT=${OUT:-/tmp}/gpu-check
 mkdir -p "$OUT"
 [ -x "$BIN" ] || { echo "error: $BIN is not an executable medmine (argument 1)" >&2; exit 2; }
+# the PyTorch SAM reference's packages, carried as a folder or a tarball of it
+if [ ! -d target/pydeps ] && [ -f target/pydeps.tar.gz ]; then tar xzf target/pydeps.tar.gz -C target; fi
 [ -d target/pydeps ] && export PYTHONPATH="$PWD/target/pydeps${PYTHONPATH:+:$PYTHONPATH}"
 
 # The CUDA libraries the binary links (libcudart, cuBLAS, cuRAND, cuDNN): PyTorch's wheels.
