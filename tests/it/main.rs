@@ -13,6 +13,7 @@ mod generic_bench;
 mod generic_ops;
 mod gradcheck;
 mod gui;
+mod gui_e2e;
 mod gui_project;
 mod gui_radiologist;
 mod gui_thread;
