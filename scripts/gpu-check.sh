@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared device check for a CUDA machine (under 8 minutes on one H200):
-#   1. `medmine --device cuda check`: U-Net++ gradients vs finite differences, train-mode
+#   1. `medmine --device cuda check` (with TF32 off; then again with it, report only): U-Net++ gradients vs finite differences, train-mode
 #      gradients, inference and a training curve vs the CPU, an overfit run, and SAM (vit_b-style
 #      and vit_t parity fixtures) vs the official PyTorch outputs;
 #   2. `medmine bench train|infer|sam` beside the PyTorch reference scripts on the same GPU,
@@ -10,13 +10,14 @@
 # Build the binary here (no GPU needed; see README "CUDA"):
 #   eval "$(scripts/cuda-toolkit.sh)"
 #   CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda,cudnn
-#   strip -o target/medmine-cuda target/cuda/release/medmine   # ~300 MB with line tables
+#   strip -o target/medmine-cuda target/cuda/release/medmine   # ~360 MB with line tables
+#   gzip -1 -c target/medmine-cuda > target/medmine-cuda.gz     # 81 MB stripped -> 29 MB
 # and, for the PyTorch SAM reference (the GPU machine has torch but may have no internet):
 #   pip install --target target/pydeps --no-deps segment-anything mobilesam-mirror timm
 #   tar czf target/pydeps.tar.gz -C target pydeps      # 4 MB instead of 19 (carry limit 64 MiB)
 # then run it there with the device tool, carrying both:
-#   run(command="scripts/gpu-check.sh target/medmine-cuda", carry=["target/medmine-cuda",
-#       "target/pydeps.tar.gz"], timeout_s=540)
+#   run(command="scripts/gpu-check.sh target/medmine-cuda.gz", carry=["target/medmine-cuda.gz",
+#       "target/pydeps.tar.gz"], timeout_s=400)          # 117 s on an H200
 # Environment: PYTHON (default python3, with torch built for CUDA), STEPS (timed steps, 5),
 # DEVICE (default cuda; `DEVICE=cpu QUICK=1` tries the plumbing on any machine: small sizes,
 # vit_t only).
@@ -30,6 +31,9 @@ if [ -n "${QUICK:-}" ]; then SZ="--size 64 --batch 2 --base 8"; VARIANTS="vit_t"
 else SZ="--size 256 --batch 8 --base 32"; VARIANTS="vit_t vit_b"; OVERFIT=""; fi
 OUT=${OUT:-/tmp}/gpu-check
 mkdir -p "$OUT"
+if [ "${BIN%.gz}" != "$BIN" ] && [ -f "$BIN" ]; then   # carried gzipped (carry limit 64 MiB)
+  gunzip -c "$BIN" > /tmp/medmine-cuda && chmod +x /tmp/medmine-cuda && BIN=/tmp/medmine-cuda
+fi
 [ -x "$BIN" ] || { echo "error: $BIN is not an executable medmine (argument 1)" >&2; exit 2; }
 # the PyTorch SAM reference's packages, carried as a folder or a tarball of it
 if [ ! -d target/pydeps ] && [ -f target/pydeps.tar.gz ]; then tar xzf target/pydeps.tar.gz -C target; fi
@@ -49,9 +53,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 "$BIN" --version 2>/dev/null | head -n1
 
 status=0
-echo "== medmine check ($DEVICE)"
-timeout 300 "$BIN" --device "$DEVICE" check --fixtures tests/fixtures $OVERFIT 2>&1 | tee "$OUT/check.txt"
+# cuDNN's default math lets f32 convolutions run in TF32 on Ampere and newer GPUs (10-bit
+# mantissa): the gate runs with TF32 off (NVIDIA_TF32_OVERRIDE=0), where the device must compute
+# what the CPU computes; a second run shows what TF32 changes (report only).
+echo "== medmine check ($DEVICE, TF32 off)"
+NVIDIA_TF32_OVERRIDE=0 timeout 300 "$BIN" --device "$DEVICE" check --fixtures tests/fixtures $OVERFIT 2>&1 | tee "$OUT/check.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "$DEVICE" != cpu ]; then
+  echo "== medmine check ($DEVICE, TF32 as cuDNN's default: report only)"
+  timeout 300 "$BIN" --device "$DEVICE" check --fixtures tests/fixtures $OVERFIT > "$OUT/check-tf32.txt" 2>&1
+  grep -E "^\|" "$OUT/check-tf32.txt"
+fi
 
 last() { tail -n1 "$1" 2>/dev/null; }
 field() { awk -v k="$2" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)}' "$1" | tail -n1; }

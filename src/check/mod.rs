@@ -37,6 +37,8 @@ pub struct CheckRow {
     pub value: f64,
     pub limit: f64,
     pub seconds: f64,
+    /// Where the value came from (e.g. the parameter with the largest difference); may be empty.
+    pub note: String,
 }
 
 impl CheckRow {
@@ -107,6 +109,7 @@ pub(crate) fn timed(
         value,
         limit,
         seconds: start.elapsed().as_secs_f64(),
+        note: String::new(),
     })
 }
 
@@ -137,8 +140,13 @@ pub fn table(rows: &[CheckRow]) -> String {
         "| check | measure | value | limit | s | result |\n|---|---|---:|---:|---:|---|\n",
     );
     for r in rows {
+        let note = if r.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.note)
+        };
         s.push_str(&format!(
-            "| {} | {} | {:.3e} | {:.1e} | {:.1} | {} |\n",
+            "| {}{note} | {} | {:.3e} | {:.1e} | {:.1} | {} |\n",
             r.name,
             r.measure,
             r.value,
@@ -168,10 +176,14 @@ mod tests {
             value,
             limit: 1e-3,
             seconds: 0.0,
+            note: String::new(),
         };
         assert!(row(1e-4).passed() && row(1e-3).passed());
         assert!(!row(2e-3).passed() && !row(f64::NAN).passed() && !row(f64::INFINITY).passed());
-        let t = table(&[row(1e-4), row(f64::NAN)]);
+        let mut noted = row(f64::NAN);
+        noted.note = "largest: w".into();
+        let t = table(&[row(1e-4), noted]);
+        assert!(t.contains("| x (largest: w) | max abs. diff |"), "{t}");
         assert!(t.contains("| pass |") && t.contains("| FAIL |"), "{t}");
         assert!(t.ends_with("1 of 2 checks passed\n"), "{t}");
     }

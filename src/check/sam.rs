@@ -265,6 +265,7 @@ pub fn checks(device: &Device, opts: &CheckOptions) -> Result<Vec<CheckRow>, Che
             value: 1.0 - min_iou,
             limit: 0.01,
             seconds: 0.0,
+            note: String::new(),
         });
     }
     Ok(rows)

@@ -46,12 +46,17 @@ pub fn check_cmd(a: CheckArgs, device: candle_core::Device) -> Result<()> {
     };
     let rows = run_checks(&device, &opts, &mut |r| {
         println!(
-            "{}: {} {:.3e} (limit {:.1e}) {}",
+            "{}: {} {:.3e} (limit {:.1e}) {}{}",
             r.name,
             r.measure,
             r.value,
             r.limit,
-            if r.passed() { "pass" } else { "FAIL" }
+            if r.passed() { "pass" } else { "FAIL" },
+            if r.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.note)
+            }
         )
     })?;
     println!();
