@@ -134,6 +134,19 @@ pub(crate) fn wait_for(h: &mut Harness<'static, App>, what: &str, cond: impl Fn(
     h.step();
 }
 
+/// Starts training from the inspector ("Start fine-tuning…", then "Start") with the settings
+/// already on the training state, and waits for its result.
+pub(crate) fn run_training(h: &mut Harness<'static, App>, what: &str) {
+    h.get_by_label("Start fine-tuning…").click();
+    h.step();
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    wait_for(h, what, |a| {
+        a.training().result.is_some() && !a.training().running()
+    });
+}
+
 pub(crate) fn loaded(h: &mut Harness<'static, App>) -> String {
     wait_for(h, "the selected image on the canvas", |a| {
         a.current_image().is_some()
@@ -547,14 +560,7 @@ fn mine_next_round_from_the_app_with_self_training() {
         t.size = 32;
         t.base = 4;
     }
-    h.get_by_label("Start fine-tuning…").click();
-    h.step();
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    wait_for(&mut h, "a fine-tuned model", |a| {
-        a.training().result.is_some() && !a.training().running()
-    });
+    run_training(&mut h, "a fine-tuned model");
     // no SAM checkpoint: the Mining dialog's labeler is self-training
     h.state_mut().mining_mut().labeler = medmine::mining::LabelerKind::Unet;
     h.step();

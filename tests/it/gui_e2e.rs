@@ -21,7 +21,7 @@ use medmine::store::{
     MaskVersion, Project, PseudoLabel, Review, ReviewState, Role, RunStatus, TrainingRun,
 };
 
-use super::gui::{loaded, wait_for};
+use super::gui::{loaded, run_training, wait_for};
 use super::gui_project::type_into;
 
 fn harness(project: Option<PathBuf>, sam: &Path) -> Harness<'static, App> {
@@ -241,14 +241,7 @@ fn the_whole_loop_from_a_folder_to_the_next_round_survives_a_restart() {
         t.size = 32;
         t.base = 4;
     }
-    h.get_by_label("Start fine-tuning…").click();
-    h.step();
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    wait_for(&mut h, "the first model", |a| {
-        a.training().result.is_some() && !a.training().running()
-    });
+    run_training(&mut h, "the first model");
     let first = h.state().training().result.clone().unwrap();
     assert!(first.best.is_file());
     h.get_by_label("Use this model").click();
@@ -485,14 +478,7 @@ fn the_whole_loop_from_a_folder_to_the_next_round_survives_a_restart() {
         t.epochs = 3;
         t.lr = 3e-3;
     }
-    h.get_by_label("Start fine-tuning…").click();
-    h.step();
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    wait_for(&mut h, "the fine-tuned model", |a| {
-        a.training().result.is_some() && !a.training().running()
-    });
+    run_training(&mut h, "the fine-tuned model");
     let tuned = h.state().training().result.clone().unwrap();
     let hash2 = medmine::fsutil::sha256_file(&tuned.best).unwrap();
     assert_ne!(
