@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -176,7 +176,9 @@ pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<
             sam_variant: Variant::parse(&a.sam_variant)?,
             ..MiningConfig::default()
         },
-        out: a.out,
+        // absolute: the arms' records name their checkpoints, and a rerun from another
+        // folder must still find them
+        out: std::path::absolute(&a.out).with_context(|| format!("--out {}", a.out.display()))?,
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();

@@ -301,3 +301,31 @@ fn sam_labeler_without_weights_refuses() {
     );
     assert!(!tmp.path().join("out").exists(), "nothing written");
 }
+
+#[test]
+fn a_relative_out_records_absolute_checkpoints() {
+    // a rerun from another folder must find the finished arms' checkpoints
+    let tmp = tempfile::tempdir().unwrap();
+    let splits = tmp.path().join("splits");
+    split_dir(&splits);
+    let mut args = experiment_args(s(&splits), "rel-out", "32");
+    let f = args.iter().position(|a| *a == "0.5,1.0").unwrap();
+    args[f] = "1.0";
+    let out = std::process::Command::new(crate::common::BIN)
+        .args(&args)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("rel-out/fraction-1-seed-0/baseline.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let ckpt = std::path::PathBuf::from(rec["checkpoint"].as_str().unwrap());
+    assert!(ckpt.is_absolute() && ckpt.is_file(), "{}", ckpt.display());
+}
