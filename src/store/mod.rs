@@ -179,6 +179,12 @@ pub enum StoreError {
          `medmine review PROJECT pending {name}`)"
     )]
     Decided { name: String, state: ReviewState },
+    /// `accept` of an image with nothing to accept: no pseudo-label and no edited mask.
+    #[error(
+        "image {name} has no pseudo-label to accept, so nothing was changed: run `medmine mine \
+         PROJECT` first, or draw one with `medmine review PROJECT edit {name} --mask FILE`"
+    )]
+    NothingToAccept { name: String },
     /// An image name that the project does not hold.
     #[error("{}: no image named {name} in this project", .project.display())]
     UnknownImage { project: PathBuf, name: String },
