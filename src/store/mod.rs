@@ -315,6 +315,13 @@ impl Project {
                 reason: "empty file (0 bytes)".into(),
             });
         }
+        // a database the user may not read says so (the OS error), not an SQLite error
+        if let Err(source) = std::fs::File::open(&db_path) {
+            return Err(StoreError::Io {
+                path: db_path,
+                source,
+            });
+        }
         let mut conn = connect(&db_path)?;
         let err = schema::db_err(&db_path);
         let version: i64 = conn

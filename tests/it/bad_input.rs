@@ -23,7 +23,13 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
                 walk(root, &p, out);
             } else {
                 let rel = p.strip_prefix(root).unwrap().to_path_buf();
-                out.insert(rel, std::fs::read(&p).unwrap());
+                // a file this user may not read: its size and time stand for its bytes
+                let bytes = std::fs::read(&p).unwrap_or_else(|_| {
+                    let m = std::fs::metadata(&p).unwrap();
+                    format!("unreadable, {} bytes, {:?}", m.len(), m.modified().unwrap())
+                        .into_bytes()
+                });
+                out.insert(rel, bytes);
             }
         }
     }
@@ -265,6 +271,21 @@ fn unreadable_checkpoints_say_permission_denied() {
     says(&err, &["sam.safetensors", "Permission denied"]);
     assert!(!err.contains("complete download"), "{err}");
     assert_eq!(snapshot(tmp.path()), before);
+
+    // a project database the user may not read
+    let proj = tmp.path().join("proj");
+    ok(&["project", "init", s(&proj)]);
+    std::fs::set_permissions(&proj, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(
+        proj.join("medmine.db"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    let before = snapshot(&proj);
+    let err = refused(&["project", "status", s(&proj)], root);
+    says(&err, &["medmine.db", "Permission denied"]);
+    assert!(!err.contains("not a medmine"), "{err}");
+    assert_eq!(snapshot(&proj), before);
 }
 
 #[test]
@@ -344,4 +365,65 @@ fn a_truncated_jpeg_is_an_error_naming_it() {
     );
     says(&err, &["cut.jpg", "truncated"]);
     assert_eq!(snapshot(tmp.path()), before);
+}
+
+#[test]
+fn import_names_each_suspicious_mask_in_its_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_images(&data, 4);
+    std::fs::create_dir_all(data.join("masks")).unwrap();
+    let (w, h) = (16, 16);
+    let masks: [(&str, Vec<u8>); 4] = [
+        // a clean 0/255 mask and a clean 0/1 mask: no warning
+        (
+            "im0",
+            (0..w * h)
+                .map(|p| if p % w < 8 { 255 } else { 0 })
+                .collect(),
+        ),
+        ("im1", (0..w * h).map(|p| u8::from(p % w < 8)).collect()),
+        // one grey value everywhere: the whole mask becomes foreground
+        ("im2", vec![200; w * h]),
+        // an image given as a mask
+        ("im3", (0..w * h).map(|p| (p * 7 % 256) as u8).collect()),
+    ];
+    for (stem, px) in &masks {
+        data::save_gray_png(&data.join(format!("masks/{stem}.png")), w, h, px).unwrap();
+    }
+    let proj = tmp.path().join("proj");
+    ok(&["project", "init", s(&proj)]);
+    let out = ok(&["project", "import", s(&proj), "--data", s(&data)]);
+    assert!(out.contains("imported 4 images"), "{out}");
+    assert!(
+        out.contains("2 mask files imported but worth a look"),
+        "{out}"
+    );
+    let warning = |stem: &str| {
+        out.lines()
+            .find(|l| l.contains("warning:") && l.contains(&format!("{stem}.png")))
+            .map(str::to_string)
+    };
+    assert!(
+        warning("im0").is_none() && warning("im1").is_none(),
+        "{out}"
+    );
+    let im2 = warning("im2").expect("no warning for the one-value mask");
+    assert!(
+        im2.contains("every pixel is 200") && im2.contains("foreground"),
+        "{im2}"
+    );
+    let im3 = warning("im3").expect("no warning for an image given as a mask");
+    assert!(im3.contains("grey levels"), "{im3}");
+    // the demo's masks are clean
+    let demo = tmp.path().join("demo");
+    ok(&["project", "init", s(&demo)]);
+    let out = ok(&[
+        "project",
+        "import",
+        s(&demo),
+        "--data",
+        s(&crate::common::demo()),
+    ]);
+    assert!(!out.contains("warning"), "{out}");
 }
