@@ -427,3 +427,130 @@ fn import_names_each_suspicious_mask_in_its_summary() {
     ]);
     assert!(!out.contains("warning"), "{out}");
 }
+
+/// The kinds fixed earlier in issue 20, one case each through the binary: each refused with
+/// exit code 1, a message naming the file (or option) and the problem, and the folder at
+/// stake unchanged.
+#[test]
+fn earlier_kinds_are_refused_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = sam_fixture();
+    let demo = crate::common::demo();
+    let unet = medmine::train::checkpoint::fresh_checkpoint(
+        &tmp.path().join("init"),
+        2,
+        32,
+        1,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("earlier.png"), b"an earlier result").unwrap();
+    // two inputs whose masks would have one name
+    let imgs = tmp.path().join("imgs");
+    tiny_images(&imgs, 1);
+    let im0 = imgs.join("images/im0.png");
+    std::fs::copy(&im0, imgs.join("images/im0.jpg")).unwrap();
+    // a SAM checkpoint given where a U-Net++ one is needed
+    let sam_copy = tmp.path().join("sam_tiny.safetensors");
+    std::fs::copy(fx.join("sam_tiny.safetensors"), &sam_copy).unwrap();
+    // an image over the pixel limit (6400 x 6400 = 41 megapixels)
+    let huge = tmp.path().join("huge.png");
+    data::save_gray_png(&huge, 6400, 6400, &vec![0; 6400 * 6400]).unwrap();
+    let (sam, image) = (fx.join("sam_tiny.safetensors"), fx.join("image.png"));
+    let seg = |img: &Path, out_file: &str, prompt: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["segment", "--sam", s(&sam), "--image", s(img), "--out"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        v.push(s(&out.join(out_file)).to_string());
+        v.extend(prompt.iter().map(|x| x.to_string()));
+        v
+    };
+    let predict = |ckpt: &Path, images: &Path| -> Vec<String> {
+        [
+            "predict",
+            "--checkpoint",
+            s(ckpt),
+            "--images",
+            s(images),
+            "--out",
+            s(&out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let train = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--data",
+            s(&demo),
+            "--epochs",
+            "1",
+            "--out",
+            s(&out.join("run")),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let train_list = demo.join("train.txt");
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "colliding output names",
+            predict(&unet, &imgs.join("images")),
+            vec!["im0.png", "im0.jpg", "would both be written"],
+        ),
+        (
+            "a SAM checkpoint as the U-Net++",
+            predict(&sam_copy, &imgs.join("images")),
+            vec!["sam_tiny.safetensors", "this is a SAM checkpoint"],
+        ),
+        (
+            "overlapping training and validation lists",
+            train(&["--train-list", s(&train_list), "--val-list", s(&train_list)]),
+            vec!["also in the training list"],
+        ),
+        (
+            "a size that would abort on allocation",
+            train(&["--size", "1048576"]),
+            vec!["--size 1048576", "must be a multiple of 16"],
+        ),
+        (
+            "a lossy mask file",
+            seg(&image, "mask.jpg", &["--box", "10,10,60,60"]),
+            vec!["mask.jpg", "give a .png file name"],
+        ),
+        (
+            "a box outside the image",
+            seg(&image, "m.png", &["--box", "10,10,400,60"]),
+            vec!["lies outside the 160x136 image"],
+        ),
+        (
+            "an image over the pixel limit",
+            seg(&huge, "m.png", &["--box", "10,10,60,60"]),
+            vec!["huge.png", "megapixels"],
+        ),
+        (
+            "a missing weights folder",
+            ["weights", "verify", "--dir", s(&tmp.path().join("nowhere"))]
+                .iter()
+                .map(|x| x.to_string())
+                .collect(),
+            vec!["nowhere", "no such folder"],
+        ),
+    ];
+    for (what, args, want) in cases {
+        let before = snapshot(&out);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = refused(&refs, false);
+        for w in want {
+            assert!(err.contains(w), "{what}: stderr does not say {w:?}:\n{err}");
+        }
+        assert_eq!(snapshot(&out), before, "{what}: the output folder changed");
+    }
+}
