@@ -554,3 +554,67 @@ fn earlier_kinds_are_refused_and_change_nothing() {
         assert_eq!(snapshot(&out), before, "{what}: the output folder changed");
     }
 }
+
+#[test]
+fn mine_with_nan_weights_stores_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_images(&data, 3);
+    let proj = tmp.path().join("proj");
+    ok(&["project", "init", s(&proj)]);
+    ok(&["project", "import", s(&proj), "--data", s(&data)]);
+    let unet = medmine::train::checkpoint::fresh_checkpoint(
+        &tmp.path().join("init"),
+        2,
+        32,
+        1,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let nan_unet = tmp.path().join("init").join("nan.safetensors");
+    let bad_unet = poison(&unet, &nan_unet, |_| true);
+    std::fs::copy(unet.with_extension("json"), nan_unet.with_extension("json")).unwrap();
+    let nan_sam = tmp.path().join("sam_nan.safetensors");
+    let bad_sam = poison(&sam_fixture().join("sam_tiny.safetensors"), &nan_sam, |n| {
+        n.starts_with("image_encoder.")
+    });
+    let mine = |sam: &Path, checkpoint: &Path| {
+        refused(
+            &[
+                "mine",
+                s(&proj),
+                "--device",
+                "cpu",
+                "--sam",
+                s(sam),
+                "--checkpoint",
+                s(checkpoint),
+            ],
+            false,
+        )
+    };
+    // Both refused at load. Before the loads, mine refreshes its caches (the checkpoint hash
+    // cache in `cache/`), so the check here is the saved work: no pseudo-label, review or log
+    // entry is written.
+    let unchanged = || {
+        let p = medmine::store::Project::open(&proj).unwrap();
+        assert!(p.review_log().unwrap().is_empty());
+        for rec in p.images().unwrap() {
+            assert!(
+                p.pseudo_labels(&rec.name).unwrap().is_empty(),
+                "{}",
+                rec.name
+            );
+            assert_eq!(
+                p.review(&rec.name).unwrap().state,
+                medmine::store::ReviewState::Pending
+            );
+        }
+    };
+    let err = mine(&sam_fixture().join("sam_tiny.safetensors"), &nan_unet);
+    says(&err, &["nan.safetensors", &bad_unet, "NaN or infinite"]);
+    unchanged();
+    let err = mine(&nan_sam, &unet);
+    says(&err, &["sam_nan.safetensors", &bad_sam, "NaN or infinite"]);
+    unchanged();
+}
