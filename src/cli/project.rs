@@ -302,6 +302,16 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
         r.ground_truth,
         a.data.display()
     );
+    if !r.warnings.is_empty() {
+        let n = r.warnings.len();
+        println!(
+            "{n} mask file{} imported but worth a look:",
+            if n == 1 { "" } else { "s" }
+        );
+        for w in &r.warnings {
+            println!("  warning: {w}");
+        }
+    }
     Ok(())
 }
 

@@ -291,6 +291,11 @@ pub fn to_rgb8(img: &ImageF32) -> image::RgbImage {
 /// Decodes a mask file (any format, converted to gray) and binarises it:
 /// foreground = value `>=` half of the range. DICOM masks are refused.
 pub fn load_mask(path: &Path) -> Result<Mask, DataError> {
+    load_mask_checked(path).map(|(mask, _)| mask)
+}
+
+/// [`load_mask`], with what looks wrong in the file ([`mask_warning`]; `None`: nothing).
+pub fn load_mask_checked(path: &Path) -> Result<(Mask, Option<String>), DataError> {
     if is_dicom_path(path) {
         return Err(DataError::Decode {
             path: path.to_path_buf(),
@@ -299,7 +304,41 @@ pub fn load_mask(path: &Path) -> Result<Mask, DataError> {
                 .into(),
         });
     }
-    Ok(to_mask(&decode(path)?))
+    let img = decode(path)?;
+    let warning = mask_warning(&img);
+    Ok((to_mask(&img), warning))
+}
+
+/// What looks wrong in a decoded mask file, in words, or `None`: one value everywhere that is
+/// neither background (0) nor foreground (1 or the top of the range), so the whole image
+/// becomes one class; or more than 5% of the pixels at grey levels between the two (an image
+/// given as a mask, a probability map), which the threshold at half the range decides.
+pub fn mask_warning(img: &DynamicImage) -> Option<String> {
+    let gray = img.to_luma8();
+    let px = gray.as_raw();
+    let first = *px.first()?;
+    if px.iter().all(|&v| v == first) {
+        return (!matches!(first, 0 | 1 | 255)).then(|| {
+            let class = if first >= 128 {
+                "foreground"
+            } else {
+                "background"
+            };
+            format!(
+                "every pixel is {first}, so the whole mask is {class} (a mask holds 0 for \
+                 background and 255 or 1 for foreground)"
+            )
+        });
+    }
+    let mid = px.iter().filter(|&&v| (32..224).contains(&v)).count();
+    let share = mid as f64 / px.len() as f64;
+    (share > 0.05).then(|| {
+        format!(
+            "{:.0}% of the pixels are grey levels between background and foreground (an image \
+             or a probability map rather than a mask?); read as foreground from 128 up",
+            share * 100.0
+        )
+    })
 }
 
 fn check_len(path: &Path, width: usize, height: usize, len: usize) -> Result<(), DataError> {

@@ -56,6 +56,9 @@ pub struct ImportReport {
     pub by_role: BTreeMap<Role, usize>,
     /// Things worth telling the user that did not stop the import.
     pub notes: Vec<String>,
+    /// Mask files imported as they are but whose content looks wrong, each as
+    /// `PATH: what` ([`data::mask_warning`]).
+    pub warnings: Vec<String>,
     /// Files left out, each with the reason (hidden files always; every unusable file with
     /// [`ImportOptions::skip_unusable`]). Each is also in `notes`.
     pub skipped: Vec<Skipped>,
@@ -82,6 +85,8 @@ struct Checked {
     role: Role,
     /// `(source path, PNG bytes, foreground pixels)`.
     mask: Option<(PathBuf, Vec<u8>, usize)>,
+    /// What looks wrong in the mask file, if anything.
+    warning: Option<String>,
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -169,6 +174,7 @@ fn check_sample(s: &Sample, role: Role) -> Result<Checked, Skipped> {
     };
     let img = data::load_image(&s.image).map_err(|e| bad(&s.image, &e))?;
     let sha256 = sha256_file(&s.image).map_err(|e| bad(&s.image, &e))?;
+    let mut warning = None;
     let mask = match &s.mask {
         None if matches!(role, Role::Labelled | Role::Val | Role::Test) => {
             return Err(Skipped {
@@ -180,7 +186,8 @@ fn check_sample(s: &Sample, role: Role) -> Result<Checked, Skipped> {
         }
         None => None,
         Some(mp) => {
-            let m = data::load_mask(mp).map_err(|e| bad(mp, &e))?;
+            let (m, w) = data::load_mask_checked(mp).map_err(|e| bad(mp, &e))?;
+            warning = w.map(|w| format!("{}: {w}", mp.display()));
             if (m.width, m.height) != (img.width, img.height) {
                 let e = data::DataError::MaskSize {
                     path: mp.clone(),
@@ -204,6 +211,7 @@ fn check_sample(s: &Sample, role: Role) -> Result<Checked, Skipped> {
         height: img.height,
         role,
         mask,
+        warning,
     })
 }
 
@@ -262,6 +270,8 @@ impl Project {
             }
         }
         report.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        report.warnings = ok.iter().filter_map(|c| c.warning.clone()).collect();
+        report.warnings.sort();
         if !problems.is_empty() {
             return Err(StoreError::Import {
                 data: opts.data.clone(),

@@ -179,6 +179,12 @@ pub enum StoreError {
          `medmine review PROJECT pending {name}`)"
     )]
     Decided { name: String, state: ReviewState },
+    /// `accept` of an image with nothing to accept: no pseudo-label and no edited mask.
+    #[error(
+        "image {name} has no pseudo-label to accept, so nothing was changed: run `medmine mine \
+         PROJECT` first, or draw one with `medmine review PROJECT edit {name} --mask FILE`"
+    )]
+    NothingToAccept { name: String },
     /// An image name that the project does not hold.
     #[error("{}: no image named {name} in this project", .project.display())]
     UnknownImage { project: PathBuf, name: String },
@@ -307,6 +313,13 @@ impl Project {
             return Err(StoreError::NotAProjectDb {
                 path: db_path,
                 reason: "empty file (0 bytes)".into(),
+            });
+        }
+        // a database the user may not read says so (the OS error), not an SQLite error
+        if let Err(source) = std::fs::File::open(&db_path) {
+            return Err(StoreError::Io {
+                path: db_path,
+                source,
             });
         }
         let mut conn = connect(&db_path)?;

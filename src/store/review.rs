@@ -136,6 +136,15 @@ pub(super) fn record(
     Ok(id)
 }
 
+/// Whether the image has a pseudo-label of any round.
+fn has_pseudo_label(tx: &Transaction<'_>, image_id: i64) -> rusqlite::Result<bool> {
+    tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pseudo_labels WHERE image_id = ?1)",
+        [image_id],
+        |r| r.get(0),
+    )
+}
+
 pub(super) fn current_version(
     tx: &Transaction<'_>,
     image_id: i64,
@@ -172,7 +181,8 @@ impl Project {
     }
 
     /// Sets the review state of each image (one transaction for the whole list: all or
-    /// nothing) and returns the log entries. An edited mask stays the current mask unless
+    /// nothing) and returns the log entries. Accepting an image with neither a pseudo-label
+    /// nor an edited mask is refused with [`StoreError::NothingToAccept`]. An edited mask stays the current mask unless
     /// the new state is `pending` or `rejected`.
     pub fn set_review(
         &mut self,
@@ -199,6 +209,15 @@ impl Project {
                 ReviewState::Accepted => current_version(&tx, rec.id).map_err(err)?,
                 _ => None,
             };
+            // Checked inside the transaction: a pseudo-label mined meanwhile counts.
+            if state == ReviewState::Accepted
+                && version.is_none()
+                && !has_pseudo_label(&tx, rec.id).map_err(err)?
+            {
+                return Err(StoreError::NothingToAccept {
+                    name: rec.name.clone(),
+                });
+            }
             ids.push(record(&tx, rec.id, "review", state, actor, version, &at).map_err(err)?);
         }
         tx.commit().map_err(err)?;

@@ -163,10 +163,11 @@ pub fn load_tensors(
     path: &Path,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>, CheckpointError> {
-    if !path.exists() {
+    // a missing or unreadable file says so (the OS error), not "damaged"
+    if let Err(source) = std::fs::File::open(path) {
         return Err(CheckpointError::Io {
             path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+            source,
         });
     }
     let tensors =
@@ -175,22 +176,12 @@ pub fn load_tensors(
             message: e.to_string(),
         })?;
     // checked once, here: NaN weights would predict all-0 or all-1 masks without a word
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    for name in names {
-        let t = &tensors[name];
-        if !t.dtype().is_float() {
-            continue;
-        }
-        let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let count = values.iter().filter(|v| !v.is_finite()).count();
-        if count > 0 {
-            return Err(CheckpointError::NonFinite {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                count,
-            });
-        }
+    if let Some((tensor, count)) = crate::models::first_non_finite(&tensors)? {
+        return Err(CheckpointError::NonFinite {
+            path: path.to_path_buf(),
+            tensor,
+            count,
+        });
     }
     Ok(tensors)
 }

@@ -157,6 +157,39 @@ pub(crate) fn loaded(h: &mut Harness<'static, App>) -> String {
 }
 
 #[test]
+fn accept_of_an_image_without_a_pseudo_label_is_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let mut h = app_harness(&root, None);
+    loaded(&mut h);
+    let store = Project::open(&root).unwrap();
+    let gt_only = store
+        .images()
+        .unwrap()
+        .into_iter()
+        .find(|r| store.latest_pseudo_label(&r.name).unwrap().is_none())
+        .expect("an image without a pseudo-label")
+        .name;
+    h.get_by_label(&gt_only).click();
+    wait_for(
+        &mut h,
+        "the image without a pseudo-label on the canvas",
+        |a| a.current_image() == Some(gt_only.as_str()),
+    );
+    h.key_press(Key::A);
+    wait_for(&mut h, "the refusal", |a| {
+        a.saving() == 0
+            && a.errors()
+                .iter()
+                .any(|e| e.contains("no pseudo-label to accept"))
+    });
+    let err = h.state().errors().last().unwrap().clone();
+    assert!(err.contains(&gt_only) && err.contains("mine"), "{err}");
+    assert_ne!(h.state().badge(&gt_only), Some(ReviewState::Accepted));
+    assert_eq!(store.review(&gt_only).unwrap().state, ReviewState::Pending);
+}
+
+#[test]
 fn keyboard_review_brush_and_undo_reach_the_store() {
     let tmp = tempfile::tempdir().unwrap();
     let root = lung_project(tmp.path());

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod bad_input;
 mod cli;
 mod data_dicom;
 mod data_loader;

@@ -102,7 +102,10 @@ fn every_human_write_bumps_the_revision() {
     let dir = tempfile::tempdir().unwrap();
     let (_, mut p) = project(dir.path());
     assert_eq!(revision(&p, "img_0"), 0);
-    let mut expect = 0;
+    // a pseudo-label to accept (accepting an image without one is refused)
+    p.add_pseudo_label("img_0", &label(1, 0.9)).unwrap();
+    let base = revision(&p, "img_0");
+    let mut expect = base;
     let mut step = |p: &Project, what: &str| {
         expect += 1;
         assert_eq!(revision(p, "img_0"), expect, "after {what}");
@@ -126,7 +129,7 @@ fn every_human_write_bumps_the_revision() {
     step(&p, "redo");
     // nothing to redo: nothing written, no bump
     assert!(p.redo_edit("img_0", person("x")).unwrap().is_none());
-    assert_eq!(revision(&p, "img_0"), 7);
+    assert_eq!(revision(&p, "img_0"), base + 7);
     // a batch bumps each of its images once; the others keep theirs
     p.set_review(&["img_1", "img_2"], ReviewState::Rejected, person("b"))
         .unwrap();
@@ -138,8 +141,10 @@ fn every_human_write_bumps_the_revision() {
         ),
         (1, 1, 0)
     );
-    // every entry so far is a person's
-    assert!(p.review_log().unwrap().iter().all(|e| !e.is_machine()));
+    // every entry after the pseudo-label is a person's
+    let log = p.review_log().unwrap();
+    assert!(log[0].is_machine());
+    assert!(log[1..].iter().all(|e| !e.is_machine()));
 }
 
 #[test]
@@ -210,6 +215,7 @@ fn machine_pseudo_labels_are_compare_and_set() {
     assert_untouched(&p, "img_1", before);
 
     // accepted or edited, even with the current revision: left alone
+    p.add_pseudo_label("img_2", &label(25, 0.9)).unwrap();
     p.set_review(&["img_2"], ReviewState::Accepted, person("ok"))
         .unwrap();
     p.save_edit("img_3", &mask(20), person("fixed")).unwrap();
@@ -268,6 +274,7 @@ fn machine_pseudo_labels_are_compare_and_set() {
 fn unconditional_pseudo_label_never_overwrites_a_decision() {
     let dir = tempfile::tempdir().unwrap();
     let (_, mut p) = project(dir.path());
+    p.add_pseudo_label("img_0", &label(65, 0.9)).unwrap();
     p.set_review(&["img_0"], ReviewState::Accepted, person("ok"))
         .unwrap();
     p.save_edit("img_1", &mask(5), person("fixed")).unwrap();
@@ -461,4 +468,33 @@ fn v3_project_migrates_to_revisions() {
     );
     assert_eq!(p.pseudo_labels("a.png").unwrap().len(), 2);
     assert_eq!(p.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn accept_without_a_pseudo_label_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut p) = project(dir.path());
+    let before = (revision(&p, "img_0"), p.review_log().unwrap().len());
+    // one bad name refuses the whole batch, the good one included
+    p.add_pseudo_label("img_1", &label(3, 0.9)).unwrap();
+    let log = p.review_log().unwrap().len();
+    let e = p
+        .set_review(&["img_1", "img_0"], ReviewState::Accepted, person("a"))
+        .unwrap_err();
+    assert!(matches!(&e, StoreError::NothingToAccept { name } if name == "img_0.png"));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("img_0.png") && msg.contains("no pseudo-label") && msg.contains("mine"),
+        "{msg}"
+    );
+    assert_eq!(revision(&p, "img_0"), before.0);
+    assert_eq!(p.review_log().unwrap().len(), log);
+    assert_eq!(p.review("img_1").unwrap().state, ReviewState::Pending);
+    // an edited mask is something to accept; rejecting needs nothing
+    p.save_edit("img_0", &mask(4), person("e")).unwrap();
+    p.set_review(&["img_0"], ReviewState::Accepted, person("a"))
+        .unwrap();
+    assert_eq!(p.review("img_0").unwrap().state, ReviewState::Accepted);
+    p.set_review(&["img_2"], ReviewState::Rejected, person("r"))
+        .unwrap();
 }

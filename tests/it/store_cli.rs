@@ -43,6 +43,21 @@ fn project(dir: &Path, n: usize, size: usize) -> PathBuf {
     proj
 }
 
+/// Gives every image of a [`project`] a round-0 pseudo-label (its own ground-truth mask), so
+/// that any of them can be accepted.
+fn with_pseudo_labels(proj: &Path) {
+    let data = proj.parent().unwrap().join("data");
+    ok(&[
+        "project",
+        "add-pseudo",
+        s(proj),
+        "--masks",
+        s(&data.join("masks")),
+        "--round",
+        "0",
+    ]);
+}
+
 fn status_json(proj: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(&["project", "status", s(proj), "--json"])).unwrap()
 }
@@ -94,6 +109,33 @@ fn cli_import_status_review_export() {
         .filter(|i| i["role"] == "unlabelled")
         .map(|i| i["name"].as_str().unwrap().to_string())
         .collect();
+    // nothing mined yet: accept has nothing to accept and says what to do
+    let err = fails(&["review", s(&proj), "accept", &unl[0]]);
+    assert!(
+        err.contains(unl[0].as_str()) && err.contains("no pseudo-label to accept"),
+        "{err}"
+    );
+    assert_eq!(review_of(&status_json(&proj), &unl[0]), "pending");
+    // pseudo-labels (low scores: the batch accept below leaves them) for the first four
+    let first = dir.path().join("pl0");
+    std::fs::create_dir_all(&first).unwrap();
+    let mut csv = String::from("image,sam_iou,stability,agreement\n");
+    for name in &unl[..4] {
+        std::fs::copy(demo().join("masks").join(name), first.join(name)).unwrap();
+        csv.push_str(&format!("{name},0.1,0.9,\n"));
+    }
+    std::fs::write(dir.path().join("scores0.csv"), csv).unwrap();
+    ok(&[
+        "project",
+        "add-pseudo",
+        s(&proj),
+        "--masks",
+        s(&first),
+        "--round",
+        "0",
+        "--scores",
+        s(&dir.path().join("scores0.csv")),
+    ]);
     ok(&[
         "review",
         s(&proj),
@@ -174,11 +216,11 @@ fn cli_import_status_review_export() {
         s(&out_dir),
     ]);
     assert!(
-        out.contains("15 ground-truth masks and 2 accepted pseudo-labels"),
+        out.contains("15 ground-truth masks and 4 accepted pseudo-labels"),
         "{out}"
     );
     let manifest = std::fs::read_to_string(out_dir.join("manifest.csv")).unwrap();
-    assert_eq!(manifest.lines().count(), 18);
+    assert_eq!(manifest.lines().count(), 20);
     let coco = dir.path().join("coco");
     ok(&[
         "project",
@@ -192,7 +234,7 @@ fn cli_import_status_review_export() {
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(coco.join("annotations.json")).unwrap())
             .unwrap();
-    assert_eq!(doc["images"].as_array().unwrap().len(), 17);
+    assert_eq!(doc["images"].as_array().unwrap().len(), 19);
     let report = ok(&["project", "report", s(&proj)]);
     assert!(report.starts_with("time,image,action,state,reviewer,note"));
     assert!(
@@ -385,6 +427,7 @@ fn kill_9_never_loses_an_acknowledged_action() {
     use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().unwrap();
     let proj = project(dir.path(), 6, 24);
+    with_pseudo_labels(&proj);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let mut total = 0;
     let mut killed = 0;
@@ -408,6 +451,8 @@ fn kill_9_never_loses_an_acknowledged_action() {
 fn two_writers_at_once_do_not_fail() {
     let dir = tempfile::tempdir().unwrap();
     let proj = project(dir.path(), 6, 16);
+    with_pseudo_labels(&proj);
+    let logged = Project::open(&proj).unwrap().review_log().unwrap().len();
     let a = {
         let proj = proj.clone();
         std::thread::spawn(move || stress(&proj, 60, 1, "a", None))
@@ -418,7 +463,7 @@ fn two_writers_at_once_do_not_fail() {
     check_project(&proj, "a", &acks_a);
     check_project(&proj, "b", &acks_b);
     let p = Project::open(&proj).unwrap();
-    assert_eq!(p.review_log().unwrap().len(), 120);
+    assert_eq!(p.review_log().unwrap().len(), logged + 120);
 }
 
 fn is_root() -> bool {
@@ -448,6 +493,7 @@ fn read_only_project_is_a_clear_error_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let proj = project(dir.path(), 3, 8);
+    with_pseudo_labels(&proj);
     ok(&["review", s(&proj), "accept", "im0.png"]);
     chmod_tree(&proj, 0o555, 0o444);
     // root ignores permission bits: run the command as `nobody` then
@@ -491,6 +537,7 @@ fn full_disk_is_a_clear_error_and_the_database_stays_intact() {
     const SIZE: usize = 700;
     let dir = tempfile::tempdir().unwrap();
     let proj = project(dir.path(), 3, SIZE);
+    with_pseudo_labels(&proj);
     ok(&["review", s(&proj), "accept", "im0.png"]);
     // A noisy mask compresses badly: its PNG (> 60 kB) cannot be written under a 36 kB
     // limit, while opening the project (the 32 kB WAL index) still works.

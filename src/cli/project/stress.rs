@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 
 use crate::data;
-use crate::store::{Actor, Project, ReviewState, Role};
+use crate::store::{Actor, Project, ReviewState, Role, StoreError};
 
 /// A review action of `project stress-review`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -29,7 +29,8 @@ pub(super) struct StressPlan<'a> {
 
 /// Review actions one at a time (cycling through `plan.actions`: accept, reject, pending, edit
 /// with a random mask) on random images, each acknowledged on stdout (flushed) as
-/// `ack N IMAGE STATE` only after its commit: the crash-safety and race tests kill this
+/// `ack N IMAGE STATE` only after its commit (an accept the store refuses because the image
+/// has nothing to accept yet prints `refused N IMAGE nothing-to-accept`): the crash-safety and race tests kill this
 /// process at random moments and check that every acknowledged action survived.
 pub(super) fn stress_review(dir: &Path, plan: &StressPlan<'_>) -> Result<()> {
     use rand::{Rng, SeedableRng};
@@ -60,7 +61,17 @@ pub(super) fn stress_review(dir: &Path, plan: &StressPlan<'_>) -> Result<()> {
         };
         let state = match plan.actions[n % plan.actions.len()] {
             StressAction::Accept => {
-                p.set_review(&[&rec.name], ReviewState::Accepted, actor)?[0].state
+                match p.set_review(&[&rec.name], ReviewState::Accepted, actor) {
+                    Ok(events) => events[0].state,
+                    // nothing mined for it yet: the store refuses, as for a person
+                    Err(StoreError::NothingToAccept { .. }) => {
+                        let mut out = stdout.lock();
+                        writeln!(out, "refused {n} {} nothing-to-accept", rec.name)?;
+                        out.flush()?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             StressAction::Reject => {
                 p.set_review(&[&rec.name], ReviewState::Rejected, actor)?[0].state

@@ -10,6 +10,13 @@ use super::{Config, EncoderConfig, Result, Sam, SamError, TinyVitConfig, Variant
 
 /// Tensor name -> shape, from either format, without loading the data.
 pub fn read_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    // a missing or unreadable file says so (the OS error), not "cannot read the checkpoint"
+    if let Err(e) = std::fs::File::open(path) {
+        return Err(SamError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        });
+    }
     let unreadable = |e: candle_core::Error| SamError::Unreadable {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -181,16 +188,27 @@ pub fn load_sam(path: &Path, variant: Option<Variant>, device: &Device) -> Resul
     })
 }
 
+/// Every tensor of the checkpoint (safetensors on `device`, `.pth` on the CPU, moved by the
+/// builder), checked once for NaN or infinite values before the model is built from them.
 fn var_builder<'a>(path: &Path, device: &Device) -> Result<VarBuilder<'a>> {
     let unreadable = |e: candle_core::Error| SamError::Unreadable {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    if is_safetensors(path) {
-        // SAFETY: as in `read_shapes`.
-        unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
-            .map_err(unreadable)
+    let tensors: HashMap<String, candle_core::Tensor> = if is_safetensors(path) {
+        candle_core::safetensors::load(path, device).map_err(unreadable)?
     } else {
-        VarBuilder::from_pth(path, DType::F32, device).map_err(unreadable)
+        candle_core::pickle::read_all(path)
+            .map_err(unreadable)?
+            .into_iter()
+            .collect()
+    };
+    if let Some((tensor, count)) = crate::models::first_non_finite(&tensors)? {
+        return Err(SamError::NonFinite {
+            path: path.to_path_buf(),
+            tensor,
+            count,
+        });
     }
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
 }

@@ -57,6 +57,15 @@ pub enum SamError {
         variant: String,
         source: Box<candle_core::Error>,
     },
+    #[error(
+        "{path}: tensor {tensor} holds {count} NaN or infinite values; the checkpoint cannot be \
+         used (download it again, or use another checkpoint)"
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        count: usize,
+    },
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
     /// An image the data layer could not decode (the message names the file).
