@@ -157,6 +157,25 @@ pub(crate) fn loaded(h: &mut Harness<'static, App>) -> String {
 }
 
 #[test]
+fn about_box_shows_what_medmine_version_prints() {
+    // the CLI binary's own answer, not the constant both are built from
+    let cli = common::ok(&["--version"]);
+    let version = cli.lines().next().unwrap_or_default().trim().to_string();
+    assert!(version.contains("(commit "), "{version}");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let mut h = app_harness(&root, None);
+    loaded(&mut h);
+    assert!(h.query_by_label(&version).is_none(), "About starts closed");
+
+    h.get_by_label("About").click();
+    h.step();
+    h.step();
+    h.get_by_label(&version);
+    assert_eq!(medmine::gui::panels::about_version(), version);
+}
+
+#[test]
 fn keyboard_review_brush_and_undo_reach_the_store() {
     let tmp = tempfile::tempdir().unwrap();
     let root = lung_project(tmp.path());
