@@ -42,11 +42,15 @@ pub fn demo_project_dir() -> Option<PathBuf> {
 }
 
 /// The demo images (`assets/demo`): beside the working directory, above the executable
-/// (`target/release/medmine`), or where the crate was built.
+/// (`target/release/medmine`), where a package put them (`/usr/bin/medmine` ->
+/// `/usr/share/medmine/demo`), or where the crate was built.
 pub fn demo_assets() -> Option<PathBuf> {
     let mut candidates = vec![PathBuf::from("assets/demo")];
     if let Ok(exe) = std::env::current_exe() {
-        candidates.extend(exe.ancestors().skip(1).map(|d| d.join("assets/demo")));
+        for d in exe.ancestors().skip(1) {
+            candidates.push(d.join("assets/demo"));
+            candidates.push(d.join("share/medmine/demo"));
+        }
     }
     candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo"));
     candidates
