@@ -176,6 +176,22 @@ fn about_box_shows_what_medmine_version_prints() {
 }
 
 #[test]
+fn installed_binary_finds_the_packaged_demo() {
+    // the Debian package's layout: /usr/bin/medmine and /usr/share/medmine/demo
+    let tmp = tempfile::tempdir().unwrap();
+    let usr = tmp.path().join("usr");
+    let exe = usr.join("bin/medmine");
+    assert_eq!(medmine::gui::demo_assets_beside(&exe), None);
+    let demo = usr.join("share/medmine/demo");
+    std::fs::create_dir_all(&demo).unwrap();
+    std::fs::write(demo.join("train.txt"), "x\n").unwrap();
+    assert_eq!(
+        medmine::gui::demo_assets_beside(&exe),
+        Some(demo.canonicalize().unwrap())
+    );
+}
+
+#[test]
 fn keyboard_review_brush_and_undo_reach_the_store() {
     let tmp = tempfile::tempdir().unwrap();
     let root = lung_project(tmp.path());
