@@ -186,6 +186,7 @@ pub struct App {
     pub(super) sam: Option<(PathBuf, String)>,
     pub(super) device_name: String,
     pub(super) show_help: bool,
+    pub(super) show_about: bool,
     pub(super) wgpu: bool,
     pub(super) intents: Vec<Intent>,
     /// Every error shown as a toast this session (toasts expire; this does not).
@@ -253,6 +254,7 @@ impl App {
             sam: None,
             device_name: startup.device_name.clone(),
             show_help: false,
+            show_about: false,
             wgpu,
             intents: Vec::new(),
             canvas_rect: None,
@@ -536,6 +538,7 @@ impl App {
         self.training_window_ui(&ctx);
         self.mining_window_ui(&ctx);
         self.help_ui(&ctx);
+        self.about_ui(&ctx);
         self.dialogs_ui(&ctx);
         self.toasts_ui(&ctx);
         self.apply_intents(&ctx);

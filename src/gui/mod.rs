@@ -42,15 +42,26 @@ pub fn demo_project_dir() -> Option<PathBuf> {
 }
 
 /// The demo images (`assets/demo`): beside the working directory, above the executable
-/// (`target/release/medmine`), or where the crate was built.
+/// (`target/release/medmine`), where a package put them (`/usr/bin/medmine` ->
+/// `/usr/share/medmine/demo`), or where the crate was built.
 pub fn demo_assets() -> Option<PathBuf> {
-    let mut candidates = vec![PathBuf::from("assets/demo")];
-    if let Ok(exe) = std::env::current_exe() {
-        candidates.extend(exe.ancestors().skip(1).map(|d| d.join("assets/demo")));
-    }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo"));
-    candidates
-        .into_iter()
+    let found = |p: PathBuf| {
+        p.join("train.txt")
+            .is_file()
+            .then(|| p.canonicalize().ok())
+            .flatten()
+    };
+    found(PathBuf::from("assets/demo"))
+        .or_else(|| demo_assets_beside(&std::env::current_exe().ok()?))
+        .or_else(|| found(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo")))
+}
+
+/// The demo images in a folder above the executable `exe`: `assets/demo` (a checkout's
+/// `target/release/medmine`) or `share/medmine/demo` (a package's `/usr/bin/medmine`).
+pub fn demo_assets_beside(exe: &Path) -> Option<PathBuf> {
+    exe.ancestors()
+        .skip(1)
+        .flat_map(|d| [d.join("assets/demo"), d.join("share/medmine/demo")])
         .find(|p| p.join("train.txt").is_file())
         .and_then(|p| p.canonicalize().ok())
 }

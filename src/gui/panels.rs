@@ -410,6 +410,13 @@ impl App {
                 {
                     self.show_help ^= true;
                 }
+                if ui
+                    .small_button("About")
+                    .on_hover_text("Version, commit and compiled features")
+                    .clicked()
+                {
+                    self.show_about ^= true;
+                }
                 ui.menu_button("Project", |ui| {
                     if ui.button("Open…").clicked() {
                         self.intents.push(Intent::PickProject);
@@ -448,6 +455,30 @@ impl App {
         self.show_help = open;
     }
 
+    /// The same version string as `medmine --version`, for bug reports from people who only
+    /// have the app.
+    pub(super) fn about_ui(&mut self, ctx: &egui::Context) {
+        let mut open = self.show_about;
+        egui::Window::new("About medmine")
+            .open(&mut open)
+            .collapsible(false)
+            .resizable(false)
+            .show(ctx, |ui| {
+                ui.label(RichText::new("medmine").heading());
+                ui.label(env!("CARGO_PKG_DESCRIPTION"));
+                ui.label(RichText::new(about_version()).monospace());
+                if ui
+                    .button("Copy version")
+                    .on_hover_text("For a bug report")
+                    .clicked()
+                {
+                    ui.ctx().copy_text(about_version());
+                }
+                ui.label(format!("Licence: {}", env!("CARGO_PKG_LICENSE")));
+            });
+        self.show_about = open;
+    }
+
     pub(super) fn toasts_ui(&self, ctx: &egui::Context) {
         if self.toasts.is_empty() {
             return;
@@ -467,4 +498,9 @@ impl App {
                 }
             });
     }
+}
+
+/// The About box's version line: `medmine --version`'s output.
+pub fn about_version() -> String {
+    format!("medmine {}", crate::cli::VERSION)
 }

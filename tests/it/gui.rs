@@ -190,6 +190,41 @@ fn accept_of_an_image_without_a_pseudo_label_is_refused_with_what_to_do() {
 }
 
 #[test]
+fn about_box_shows_what_medmine_version_prints() {
+    // the CLI binary's own answer, not the constant both are built from
+    let cli = common::ok(&["--version"]);
+    let version = cli.lines().next().unwrap_or_default().trim().to_string();
+    assert!(version.contains("(commit "), "{version}");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let mut h = app_harness(&root, None);
+    loaded(&mut h);
+    assert!(h.query_by_label(&version).is_none(), "About starts closed");
+
+    h.get_by_label("About").click();
+    h.step();
+    h.step();
+    h.get_by_label(&version);
+    assert_eq!(medmine::gui::panels::about_version(), version);
+}
+
+#[test]
+fn installed_binary_finds_the_packaged_demo() {
+    // the Debian package's layout: /usr/bin/medmine and /usr/share/medmine/demo
+    let tmp = tempfile::tempdir().unwrap();
+    let usr = tmp.path().join("usr");
+    let exe = usr.join("bin/medmine");
+    assert_eq!(medmine::gui::demo_assets_beside(&exe), None);
+    let demo = usr.join("share/medmine/demo");
+    std::fs::create_dir_all(&demo).unwrap();
+    std::fs::write(demo.join("train.txt"), "x\n").unwrap();
+    assert_eq!(
+        medmine::gui::demo_assets_beside(&exe),
+        Some(demo.canonicalize().unwrap())
+    );
+}
+
+#[test]
 fn keyboard_review_brush_and_undo_reach_the_store() {
     let tmp = tempfile::tempdir().unwrap();
     let root = lung_project(tmp.path());
