@@ -174,20 +174,27 @@ fn sam_checkpoint_with_nan_weights_is_refused_at_load() {
     assert!(e.contains(&bad) && e.contains("2 NaN or infinite"), "{e}");
 }
 
-#[test]
-fn unet_checkpoint_with_nan_weights_is_refused_by_predict() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A fresh U-Net++ checkpoint (base 2, 32 px) in `dir/init`, and a copy with every weight
+/// poisoned (`init/nan.safetensors`, with its `.json`) and what `poison` returns.
+fn nan_unet(dir: &Path) -> (PathBuf, PathBuf, String) {
     let fresh = medmine::train::checkpoint::fresh_checkpoint(
-        &tmp.path().join("init"),
+        &dir.join("init"),
         2,
         32,
         1,
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let ckpt = tmp.path().join("init").join("nan.safetensors");
+    let ckpt = dir.join("init").join("nan.safetensors");
     let bad = poison(&fresh, &ckpt, |_| true);
     std::fs::copy(fresh.with_extension("json"), ckpt.with_extension("json")).unwrap();
+    (fresh, ckpt, bad)
+}
+
+#[test]
+fn unet_checkpoint_with_nan_weights_is_refused_by_predict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, ckpt, bad) = nan_unet(tmp.path());
     let data = tmp.path().join("data");
     tiny_images(&data, 2);
     let before = snapshot(tmp.path());
@@ -563,17 +570,7 @@ fn mine_with_nan_weights_stores_nothing() {
     let proj = tmp.path().join("proj");
     ok(&["project", "init", s(&proj)]);
     ok(&["project", "import", s(&proj), "--data", s(&data)]);
-    let unet = medmine::train::checkpoint::fresh_checkpoint(
-        &tmp.path().join("init"),
-        2,
-        32,
-        1,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let nan_unet = tmp.path().join("init").join("nan.safetensors");
-    let bad_unet = poison(&unet, &nan_unet, |_| true);
-    std::fs::copy(unet.with_extension("json"), nan_unet.with_extension("json")).unwrap();
+    let (unet, nan_unet, bad_unet) = nan_unet(tmp.path());
     let nan_sam = tmp.path().join("sam_nan.safetensors");
     let bad_sam = poison(&sam_fixture().join("sam_tiny.safetensors"), &nan_sam, |n| {
         n.starts_with("image_encoder.")
