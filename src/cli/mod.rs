@@ -16,6 +16,7 @@ use crate::predict::{self, Predictor};
 use crate::progress::{Progress, TrainEvent};
 use crate::train::{self, TrainConfig, TrainRun, TrainStatus};
 
+mod bench;
 mod check;
 mod experiment;
 mod finetune;
@@ -59,7 +60,7 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(bench::BenchCommand),
     /// Project store: create, import a dataset, status, relink, export.
     #[command(subcommand)]
     Project(project::ProjectCommand),
@@ -259,52 +260,6 @@ struct EvaluateArgs {
     json: Option<PathBuf>,
 }
 
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Full U-Net++ training steps on random data; last line `images_per_s <float>`.
-    Train {
-        #[arg(long, default_value_t = 128)]
-        size: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 32)]
-        base: usize,
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-    },
-    /// U-Net++ inference (eval mode, mean of the heads) on random data; last line
-    /// `images_per_s <float>`.
-    Infer {
-        #[arg(long, default_value_t = 256)]
-        size: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 32)]
-        base: usize,
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-    },
-    /// SAM image encoder and per-prompt decoder timing; last line `encoder_ms <f> decoder_ms <f>`.
-    /// Without --sam, seeded random weights of the variant (runs anywhere).
-    Sam {
-        #[arg(long)]
-        sam: Option<PathBuf>,
-        /// vit_b | vit_l | vit_h | vit_t (with --sam: auto-detected unless given).
-        #[arg(long)]
-        variant: Option<String>,
-        /// An image (default: a synthetic 1024x1024 one).
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Timed encoder runs.
-        #[arg(long, default_value_t = 1)]
-        runs: usize,
-    },
-}
-
 pub fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -334,72 +289,7 @@ pub fn run() -> Result<()> {
         Command::Experiment(a) => experiment::experiment_cmd(a, device),
         Command::Gui(a) => gui_cmd(a, device),
         Command::Check(a) => check::check_cmd(a, device),
-        Command::Bench(BenchCommand::Train {
-            size,
-            batch,
-            base,
-            steps,
-            warmup,
-        }) => {
-            let b = crate::bench::TrainBench {
-                size,
-                batch,
-                base,
-                steps,
-                warmup,
-                seed: 0,
-            };
-            println!("bench train: size {size} batch {batch} base {base} steps {steps}");
-            let ips =
-                crate::bench::bench_train(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
-            println!("images_per_s {ips:.4}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Infer {
-            size,
-            batch,
-            base,
-            steps,
-            warmup,
-        }) => {
-            let b = crate::bench::InferBench {
-                size,
-                batch,
-                base,
-                steps,
-                warmup,
-            };
-            println!("bench infer: size {size} batch {batch} base {base} steps {steps}");
-            let ips =
-                crate::bench::bench_infer(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
-            println!("images_per_s {ips:.4}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Sam {
-            sam,
-            variant,
-            image,
-            runs,
-        }) => {
-            use crate::models::sam::bench::{bench_sam, SamBenchOptions};
-            let variant = match variant.as_deref() {
-                Some(v) => crate::models::sam::Variant::parse(v)?,
-                None => None,
-            };
-            let opts = SamBenchOptions {
-                variant,
-                checkpoint: sam,
-                image,
-                runs: runs.max(1),
-                ..Default::default()
-            };
-            let report = bench_sam(&opts, &device, &mut |line| println!("{line}"))?;
-            for line in report.summary_lines() {
-                println!("{line}");
-            }
-            println!("{}", report.contract_line());
-            Ok(())
-        }
+        Command::Bench(c) => bench::bench_cmd(c, device),
         Command::Project(c) => project::project_cmd(c),
         Command::Review(a) => project::review_cmd(a),
         Command::Weights(c) => weights::weights_cmd(c),
