@@ -103,6 +103,7 @@ mod dicom;
 mod display;
 mod image_io;
 mod prepare;
+mod resize;
 
 use std::path::PathBuf;
 
@@ -116,11 +117,11 @@ pub use dicom::{
 };
 pub use display::{load_image_with_range, ValueRange};
 pub use image_io::{
-    image_size, load_image, load_mask, load_mask_checked, load_rgb8, mask_to_training,
-    mask_warning, resize_image, resize_plane, save_gray_png, save_mask_png, to_image_f32, to_mask,
-    to_rgb8,
+    image_size, load_image, load_mask, load_mask_checked, load_rgb8, mask_warning, save_gray_png,
+    save_mask_png, to_image_f32, to_mask, to_rgb8,
 };
 pub use prepare::{prepare, prepare_images, Prepared, PreparedImage};
+pub use resize::{mask_to_training, resize_image, resize_plane};
 
 /// Errors of the data module. Every message that concerns a file starts with
 /// that file's path.

@@ -4,7 +4,8 @@
 use rayon::prelude::*;
 
 use super::dataset::Sample;
-use super::image_io::{load_image, load_mask, mask_to_training, resize_image};
+use super::image_io::{load_image, load_mask};
+use super::resize::{mask_to_training, resize_image};
 use super::{DataError, ImageF32};
 
 /// One labelled sample at the training resolution.
