@@ -174,17 +174,22 @@ fn sam_checkpoint_with_nan_weights_is_refused_at_load() {
     assert!(e.contains(&bad) && e.contains("2 NaN or infinite"), "{e}");
 }
 
-/// A fresh U-Net++ checkpoint (base 2, 32 px) in `dir/init`, and a copy with every weight
-/// poisoned (`init/nan.safetensors`, with its `.json`) and what `poison` returns.
-fn nan_unet(dir: &Path) -> (PathBuf, PathBuf, String) {
-    let fresh = medmine::train::checkpoint::fresh_checkpoint(
+/// A fresh U-Net++ checkpoint (base 2, 32 px) in `dir/init`.
+fn fresh_unet(dir: &Path) -> PathBuf {
+    medmine::train::checkpoint::fresh_checkpoint(
         &dir.join("init"),
         2,
         32,
         1,
         &candle_core::Device::Cpu,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A fresh U-Net++ checkpoint (base 2, 32 px) in `dir/init`, and a copy with every weight
+/// poisoned (`init/nan.safetensors`, with its `.json`) and what `poison` returns.
+fn nan_unet(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let fresh = fresh_unet(dir);
     let ckpt = dir.join("init").join("nan.safetensors");
     let bad = poison(&fresh, &ckpt, |_| true);
     std::fs::copy(fresh.with_extension("json"), ckpt.with_extension("json")).unwrap();
@@ -221,14 +226,7 @@ fn unreadable_checkpoints_say_permission_denied() {
     // root ignores permission bits: the commands run as `nobody` then, who must reach the files
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let root = is_root();
-    let fresh = medmine::train::checkpoint::fresh_checkpoint(
-        &tmp.path().join("init"),
-        2,
-        32,
-        1,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let fresh = fresh_unet(tmp.path());
     let data = tmp.path().join("data");
     tiny_images(&data, 2);
     let sam = tmp.path().join("sam.safetensors");
@@ -443,14 +441,7 @@ fn earlier_kinds_are_refused_and_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = sam_fixture();
     let demo = crate::common::demo();
-    let unet = medmine::train::checkpoint::fresh_checkpoint(
-        &tmp.path().join("init"),
-        2,
-        32,
-        1,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let unet = fresh_unet(tmp.path());
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("earlier.png"), b"an earlier result").unwrap();
