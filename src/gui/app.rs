@@ -292,6 +292,11 @@ impl App {
         self.current.as_ref().map(|c| c.image.name.as_str())
     }
 
+    /// What the canvas uploads: the image's pixels, its layers and their versions.
+    pub fn canvas_data(&self) -> Option<&super::overlay::CanvasData> {
+        self.current.as_ref().map(|c| &c.data)
+    }
+
     /// The image chosen in the list (it is on the canvas once loaded).
     pub fn selected_image(&self) -> Option<&str> {
         self.selected.as_deref()
@@ -489,7 +494,7 @@ impl App {
     pub(super) fn set_layer(cur: &mut Current, slot: usize, mask: Option<&Mask>) {
         cur.data.layers[slot] =
             mask.map(|m| std::sync::Arc::new(m.data.iter().map(|&v| v * 255).collect()));
-        cur.data.versions[slot + 1] += 1;
+        cur.data.versions[slot + 1] = super::overlay::next_version();
     }
 
     pub(super) fn refresh_draft_layer(cur: &mut Current) {

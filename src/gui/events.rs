@@ -74,9 +74,9 @@ impl App {
                     height: img.height as u32,
                     rgba: std::sync::Arc::new(img.rgba.clone()),
                     layers: Default::default(),
-                    versions: self.current.as_ref().map_or([0; 5], |c| c.data.versions),
+                    versions: [0; 5],
                 };
-                data.versions[0] += 1;
+                data.versions[0] = super::overlay::next_version();
                 let mut cur = Current {
                     image: *img,
                     data,
@@ -208,7 +208,7 @@ impl App {
                 }
                 if let Some(cur) = self.current.as_mut().filter(|c| c.image.name == image) {
                     cur.data.layers[LAYER_PROB] = Some(std::sync::Arc::new(probs.clone()));
-                    cur.data.versions[LAYER_PROB + 1] += 1;
+                    cur.data.versions[LAYER_PROB + 1] = super::overlay::next_version();
                     cur.probs = Some(probs);
                 }
             }

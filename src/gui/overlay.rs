@@ -79,8 +79,16 @@ pub struct CanvasData {
     pub rgba: Arc<Vec<u8>>,
     /// One byte per pixel each (0..=255); `None` uploads an empty layer.
     pub layers: [Option<Arc<Vec<u8>>>; 4],
-    /// Bumped by the owner on every change of `rgba` or of a layer (per slot).
+    /// Set by the owner to a fresh [`next_version`] on every change of `rgba` or of a layer
+    /// (per slot). The textures are cached per canvas, across images and projects: a version
+    /// is never given out twice, so equal versions always mean equal pixels.
     pub versions: [u64; 5],
+}
+
+/// A version number that no other `CanvasData` change in this process has had.
+pub fn next_version() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 struct Textures {

@@ -682,9 +682,45 @@ fn first_run_of_the_demo_has_pseudo_labels_to_review_without_any_download() {
     let demo = tmp.path().join("demo");
     let t0 = Instant::now();
     let mut h = demo_harness(&demo);
+    // The canvas caches its textures across images and reopenings by version: a version seen
+    // twice must carry the same pixels, or the canvas shows stale layers (the first run once
+    // showed the image reloaded after mining without its pseudo-label).
+    let seen = std::cell::RefCell::new(std::collections::HashMap::new());
+    let same_version_same_pixels = |a: &App| {
+        use std::hash::{Hash, Hasher};
+        let Some(d) = a.canvas_data() else { return };
+        let digest = |bytes: Option<&Vec<u8>>| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
+        };
+        let mut slots = vec![(0, digest(Some(&d.rgba)))];
+        for (i, l) in d.layers.iter().enumerate() {
+            slots.push((i + 1, digest(l.as_deref())));
+        }
+        for (slot, pixels) in slots {
+            let mut seen = seen.borrow_mut();
+            let first = *seen.entry((slot, d.versions[slot])).or_insert(pixels);
+            assert_eq!(
+                first, pixels,
+                "canvas slot {slot}: version {} reused for other pixels",
+                d.versions[slot]
+            );
+        }
+    };
     wait_for(&mut h, "the demo's first round", |a| {
+        same_version_same_pixels(a);
         a.pseudo_labelled() > 0 && a.model().is_some()
     });
+    wait_for(
+        &mut h,
+        "the first pending pseudo-label on the canvas",
+        |a| {
+            same_version_same_pixels(a);
+            a.canvas_data()
+                .is_some_and(|d| d.layers[medmine::gui::overlay::LAYER_PSEUDO].is_some())
+        },
+    );
     eprintln!(
         "first run: pseudo-labels after {:.1} s",
         t0.elapsed().as_secs_f64()
