@@ -539,13 +539,16 @@ impl App {
             .resizable(true)
             .default_size(290.0)
             .show(ui, |ui| self.inspector_ui(ui));
-        egui::CentralPanel::default().show(ui, |ui| self.canvas_area_ui(ui));
+        let canvas = egui::CentralPanel::default()
+            .show(ui, |ui| self.canvas_area_ui(ui))
+            .response
+            .rect;
         self.training_window_ui(&ctx);
         self.mining_window_ui(&ctx);
         self.help_ui(&ctx);
         self.about_ui(&ctx);
         self.dialogs_ui(&ctx);
-        self.toasts_ui(&ctx);
+        self.toasts_ui(&ctx, canvas);
         self.apply_intents(&ctx);
         if self.training.running() || self.saving > 0 {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));

@@ -479,12 +479,15 @@ impl App {
         self.show_about = open;
     }
 
-    pub(super) fn toasts_ui(&self, ctx: &egui::Context) {
+    /// Toasts in the canvas's bottom-right corner: above the status bar and the first-steps
+    /// hint, never over them.
+    pub(super) fn toasts_ui(&self, ctx: &egui::Context, canvas: egui::Rect) {
         if self.toasts.is_empty() {
             return;
         }
         egui::Area::new(egui::Id::unique("toasts"))
-            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12., -36.))
+            .pivot(egui::Align2::RIGHT_BOTTOM)
+            .fixed_pos(canvas.right_bottom() - egui::vec2(12., 12.))
             .show(ctx, |ui| {
                 for t in &self.toasts {
                     let color = if t.error {

@@ -721,6 +721,15 @@ fn first_run_of_the_demo_has_pseudo_labels_to_review_without_any_download() {
                 .is_some_and(|d| d.layers[medmine::gui::overlay::LAYER_PSEUDO].is_some())
         },
     );
+    // the first run's toasts stay clear of the first-steps hint
+    let toasts: Vec<String> = h.state().toasts().map(String::from).collect();
+    assert!(!toasts.is_empty(), "the first run says it is done");
+    let hint = h.get_by_label_contains("First steps").rect();
+    for t in &toasts {
+        for node in h.query_all_by_label(t) {
+            assert!(!node.rect().intersects(hint), "toast {t:?} covers the hint");
+        }
+    }
     eprintln!(
         "first run: pseudo-labels after {:.1} s",
         t0.elapsed().as_secs_f64()
