@@ -66,6 +66,20 @@ pub fn demo_assets_beside(exe: &Path) -> Option<PathBuf> {
         .and_then(|p| p.canonicalize().ok())
 }
 
+/// The window's icon: `assets/medmine.png`, the desktop entry's icon, built into the binary.
+pub fn window_icon() -> egui::IconData {
+    const PNG: &[u8] = include_bytes!("../../assets/medmine.png");
+    // built in and decoded by a test: a failure here is a broken build, not user data
+    let rgba = image::load_from_memory(PNG)
+        .expect("assets/medmine.png decodes")
+        .into_rgba8();
+    egui::IconData {
+        width: rgba.width(),
+        height: rgba.height(),
+        rgba: rgba.into_raw(),
+    }
+}
+
 /// Opens the window (blocks until it is closed).
 pub fn run(
     project: Option<PathBuf>,
@@ -83,7 +97,10 @@ pub fn run(
         viewport: egui::ViewportBuilder::default()
             .with_title("medmine")
             .with_inner_size([1400.0, 900.0])
-            .with_min_inner_size([800.0, 500.0]),
+            .with_min_inner_size([800.0, 500.0])
+            // the desktop entry's name (Wayland app id, X11 WM_CLASS) and its icon
+            .with_app_id("medmine")
+            .with_icon(window_icon()),
         ..Default::default()
     };
     eframe::run_native(

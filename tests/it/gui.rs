@@ -209,6 +209,19 @@ fn about_box_shows_what_medmine_version_prints() {
 }
 
 #[test]
+fn the_window_icon_is_the_desktop_entrys_icon() {
+    let icon = medmine::gui::window_icon();
+    let file = image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/medmine.png"))
+        .unwrap()
+        .into_rgba8();
+    assert_eq!((icon.width, icon.height), (256, 256));
+    assert_eq!(icon.rgba, file.into_raw());
+    assert!(icon.rgba.chunks(4).any(|p| p[3] == 255), "not blank");
+    let desktop = include_str!("../../assets/medmine.desktop");
+    assert!(desktop.lines().any(|l| l == "Icon=medmine"));
+}
+
+#[test]
 fn installed_binary_finds_the_packaged_demo() {
     // the Debian package's layout: /usr/bin/medmine and /usr/share/medmine/demo
     let tmp = tempfile::tempdir().unwrap();
