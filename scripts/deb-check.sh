@@ -50,19 +50,19 @@ echo "deb-check: $version"
 case "$version" in medmine\ *) ;; *) fail "--version printed: $version" ;; esac
 for f in /usr/share/applications/medmine.desktop /usr/share/icons/hicolor/256x256/apps/medmine.png \
   /usr/share/doc/medmine/copyright /usr/share/doc/medmine/demo-data-ATTRIBUTION.md \
-  /usr/share/medmine/demo/train.txt; do
+  /usr/lib/medmine/demo/train.txt; do
   [ -s "$root$f" ] || fail "$f is missing"
 done
 grep -q '^Exec=medmine' "$root/usr/share/applications/medmine.desktop" || fail "desktop entry's Exec"
-grep -q 'CC BY-SA' "$root/usr/share/doc/medmine/copyright" || fail "the demo data's licence notice"
+grep -q "CC-BY-SA-4.0" "$root/usr/share/doc/medmine/copyright" || fail "the demo data's licence notice"
 
 # headless training and prediction on the packaged demo, from the installed files only
 in_root rm -rf /tmp/run
-d=/usr/share/medmine/demo
+d=/usr/lib/medmine/demo
 in_root medmine train --data $d --train-list $d/train.txt --val-list $d/val.txt \
   --size 64 --base 8 --epochs 2 --batch 4 --out /tmp/run
 [ -s "$root/tmp/run/best.safetensors" ] || fail "train wrote no checkpoint"
-first=$(head -1 "$root/usr/share/medmine/demo/val.txt"); first=${first%.png}
+first=$(head -1 "$root$d/val.txt"); first=${first%.png}
 in_root medmine predict --checkpoint /tmp/run/best.safetensors --images $d \
   --list $d/val.txt --out /tmp/run/pred
 [ -s "$root/tmp/run/pred/$first.png" ] || fail "predict wrote no mask for $first"

@@ -7,11 +7,12 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::mining::shard::{mine_shard, ShardSummary};
 use crate::mining::{mine_project, open_labeler, LabelerKind, MiningConfig, MiningSummary, Remine};
 use crate::models::sam::Variant;
 use crate::models::unetpp::InferenceMode;
 use crate::prompts::{PromptConfig, Strategy};
-use crate::store::Project;
+use crate::store::{Project, ShardSpec};
 
 #[derive(Args)]
 pub struct MineArgs {
@@ -63,6 +64,14 @@ pub struct MineArgs {
     /// edited images are never re-mined.
     #[arg(long, default_value = "changed")]
     remine: String,
+    /// Mine only shard K of N (0-based K, e.g. $SLURM_ARRAY_TASK_ID/N): the project is read,
+    /// never written; the result goes to --shard-out, merged later by `medmine project merge`.
+    #[arg(long, value_name = "K/N", requires = "shard_out")]
+    shard: Option<String>,
+    /// The shard's folder (its own SQLite file and masks). Run the same command again on it
+    /// to continue a stopped job.
+    #[arg(long, value_name = "DIR", requires = "shard")]
+    shard_out: Option<PathBuf>,
 }
 
 pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
@@ -89,8 +98,19 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
     if kind != LabelerKind::Sam && a.sam.is_some() {
         eprintln!("note: --sam is not used by --labeler {kind}");
     }
-    let mut project = Project::open(&a.project)?;
-    let cache = project.cache_dir();
+    let shard = match (&a.shard, &a.shard_out) {
+        (Some(k), Some(out)) => Some((k.parse::<ShardSpec>()?, out.clone())),
+        _ => None,
+    };
+    let mut project = if shard.is_some() {
+        Project::open_read_only(&a.project)?
+    } else {
+        Project::open(&a.project)?
+    };
+    let cache = match &shard {
+        Some((_, out)) => out.join("cache"),
+        None => project.cache_dir(),
+    };
     let sam = if kind == LabelerKind::Sam {
         a.sam.as_deref()
     } else {
@@ -116,6 +136,24 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
         cfg.stop_iou,
         cfg.remine
     );
+    if let Some((spec, out)) = shard {
+        let s = mine_shard(
+            &project,
+            &out,
+            spec,
+            &a.checkpoint,
+            labeler.as_mut(),
+            &cfg,
+            &device,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+            &cancel,
+        )?;
+        bar.finish_and_clear();
+        return print_shard_summary(&s, &out);
+    }
     let mut announced = false;
     let s = mine_project(
         &mut project,
@@ -140,6 +178,35 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
     )?;
     bar.finish_and_clear();
     print_summary(&s, a.auto_accept.is_some());
+    if !s.failed.is_empty() {
+        let lines: Vec<String> = s.failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+        bail!(
+            "{} images could not be mined:\n{}",
+            s.failed.len(),
+            lines.join("\n")
+        );
+    }
+    Ok(())
+}
+
+fn print_shard_summary(s: &ShardSummary, out: &std::path::Path) -> Result<()> {
+    if let Some(info) = &s.info {
+        println!("shard               {}", info.spec);
+        println!("shard id            {}", info.shard_id);
+        println!("u-net++ sha256      {}", info.unet_hash);
+        println!("labeler id          {}", info.labeler);
+    }
+    println!("shard folder        {}", out.display());
+    println!("selected            {}", s.selected);
+    println!("done by an earlier job {}", s.resumed);
+    println!("mined               {}", s.mined);
+    println!("no component        {}", s.no_component);
+    println!("failed              {}", s.failed.len());
+    if s.cancelled {
+        println!("cancelled: run the same command again to continue");
+    } else {
+        println!("finished: merge with `medmine project merge PROJECT SHARD_DIR...`");
+    }
     if !s.failed.is_empty() {
         let lines: Vec<String> = s.failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
         bail!(

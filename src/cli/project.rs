@@ -1,4 +1,5 @@
 //! `medmine project …` and `medmine review …`: thin wrappers over [`crate::store`].
+mod merge;
 mod score;
 mod stress;
 
@@ -67,6 +68,17 @@ pub enum ProjectCommand {
         dir: PathBuf,
         #[arg(long)]
         model: PathBuf,
+    },
+    /// Merge mining shards (`medmine mine --shard K/N --shard-out DIR`) into the project: each
+    /// image only if nobody reviewed it since its shard read it; a shard is merged once.
+    Merge {
+        dir: PathBuf,
+        /// The shard folders (every K of 0..N, unless --partial).
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        /// Merge the shards given even if others of the run are missing.
+        #[arg(long)]
+        partial: bool,
     },
     /// Test helper: review actions one by one, printing `ack N IMAGE STATE` after each commit.
     #[command(hide = true)]
@@ -192,6 +204,11 @@ pub fn project_cmd(c: ProjectCommand) -> Result<()> {
         ProjectCommand::Import(a) => import_cmd(a),
         ProjectCommand::Status { dir, json } => status_cmd(&dir, json),
         ProjectCommand::Score { dir, model } => score::score_cmd(&dir, &model),
+        ProjectCommand::Merge {
+            dir,
+            shards,
+            partial,
+        } => merge::merge_cmd(&dir, &shards, partial),
         ProjectCommand::Relink { dir, data } => {
             let mut p = Project::open(&dir)?;
             let r = p.relink(&data)?;
@@ -340,6 +357,13 @@ fn status_cmd(dir: &Path, json: bool) -> Result<()> {
             "missing image files {} (run `medmine project verify` / `relink`)",
             s.missing_files
         );
+    }
+    if !s.shards.is_empty() {
+        println!("merged from shards");
+        for m in &s.shards {
+            let id = &m.shard_id[..m.shard_id.len().min(12)];
+            println!("  shard {} ({id}) {} {}", m.shard, m.outcome, m.images);
+        }
     }
     Ok(())
 }

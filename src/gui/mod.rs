@@ -42,8 +42,8 @@ pub fn demo_project_dir() -> Option<PathBuf> {
 }
 
 /// The demo images (`assets/demo`): beside the working directory, above the executable
-/// (`target/release/medmine`), where a package put them (`/usr/bin/medmine` ->
-/// `/usr/share/medmine/demo`), or where the crate was built.
+/// (`target/release/medmine`), where a package put them ([`demo_assets_beside`]), or where the
+/// crate was built.
 pub fn demo_assets() -> Option<PathBuf> {
     let found = |p: PathBuf| {
         p.join("train.txt")
@@ -56,12 +56,23 @@ pub fn demo_assets() -> Option<PathBuf> {
         .or_else(|| found(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo")))
 }
 
-/// The demo images in a folder above the executable `exe`: `assets/demo` (a checkout's
-/// `target/release/medmine`) or `share/medmine/demo` (a package's `/usr/bin/medmine`).
+/// The demo images where a checkout or a package put them, found from the executable `exe`:
+/// `assets/demo` above it (a checkout's `target/release/medmine`), `lib/medmine/demo` or
+/// `share/medmine/demo` (a .deb's or AppImage's `usr/bin/medmine`), `../Resources/demo`
+/// (a macOS `.app`'s `Contents/MacOS/medmine`) or `demo` beside it (a Windows install).
 pub fn demo_assets_beside(exe: &Path) -> Option<PathBuf> {
-    exe.ancestors()
-        .skip(1)
-        .flat_map(|d| [d.join("assets/demo"), d.join("share/medmine/demo")])
+    let dir = exe.parent()?;
+    let packaged = [dir.join("demo"), dir.join("../Resources/demo")];
+    let above = exe.ancestors().skip(1).flat_map(|d| {
+        [
+            d.join("assets/demo"),
+            d.join("lib/medmine/demo"),
+            d.join("share/medmine/demo"),
+        ]
+    });
+    packaged
+        .into_iter()
+        .chain(above)
         .find(|p| p.join("train.txt").is_file())
         .and_then(|p| p.canonicalize().ok())
 }

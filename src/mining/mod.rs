@@ -29,6 +29,7 @@ pub mod quality;
 pub mod refine;
 mod round;
 mod select;
+pub mod shard;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -112,6 +113,8 @@ pub enum MiningError {
         #[source]
         source: StoreError,
     },
+    #[error("{0}")]
+    Shard(String),
     #[error(transparent)]
     Project(#[from] StoreError),
 }
@@ -325,7 +328,7 @@ pub fn mine_project(
             .checkpoint()
             .map_or_else(|| labeler.id().to_string(), |p| p.display().to_string()),
     };
-    let (todo, mut summary) = select::select_images(project, cfg.remine, &who)?;
+    let (todo, mut summary) = select::select_images(project, cfg.remine, &who, None)?;
     let total = todo.len();
     progress(0, total);
     let mut chosen: Vec<Chosen> = Vec::new();
@@ -362,23 +365,30 @@ pub fn mine_project(
     Ok(summary)
 }
 
-/// Predicts, labels and stores one image.
-fn mine_one(
-    project: &mut Project,
+/// One image labelled, not yet stored.
+enum Labelled {
+    /// Its rounds, and the rows to store (the pseudo-label last).
+    Mined(MinedImage, Vec<NewPseudoLabel>),
+    NoComponent,
+    Failed(String),
+}
+
+/// Predicts and labels one image (reads the project only).
+fn label_one(
+    project: &Project,
     unet: &Predictor,
     labeler: &mut dyn Labeler,
     cfg: &MiningConfig,
     who: &Provenance,
-    cand: Candidate,
-) -> Result<Outcome, MiningError> {
-    let name = cand.name.as_str();
+    name: &str,
+) -> Result<Labelled, MiningError> {
     let read = project.load_image(name).and_then(|img| {
         let file = project.image_file(name)?;
         Ok((img, file, project.ground_truth(name)?))
     });
     let (img, file, truth) = match read {
         Ok(v) => v,
-        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+        Err(e) => return Ok(Labelled::Failed(e.to_string())),
     };
     let probs = predict(unet, name, &img)?;
     let input = LabelInput {
@@ -390,16 +400,33 @@ fn mine_one(
     };
     let mined = match labeler.label(&input, cfg) {
         Ok(Some(m)) if !m.rounds.is_empty() => m,
-        Ok(_) => return Ok(Outcome::NoComponent),
-        Err(e @ MiningError::NoGroundTruth { .. }) => return Ok(Outcome::Failed(e.to_string())),
+        Ok(_) => return Ok(Labelled::NoComponent),
+        Err(e @ MiningError::NoGroundTruth { .. }) => return Ok(Labelled::Failed(e.to_string())),
         Err(e) => return Err(e),
     };
-    let labels: Vec<NewPseudoLabel> = mined
+    let labels = mined
         .store_order()
         .into_iter()
         .enumerate()
         .map(|(k, r)| new_pseudo_label(r, k as i64, who))
         .collect();
+    Ok(Labelled::Mined(mined, labels))
+}
+
+/// Predicts, labels and stores one image.
+fn mine_one(
+    project: &mut Project,
+    unet: &Predictor,
+    labeler: &mut dyn Labeler,
+    cfg: &MiningConfig,
+    who: &Provenance,
+    cand: Candidate,
+) -> Result<Outcome, MiningError> {
+    let (mined, labels) = match label_one(project, unet, labeler, cfg, who, &cand.name)? {
+        Labelled::Mined(m, l) => (m, l),
+        Labelled::NoComponent => return Ok(Outcome::NoComponent),
+        Labelled::Failed(e) => return Ok(Outcome::Failed(e)),
+    };
     let Some(revision) = select::write_rounds(project, &cand, &labels)? else {
         return Ok(Outcome::SkippedReviewed);
     };

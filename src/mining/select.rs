@@ -1,7 +1,9 @@
 //! Which unlabelled images a pass mines ([`plan_image`], the [`Remine`] policy), and the
 //! pass's two store writes (the rounds of one image, the auto-accept).
 use super::{MiningError, MiningSummary, Provenance, Remine};
-use crate::store::{Actor, MachineWrite, NewPseudoLabel, Project, PseudoLabel, ReviewState, Role};
+use crate::store::{
+    Actor, MachineWrite, NewPseudoLabel, Project, PseudoLabel, ReviewState, Role, ShardSpec,
+};
 
 /// What a pass does with one unlabelled image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,10 +54,13 @@ fn made_by(p: &PseudoLabel) -> (Option<&str>, Option<&str>) {
 }
 
 /// The images to mine, in the project's order, and a summary with the others counted.
+/// With `shard`, only the unlabelled images at its positions (project order) are looked at
+/// (and counted).
 pub(super) fn select_images(
     project: &Project,
     policy: Remine,
     who: &Provenance,
+    shard: Option<ShardSpec>,
 ) -> Result<(Vec<Candidate>, MiningSummary), MiningError> {
     let mut summary = MiningSummary {
         unet_hash: who.unet_hash.clone(),
@@ -63,8 +68,13 @@ pub(super) fn select_images(
         ..MiningSummary::default()
     };
     let mut todo = Vec::new();
-    for rec in project.images()? {
-        if rec.role != Role::Unlabelled {
+    let unlabelled = project
+        .images()?
+        .into_iter()
+        .filter(|r| r.role == Role::Unlabelled)
+        .enumerate();
+    for (pos, rec) in unlabelled {
+        if shard.is_some_and(|s| !s.contains(pos)) {
             continue;
         }
         summary.unlabelled += 1;

@@ -43,7 +43,7 @@ pub struct BatchAccept {
 
 /// What a machine write requires of the image, checked inside its transaction.
 #[derive(Clone, Copy, Debug)]
-enum Guard {
+pub(super) enum Guard {
     /// The revision the machine read, and a state of pending or rejected.
     Revision(i64),
     /// Only a state of pending or rejected (no person accepted or edited it).
@@ -52,7 +52,7 @@ enum Guard {
 
 /// Where the rows of a pseudo-label write go.
 #[derive(Clone, Copy, Debug)]
-enum Rounds {
+pub(super) enum Rounds {
     /// `base, base + 1, …` after the image's highest stored round.
     Append,
     /// The label's own `round`, replacing a stored row of that round.
@@ -141,7 +141,7 @@ impl Project {
     ) -> Result<MachineWrite> {
         let guard = Guard::Revision(expected_revision);
         Ok(self
-            .write_pseudo_labels(image, guard, labels, Rounds::Append)?
+            .write_pseudo_labels(image, guard, labels, Rounds::Append, None)?
             .0)
     }
 
@@ -153,7 +153,7 @@ impl Project {
     pub fn add_pseudo_label(&mut self, image: &str, label: &NewPseudoLabel) -> Result<PseudoLabel> {
         let labels = std::slice::from_ref(label);
         let (write, name) =
-            self.write_pseudo_labels(image, Guard::Undecided, labels, Rounds::AsGiven)?;
+            self.write_pseudo_labels(image, Guard::Undecided, labels, Rounds::AsGiven, None)?;
         if let MachineWrite::Skipped { state, .. } = write {
             return Err(StoreError::Decided { name, state });
         }
@@ -180,12 +180,15 @@ impl Project {
 
     /// The compare-and-set behind both pseudo-label writes; returns the outcome and the
     /// image's name.
-    fn write_pseudo_labels(
+    /// The machine's pseudo-label write; `mark` also records a merged shard's image in the
+    /// same transaction ([`super::shard`]).
+    pub(super) fn write_pseudo_labels(
         &mut self,
         image: &str,
         guard: Guard,
         labels: &[NewPseudoLabel],
         rounds: Rounds,
+        mark: Option<super::shard::ShardMark<'_>>,
     ) -> Result<(MachineWrite, String)> {
         let rec = self.image(image)?;
         if labels.is_empty() {
@@ -262,6 +265,9 @@ impl Project {
             &at,
         )
         .map_err(err)?;
+        if let Some(mark) = mark {
+            super::shard::mark_merged(&tx, mark, rec.id, &at).map_err(err)?;
+        }
         let (_, revision) = image_now(&tx, rec.id).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok((MachineWrite::Written { revision }, rec.name))

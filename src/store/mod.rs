@@ -80,6 +80,7 @@ mod review;
 pub mod rle;
 mod runs;
 pub mod schema;
+pub mod shard;
 mod status;
 mod views;
 
@@ -101,7 +102,8 @@ pub use records::{
     ReviewState, Role, RunStatus, TrainingRun, MACHINE_ACTIONS,
 };
 pub use review::Actor;
-pub use status::{ImageStatus, ProjectStatus};
+pub use shard::{MergeWrite, ShardImage, ShardInfo, ShardMark, ShardSpec, ShardStore};
+pub use status::{ImageStatus, ProjectStatus, ShardMerged};
 pub use views::{ImageScore, ScoreSource, ViewWindow};
 
 /// File name of the project database inside the project folder.
@@ -345,6 +347,44 @@ impl Project {
             std::fs::create_dir_all(&p).map_err(|e| fsutil::write_error(&p, e))?;
         }
         schema::upgrade(&mut conn, &db_path)?;
+        Ok(Project {
+            root: dir.to_path_buf(),
+            db_path,
+            conn,
+        })
+    }
+
+    /// Opens an existing project for reading only (a mining shard's job: it never writes the
+    /// project, which may sit on a network file system). The schema must be this medmine's:
+    /// an older project is upgraded by opening it once normally.
+    pub fn open_read_only(dir: &Path) -> Result<Project> {
+        let db_path = dir.join(DB_FILE);
+        if !db_path.is_file() {
+            return Err(StoreError::NotAProject {
+                path: dir.to_path_buf(),
+            });
+        }
+        let err = schema::db_err(&db_path);
+        let conn = Connection::open_with_flags(
+            &db_path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        let version = schema::user_version(&conn).map_err(err)?;
+        if version != schema::LATEST {
+            return Err(StoreError::Invalid(format!(
+                "{}: schema version {version}, this medmine reads version {} read-only: {}",
+                db_path.display(),
+                schema::LATEST,
+                if version < schema::LATEST {
+                    "open the project once with this medmine (e.g. `medmine project status`) to \
+                     upgrade it"
+                } else {
+                    "it was written by a newer medmine"
+                }
+            )));
+        }
         Ok(Project {
             root: dir.to_path_buf(),
             db_path,

@@ -159,6 +159,20 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (image_id, source)
     );
     "#,
+    // v6: mining on a cluster: the project's id (shards name the project they were cut from),
+    // and which shard's result each merged image took (`outcome`: mined, or skipped because a
+    // person reviewed the image after the shard read it), so a merge is applied once.
+    r#"
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('project_id', lower(hex(randomblob(16))));
+    CREATE TABLE shard_merges (
+        shard_id TEXT NOT NULL,
+        shard    TEXT NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        outcome  TEXT NOT NULL CHECK (outcome IN ('mined', 'skipped_reviewed')),
+        at       TEXT NOT NULL,
+        PRIMARY KEY (shard_id, image_id)
+    );
+    "#,
 ];
 
 /// The schema version this medmine writes and understands.

@@ -41,7 +41,20 @@ pub struct ProjectStatus {
     /// U-Net++ prediction it was mined from.
     pub component_count_changed: usize,
     pub missing_files: usize,
+    /// Images merged from mining shards: per shard and outcome (`mined`, or
+    /// `skipped_reviewed`: a person reviewed the image after the shard read it).
+    pub shards: Vec<ShardMerged>,
     pub images: Vec<ImageStatus>,
+}
+
+/// What one shard brought into the project (`medmine project merge`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ShardMerged {
+    /// `K/N`.
+    pub shard: String,
+    pub shard_id: String,
+    pub outcome: String,
+    pub images: usize,
 }
 
 impl Project {
@@ -113,6 +126,16 @@ impl Project {
             pseudo_labels,
             component_count_changed,
             missing_files,
+            shards: self
+                .shard_merges()?
+                .into_iter()
+                .map(|(shard, shard_id, outcome, images)| ShardMerged {
+                    shard,
+                    shard_id,
+                    outcome,
+                    images,
+                })
+                .collect(),
             images,
         })
     }

@@ -223,18 +223,30 @@ fn the_window_icon_is_the_desktop_entrys_icon() {
 
 #[test]
 fn installed_binary_finds_the_packaged_demo() {
-    // the Debian package's layout: /usr/bin/medmine and /usr/share/medmine/demo
-    let tmp = tempfile::tempdir().unwrap();
-    let usr = tmp.path().join("usr");
-    let exe = usr.join("bin/medmine");
-    assert_eq!(medmine::gui::demo_assets_beside(&exe), None);
-    let demo = usr.join("share/medmine/demo");
-    std::fs::create_dir_all(&demo).unwrap();
-    std::fs::write(demo.join("train.txt"), "x\n").unwrap();
-    assert_eq!(
-        medmine::gui::demo_assets_beside(&exe),
-        Some(demo.canonicalize().unwrap())
-    );
+    // each package's layout: (the executable, where the package puts the demo)
+    for (exe, demo) in [
+        ("usr/bin/medmine", "usr/lib/medmine/demo"), // .deb, AppImage (cargo-packager)
+        ("usr/bin/medmine", "usr/share/medmine/demo"), // distribution packages
+        (
+            "medmine.app/Contents/MacOS/medmine",
+            "medmine.app/Contents/Resources/demo",
+        ),
+        ("medmine/medmine.exe", "medmine/demo"), // Windows installers
+        ("checkout/target/release/medmine", "checkout/assets/demo"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let exe = tmp.path().join(exe);
+        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+        assert_eq!(medmine::gui::demo_assets_beside(&exe), None, "{demo}");
+        let demo = tmp.path().join(demo);
+        std::fs::create_dir_all(&demo).unwrap();
+        std::fs::write(demo.join("train.txt"), "x\n").unwrap();
+        assert_eq!(
+            medmine::gui::demo_assets_beside(&exe),
+            Some(demo.canonicalize().unwrap()),
+            "{demo:?}"
+        );
+    }
 }
 
 #[test]

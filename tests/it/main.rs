@@ -20,6 +20,7 @@ mod gui_radiologist;
 mod gui_thread;
 mod gui_weights;
 mod mining;
+mod mining_shards;
 mod sam_batch;
 mod sam_bench;
 mod sam_cache;
