@@ -211,7 +211,10 @@ fn shard_jobs_merged_equal_one_mine_and_a_review_made_meanwhile_survives() {
         "--shard-out",
         s(&shard(2)),
     ]);
-    assert!(err.contains("another run") && err.contains("threshold 0.1"), "{err}");
+    assert!(
+        err.contains("another run") && err.contains("threshold 0.1"),
+        "{err}"
+    );
 
     // a missing shard is named, nothing is merged
     let snap = labels(&proj);
