@@ -355,8 +355,11 @@ impl Project {
     }
 
     /// Opens an existing project for reading only (a mining shard's job: it never writes the
-    /// project, which may sit on a network file system). The schema must be this medmine's:
-    /// an older project is upgraded by opening it once normally.
+    /// project, which may sit on a network file system or a read-only mount). The schema must
+    /// be this medmine's: an older project is upgraded by opening it once normally. Where
+    /// SQLite cannot open the database read-only in place (a read-only folder: no WAL index
+    /// can be made beside it), it is opened as immutable, which skips locking: fine for a
+    /// snapshot nobody writes while the job runs, stated in the README's cluster section.
     pub fn open_read_only(dir: &Path) -> Result<Project> {
         let db_path = dir.join(DB_FILE);
         if !db_path.is_file() {
@@ -365,13 +368,26 @@ impl Project {
             });
         }
         let err = schema::db_err(&db_path);
-        let conn = Connection::open_with_flags(
-            &db_path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        let version = schema::user_version(&conn).map_err(err)?;
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let open = |uri: String| -> rusqlite::Result<(Connection, i64)> {
+            let conn = Connection::open_with_flags(uri, flags)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            let version = schema::user_version(&conn)?;
+            Ok((conn, version))
+        };
+        let uri = sqlite_uri(&db_path);
+        let (conn, version) = match open(uri.clone()) {
+            Ok(v) => v,
+            Err(first) => {
+                tracing::info!(
+                    "{}: read-only open failed ({first}); opening it as immutable",
+                    db_path.display()
+                );
+                open(format!("{uri}?immutable=1")).map_err(err)?
+            }
+        };
         if version != schema::LATEST {
             return Err(StoreError::Invalid(format!(
                 "{}: schema version {version}, this medmine reads version {} read-only: {}",
@@ -585,6 +601,20 @@ impl Project {
             .optional()
             .map_err(|e| self.db(e))
     }
+}
+
+/// `file:` URI of a database path (`%`, `?` and `#` escaped).
+fn sqlite_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri
 }
 
 /// Opens the database file with the project's connection settings (busy timeout, foreign

@@ -279,3 +279,49 @@ fn shard_jobs_merged_equal_one_mine_and_a_review_made_meanwhile_survives() {
         assert!(status.contains(line), "{line}: {status}");
     }
 }
+
+#[test]
+fn a_shard_job_mines_a_project_it_cannot_write() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let unet = tiny_unet(&tmp.path().join("run"));
+    crate::store_cli::chmod_tree(&tmp.path().join("run"), 0o755, 0o644);
+    let proj = tmp.path().join("proj");
+    demo_project(&proj);
+    Project::open(&proj).unwrap();
+    let out_dir = tmp.path().join("shards");
+    std::fs::create_dir(&out_dir).unwrap();
+    std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // a read-only project folder (as a read-only mount of a network share): no WAL index
+    // can be made beside the database, so SQLite cannot open it in place
+    crate::store_cli::chmod_tree(&proj, 0o555, 0o444);
+    let before = db_bytes(&proj);
+    let mut cmd = if crate::store_cli::is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c.arg(env!("CARGO_BIN_EXE_medmine"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_medmine"))
+    };
+    let shard = out_dir.join("shard-0");
+    let out = cmd
+        .args(["mine", s(&proj), "--device", "cpu", "--labeler", "oracle"])
+        .args(["--threshold", "0", "--checkpoint", s(&unet)])
+        .args(["--shard", "0/1", "--shard-out", s(&shard)])
+        .output()
+        .unwrap();
+    crate::store_cli::chmod_tree(&proj, 0o755, 0o644);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&text, "mined"), 9, "{text}");
+    assert_eq!(db_bytes(&proj), before);
+    let merged = ok(&["project", "merge", s(&proj), s(&shard)]);
+    assert_eq!(field(&merged, "merged"), 9, "{merged}");
+}

@@ -466,7 +466,7 @@ fn two_writers_at_once_do_not_fail() {
     assert_eq!(p.review_log().unwrap().len(), logged + 120);
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: geteuid has no preconditions.
     return unsafe { libc::geteuid() } == 0;
@@ -474,7 +474,7 @@ fn is_root() -> bool {
     false
 }
 
-fn chmod_tree(root: &Path, dir_mode: u32, file_mode: u32) {
+pub(crate) fn chmod_tree(root: &Path, dir_mode: u32, file_mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     for entry in std::fs::read_dir(root).unwrap() {
         let p = entry.unwrap().path();
