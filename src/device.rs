@@ -113,6 +113,88 @@ pub fn describe(device: &Device) -> String {
     format!("{name}, ops: {ops}")
 }
 
+/// Which kernels the compute runs on, for `medmine bench`: on the CPU, the ISA the matrix
+/// products take (the `gemm` crate picks its AVX-512 kernels where the CPU has AVX-512F, built
+/// with its `x86-v4` feature as here, else AVX2+FMA, else scalar), the ISA of our own
+/// vectorised kernels (`ops::fast_math`: AVX2+FMA or the x86-64 baseline), which op path CPU
+/// tensors take (`fast`: our kernels; `generic`: candle's ops, `MEDMINE_OPS=generic`) and the
+/// threads; e.g. `cpu: gemm avx512f, own kernels avx2+fma, ops fast, 2 threads (rayon)`.
+pub fn kernels(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => {
+            let isa = cpu_isa();
+            format!(
+                "cpu: gemm {}, own kernels {}, ops {}, {} threads (rayon){}",
+                isa.gemm,
+                isa.own,
+                crate::ops::path_name(),
+                rayon::current_num_threads(),
+                isa.extra
+            )
+        }
+        candle_core::DeviceLocation::Cuda { gpu_id } => {
+            format!("cuda:{gpu_id}: candle's CUDA kernels (cuBLAS matmuls), ops generic")
+        }
+        candle_core::DeviceLocation::Metal { gpu_id } => {
+            format!("metal:{gpu_id}: candle's Metal kernels, ops generic")
+        }
+    }
+}
+
+/// What the CPU offers the kernels.
+pub struct CpuIsa {
+    /// The `gemm` kernels: `avx512f`, `avx2+fma`, `fma` or `scalar`.
+    pub gemm: &'static str,
+    /// Our own vectorised kernels: `avx2+fma` or `baseline`.
+    pub own: &'static str,
+    /// Other detected features that no kernel uses (`, detected but unused: avx512_bf16`).
+    pub extra: String,
+}
+
+/// [`CpuIsa`] of this CPU (`std::is_x86_feature_detected`).
+pub fn cpu_isa() -> CpuIsa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = is_x86_feature_detected!("avx512f");
+        let avx2 = is_x86_feature_detected!("avx2");
+        let fma = is_x86_feature_detected!("fma");
+        let gemm = match (avx512, avx2, fma) {
+            (true, _, _) => "avx512f",
+            (false, true, true) => "avx2+fma",
+            (false, false, true) => "fma",
+            _ => "scalar",
+        };
+        let unused: Vec<&str> = [
+            ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
+            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+        ]
+        .into_iter()
+        .filter_map(|(n, on)| on.then_some(n))
+        .collect();
+        CpuIsa {
+            gemm,
+            own: if avx2 && fma { "avx2+fma" } else { "baseline" },
+            extra: if unused.is_empty() {
+                String::new()
+            } else {
+                format!(", detected but unused: {}", unused.join(" "))
+            },
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        CpuIsa {
+            gemm: if cfg!(target_arch = "aarch64") {
+                "neon"
+            } else {
+                "scalar"
+            },
+            own: "baseline",
+            extra: String::new(),
+        }
+    }
+}
+
 /// Keeps freed tensor memory in the process instead of returning it to the OS.
 ///
 /// glibc maps every allocation over 32 MiB freshly with `mmap` and unmaps it on free, so each
@@ -148,6 +230,25 @@ pub fn settle_thread_count() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_the_kernels_of_the_cpu() {
+        let k = kernels(&Device::Cpu);
+        assert!(k.starts_with("cpu: gemm "), "{k}");
+        assert!(
+            k.contains(&format!("ops {}", crate::ops::path_name())),
+            "{k}"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            let isa = cpu_isa();
+            assert_eq!(isa.gemm == "avx512f", is_x86_feature_detected!("avx512f"));
+            assert_eq!(
+                isa.own == "avx2+fma",
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            );
+        }
+    }
 
     #[test]
     fn parses_choices() {

@@ -52,6 +52,7 @@ pub enum BenchCommand {
 }
 
 pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
+    println!("kernels: {}", crate::device::kernels(&device));
     match c {
         BenchCommand::Train {
             size,
@@ -113,6 +114,9 @@ pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
                 ..Default::default()
             };
             let report = bench_sam(&opts, &device, &mut |line| println!("{line}"))?;
+            if let Some(m) = report.peak_rss_mib {
+                println!("peak_rss_mib {m:.1}");
+            }
             for line in report.summary_lines() {
                 println!("{line}");
             }

@@ -183,6 +183,15 @@ fn bench_train_prints_images_per_second_last() {
     let (key, value) = last.split_once(' ').unwrap();
     assert_eq!(key, "images_per_s");
     assert!(value.parse::<f64>().unwrap() > 0.);
+    // which kernels ran: the ISA of the matrix products, the op path and the threads
+    let kernels = out
+        .lines()
+        .find(|l| l.starts_with("kernels: "))
+        .unwrap_or_else(|| panic!("no kernels line in {out}"));
+    assert!(
+        kernels.starts_with("kernels: cpu: gemm ") && kernels.contains(" threads (rayon)"),
+        "{kernels}"
+    );
 }
 
 #[test]

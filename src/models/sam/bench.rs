@@ -107,7 +107,10 @@ impl SamBenchReport {
 
 /// A SAM of `cfg` with seeded random weights (same seed, same weights): weights uniform in
 /// ±1/sqrt(fan_in) (PyTorch's default Linear/Conv bound), position embeddings and tokens with
-/// std 0.02, norms' weights 1, biases 0. For timing; not a model.
+/// std 0.02, norms' weights 1, biases 0, and BatchNorm running statistics shaped like a
+/// trained checkpoint's (TinyViT's `Conv2d_BN`: `running_var` uniform in [0.5, 1.5], positive
+/// as a variance is; `running_mean` uniform in ±0.1). For timing; not a model. Every value is
+/// finite, so the folded weights and the outputs are too.
 pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
     let varmap = VarMap::new();
     // a first build only creates the variables (names, shapes)
@@ -119,9 +122,12 @@ pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
     for name in names {
         let var = &vars[name];
         let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
         let is_norm = dims.len() == 1 && name.ends_with("weight");
-        let value = if name.ends_with("bias") {
+        let value = if name.ends_with("running_var") {
+            uniform(&mut rng, 0.5, 1.5, &dims, device)?
+        } else if name.ends_with("running_mean") {
+            uniform(&mut rng, -0.1, 0.1, &dims, device)?
+        } else if name.ends_with("bias") {
             Tensor::zeros(dims.as_slice(), DType::F32, device)?
         } else if is_norm {
             Tensor::ones(dims.as_slice(), DType::F32, device)?
@@ -132,9 +138,7 @@ pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
             } else {
                 0.02 * 3f32.sqrt() // position embeddings, tokens: std 0.02
             };
-            let u = Uniform::new_inclusive(-b, b);
-            let v: Vec<f32> = (0..n).map(|_| u.sample(&mut rng)).collect();
-            Tensor::from_vec(v, dims.as_slice(), device)?
+            uniform(&mut rng, -b, b, &dims, device)?
         };
         var.set(&value)?;
     }
@@ -148,6 +152,20 @@ pub fn random_sam(cfg: &Config, seed: u64, device: &Device) -> Result<Sam> {
         cfg,
         VarBuilder::from_tensors(tensors, DType::F32, device),
     )?)
+}
+
+/// A tensor of `dims` with values drawn uniformly from [lo, hi].
+fn uniform(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    lo: f32,
+    hi: f32,
+    dims: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let u = Uniform::new_inclusive(lo, hi);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| u.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, dims, device)?)
 }
 
 /// A smooth synthetic RGB image (no file needed).
@@ -203,6 +221,7 @@ pub fn bench_sam(
         let e = predictor.set_image(&image)?;
         e.features.device().synchronize()?;
         let s = t.elapsed().as_secs_f64();
+        check_finite("image embedding", &e.features)?;
         log(format!("encoder run {}: {s:.3} s", i + 1));
         encoder_s.push(s);
         emb = Some(e);
@@ -228,7 +247,9 @@ pub fn bench_sam(
         let pred = predictor.predict(&emb, &prompts[i % 2], true)?;
         pred.masks.device().synchronize()?;
         let ms = 1e3 * t.elapsed().as_secs_f64();
+        check_finite("mask logits (upscaled)", &pred.logits)?;
         let low: Vec<f32> = pred.low_res_logits.flatten_all()?.to_vec1()?;
+        check_finite_values("low-res mask logits", &low)?;
         let t = Instant::now();
         for plane in low.chunks_exact(LOW_RES_SIZE * LOW_RES_SIZE) {
             std::hint::black_box(postprocess_mask(plane, emb.input_size, emb.original_size));
@@ -250,6 +271,25 @@ pub fn bench_sam(
         upscale_ms,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// Fails with [`SamError::NonFiniteOutput`] unless every value of `t` is finite.
+pub fn check_finite(what: &str, t: &Tensor) -> Result<()> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    check_finite_values(what, &v)
+}
+
+fn check_finite_values(what: &str, v: &[f32]) -> Result<()> {
+    let count = v.iter().filter(|x| !x.is_finite()).count();
+    if count == 0 {
+        Ok(())
+    } else {
+        Err(SamError::NonFiniteOutput {
+            what: what.to_string(),
+            count,
+            total: v.len(),
+        })
+    }
 }
 
 /// `VmHWM` of `/proc/self/status`, MiB (None off Linux).

@@ -68,6 +68,16 @@ pub enum SamError {
     },
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
+    /// A model output with NaN or infinite values (the bench checks its embedding and masks).
+    #[error(
+        "the {what} holds {count} NaN or infinite values of {total}: the weights or the \
+         kernels are broken, and a time measured on them means nothing"
+    )]
+    NonFiniteOutput {
+        what: String,
+        count: usize,
+        total: usize,
+    },
     /// An image the data layer could not decode (the message names the file).
     #[error(transparent)]
     Image(Box<crate::data::DataError>),
