@@ -59,7 +59,7 @@ pub fn mine_shard(
     if cfg.auto_accept.is_some() {
         return Err(MiningError::Settings(
             "--auto-accept does not apply to a shard (it never writes the project): merge the \
-             shards, then `medmine accept PROJECT --min-score S`"
+             shards, then `medmine review PROJECT accept --min-score S`"
                 .into(),
         ));
     }

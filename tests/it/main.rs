@@ -6,6 +6,7 @@ mod common;
 
 mod bad_input;
 mod cli;
+mod cluster_examples;
 mod data_dicom;
 mod data_loader;
 mod experiment;
