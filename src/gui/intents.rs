@@ -29,7 +29,9 @@ impl App {
                 if let Some(n) = name {
                     self.send_store(StoreCommand::Review { image: n, state });
                     if self.prefs.advance_after_review {
-                        self.step(1);
+                        // to the next pseudo-label waiting for review, not the next row (a
+                        // labelled or validation image has nothing to review)
+                        self.next_pending();
                     }
                 }
             }

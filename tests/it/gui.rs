@@ -267,9 +267,11 @@ fn keyboard_review_brush_and_undo_reach_the_store() {
     });
     assert_eq!(store.review(&first).unwrap().state, ReviewState::Accepted);
 
-    // the app moved to the next image; reject it
+    // the app moved to the next pseudo-label waiting for review (past labelled rows); reject it
     let second = loaded(&mut h);
     assert_ne!(second, first);
+    assert!(store.latest_pseudo_label(&second).unwrap().is_some());
+    assert_eq!(store.review(&second).unwrap().state, ReviewState::Pending);
     h.key_press(Key::R);
     wait_for(&mut h, "reject to be saved", |a| {
         a.badge(&second) == Some(ReviewState::Rejected) && a.saving() == 0
