@@ -32,6 +32,8 @@ pub struct Training {
     pub steps_per_epoch: usize,
     pub epochs_total: usize,
     pub result: Option<FinetuneResult>,
+    /// The result arrived and is not yet scrolled into view.
+    pub result_unseen: bool,
     pub last_message: Option<String>,
 }
 
@@ -53,6 +55,7 @@ impl Default for Training {
             steps_per_epoch: 0,
             epochs_total: 0,
             result: None,
+            result_unseen: false,
             last_message: None,
         }
     }
@@ -131,6 +134,7 @@ impl Training {
 
     pub fn finished(&mut self, r: FinetuneResult) {
         self.result = Some(r);
+        self.result_unseen = true;
     }
 
     pub fn done(&mut self, message: &str) {
@@ -176,6 +180,7 @@ impl App {
                 self.intents.push(Intent::CancelJob);
             }
         });
+        self.training_result_ui(ui);
         let t = &self.training;
         if let Some(job) = &t.job {
             let frac = if t.total > 0 {
@@ -205,6 +210,11 @@ impl App {
                     }
                 });
         }
+    }
+
+    /// The last fine-tuning's result and what to do with its model: right under the start
+    /// button, where the eye is when the run ends (the plot comes after it).
+    fn training_result_ui(&mut self, ui: &mut egui::Ui) {
         if let Some(r) = self.training.result.clone() {
             let fmt = |d: Option<f64>| d.map_or("n/a".into(), |d| format!("{d:.4}"));
             let status = match r.status {
@@ -247,6 +257,10 @@ impl App {
                     self.intents.push(Intent::Mine);
                 }
             });
+            // the run ended: bring the choice into view (the inspector is taller than a laptop)
+            if std::mem::take(&mut self.training.result_unseen) {
+                ui.scroll_to_cursor(Some(egui::Align::BOTTOM));
+            }
         }
     }
 
