@@ -19,6 +19,7 @@ mod gui_project;
 mod gui_radiologist;
 mod gui_thread;
 mod gui_weights;
+mod medsam_parity;
 mod mining;
 mod sam_batch;
 mod sam_bench;
