@@ -27,7 +27,8 @@ pub struct MineArgs {
     /// --labeler sam only.
     #[arg(long)]
     sam: Option<PathBuf>,
-    /// auto | vit_b | vit_l | vit_h | vit_t (auto: detected from the checkpoint's keys).
+    /// auto | vit_b | vit_l | vit_h | vit_t | medsam | litemedsam (auto: detected from the
+    /// checkpoint's keys; MedSAM has SAM vit_b's keys and needs `medsam`).
     #[arg(long, default_value = "auto")]
     sam_variant: String,
     /// The U-Net++ whose predictions become the prompts (RUN/best.safetensors).

@@ -322,3 +322,97 @@ fn litemedsam_end_to_end_matches_the_official_script() {
         assert!(iou >= 0.999, "{name}: mask IoU {iou}");
     }
 }
+
+// ---- mining ---------------------------------------------------------------------------------
+
+/// Mining with MedSAM follows its prompt rules whatever the strategy: one box per component,
+/// one mask per box, refinement moves only the box, and no IoU-head score.
+#[test]
+fn mining_with_medsam_uses_boxes_and_no_iou_head() {
+    use medmine::mining::{mine_image, MiningConfig};
+    use medmine::prompts::Strategy;
+    let p = medsam();
+    let (w, h) = (64usize, 48usize);
+    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+    });
+    let emb = p.set_image(&img).unwrap();
+    let disc = |cx: f32, cy: f32, r: f32, x: usize, y: usize| {
+        (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2) <= r * r
+    };
+    let probs: Vec<f32> = (0..w * h)
+        .map(|i| {
+            let (x, y) = (i % w, i / w);
+            if disc(16.0, 20.0, 8.0, x, y) || disc(46.0, 26.0, 10.0, x, y) {
+                0.9
+            } else {
+                0.05
+            }
+        })
+        .collect();
+    for strategy in [Strategy::BoxPointsMask, Strategy::Points, Strategy::Box] {
+        let mut cfg = MiningConfig {
+            rounds: 3,
+            stop_iou: 1.0,
+            multimask: true,
+            ..MiningConfig::default()
+        };
+        cfg.prompt.strategy = strategy;
+        let mined = mine_image("synthetic", &p, &emb, &probs, w, h, &cfg)
+            .unwrap()
+            .expect("two components");
+        assert_eq!(mined.components, 2);
+        for (k, r) in mined.rounds.iter().enumerate() {
+            assert_eq!(r.prompts.boxes_in_image.len(), 2, "one box per component");
+            assert!(r.prompts.points_in_image.is_empty(), "round {k}: points");
+            assert!(!r.prompts.mask_prompt, "round {k}: mask prompt");
+            let want = if k == 0 { "box" } else { "refine" };
+            let got = r.prompts.strategy.clone().unwrap_or_default();
+            assert!(got.starts_with(want), "round {k}: {got}");
+            assert_eq!(r.sam_iou, None, "MedSAM's IoU head is not used");
+            let stability = r.stability.expect("stability measured");
+            assert!((0.0..=1.0).contains(&stability));
+            assert!(r.agreement.is_some() && r.quality().is_some());
+        }
+    }
+}
+
+/// `medmine segment` with MedSAM: the flag is required for a MedSAM-named file, the mask is
+/// the official script's, points are refused with a message that says why.
+#[test]
+fn segment_cli_with_medsam() {
+    use crate::common::{fails, ok, s};
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("medsam_vit_b.pth");
+    std::fs::copy(dir("sam").join("sam_tiny.pth"), &ck).unwrap();
+    let img = dir("medsam").join("portrait.png");
+    let out = tmp.path().join("mask.png");
+    let base = [
+        "segment",
+        "--sam",
+        s(&ck),
+        "--image",
+        s(&img),
+        "--out",
+        s(&out),
+    ];
+    let err = fails(&[&base[..], &["--box", "20,30,100,120"]].concat());
+    assert!(err.contains("--sam-variant medsam"), "{err}");
+    let flag = ["--sam-variant", "medsam"];
+    let said = ok(&[&base[..], &flag, &["--box", "20,30,100,120"]].concat());
+    assert!(said.contains("medsam") || said.contains("custom"), "{said}");
+    let (differ, iou) = mask_agreement(
+        &gray(out.clone()),
+        &gray(dir("medsam").join("portrait_mask.png")),
+    );
+    assert_eq!(differ, 0, "IoU {iou}");
+    let err = fails(
+        &[
+            &base[..],
+            &flag,
+            &["--box", "20,30,100,120", "--point", "50,60,1"],
+        ]
+        .concat(),
+    );
+    assert!(err.contains("MedSAM") && err.contains("box"), "{err}");
+}

@@ -181,7 +181,7 @@ fn detect_tiny_vit(shapes: &HashMap<String, Vec<usize>>) -> Option<TinyVitConfig
 
 /// Whether a file's name says MedSAM (`medsam_vit_b.pth`, `MedSAM-....safetensors`, but not
 /// `lite_medsam.pth`).
-fn named_medsam(path: &Path) -> bool {
+pub(crate) fn named_medsam(path: &Path) -> bool {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_lowercase())

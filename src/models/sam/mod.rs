@@ -150,6 +150,13 @@ impl Variant {
         Variant::LiteMedSam,
     ];
 
+    /// The variant a file's name asks for where its tensors cannot tell: `medsam` for a name
+    /// containing `medsam` but not `lite` (`medsam_vit_b.pth`), else `None` (detect). The app
+    /// uses this where the command line has `--sam-variant`; detection refuses such a file.
+    pub fn from_file_name(path: &std::path::Path) -> Option<Variant> {
+        checkpoint::named_medsam(path).then_some(Variant::MedSam)
+    }
+
     /// `auto` gives `None` (detect from the checkpoint's keys).
     pub fn parse(s: &str) -> Result<Option<Variant>> {
         Ok(Some(match s {
