@@ -37,7 +37,8 @@ pub struct MineArgs {
     /// U-Net++ inference: accurate or fast:L.
     #[arg(long, default_value = "accurate")]
     mode: String,
-    /// box | points | box+points | box+points+mask
+    /// box | points | box+points | box+points+mask (MedSAM / LiteMedSAM: always box, as their
+    /// official code).
     #[arg(long, default_value = "box+points")]
     strategy: String,
     /// SAM rounds per image: 1 = no refinement (the best-scoring round is the pseudo-label).
