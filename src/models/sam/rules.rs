@@ -129,7 +129,9 @@ impl InputRules {
             InputRules::LiteMedSam => {
                 let n = LITE_IMAGE_SIZE;
                 let (h, w) = (image.height() as usize, image.width() as usize);
+                // a sliver of an image (e.g. 1x1000) would round a side to 0 pixels
                 let (nh, nw) = preprocess_shape(h, w, n);
+                let (nh, nw) = (nh.max(1), nw.max(1));
                 let bytes = super::cv_area::resize_area_rgb(image, nh, nw);
                 Ok((min_max_chw(&bytes, (nh, nw), n, device)?, (nh, nw)))
             }
@@ -272,6 +274,19 @@ mod tests {
             assert!(e.contains(r.label()) && e.contains("box"), "{e}");
             assert!(r.check_prompt(0, true, true).is_err());
             assert!(r.check_prompt(0, false, false).is_err());
+        }
+    }
+
+    #[test]
+    fn slivers_and_single_pixels_go_through() {
+        for (w, h) in [(600, 1), (1, 300), (1, 1), (3, 2000)] {
+            let img = RgbImage::from_pixel(w, h, image::Rgb([9, 99, 200]));
+            for r in [InputRules::MedSam, InputRules::LiteMedSam] {
+                let (t, size) = r.preprocess(&img, &Device::Cpu).unwrap();
+                let n = r.image_size();
+                assert_eq!(t.dims(), [1, 3, n, n], "{r:?} {w}x{h}");
+                assert!(size.0 >= 1 && size.1 >= 1 && size.0 <= n && size.1 <= n);
+            }
         }
     }
 
