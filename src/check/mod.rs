@@ -5,11 +5,14 @@
 //!   loss curve against the CPU's fast path, and an overfit run that must reach a Dice;
 //! * SAM (with the parity fixtures of `tests/fixtures`, made by the official PyTorch code):
 //!   the image embedding, low-resolution logits, IoU predictions and masks of both fixture
-//!   models (vit_b-style and vit_t) against the official outputs.
+//!   models (vit_b-style and vit_t) against the official outputs;
+//! * MedSAM and LiteMedSAM (fixtures of bowang-lab's inference scripts): embeddings,
+//!   low-resolution logits and masks of a portrait and a landscape image.
 //!
 //! "Tested" is the chosen device; on the CPU it is the device-generic op path (exactly the
 //! code a CUDA or Metal tensor takes), so `medmine check --device cpu` proves the generic
 //! path against the fast one on any machine.
+pub mod medsam;
 pub mod sam;
 pub mod unetpp;
 
@@ -85,7 +88,7 @@ pub fn run_checks(
         rows.push(row);
     };
     type Check = fn(&Device, &CheckOptions) -> Result<Vec<CheckRow>, CheckError>;
-    let checks: [Check; 2] = [unetpp::checks, sam::checks];
+    let checks: [Check; 3] = [unetpp::checks, sam::checks, medsam::checks];
     for check in checks {
         for row in check(device, opts)? {
             push(row, &mut rows);

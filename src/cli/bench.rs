@@ -39,7 +39,8 @@ pub enum BenchCommand {
     Sam {
         #[arg(long)]
         sam: Option<PathBuf>,
-        /// vit_b | vit_l | vit_h | vit_t (with --sam: auto-detected unless given).
+        /// vit_b | vit_l | vit_h | vit_t | medsam | litemedsam (with --sam: auto-detected unless
+        /// given).
         #[arg(long)]
         variant: Option<String>,
         /// An image (default: a synthetic 1024x1024 one).

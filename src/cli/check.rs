@@ -8,7 +8,8 @@ use crate::check::{run_checks, table, tested_name, CheckOptions};
 
 #[derive(Args)]
 pub struct CheckArgs {
-    /// The SAM parity fixtures (the repository's tests/fixtures, with sam/ and sam_vit_t/);
+    /// The SAM parity fixtures (the repository's tests/fixtures, with sam/, sam_vit_t/,
+    /// medsam/ and litemedsam/);
     /// default: tests/fixtures where it exists. Without them the SAM checks are skipped.
     #[arg(long)]
     fixtures: Option<PathBuf>,

@@ -32,7 +32,7 @@ pub struct ExperimentArgs {
     /// (`medmine weights download vit_b` fetches it).
     #[arg(long)]
     sam: Option<PathBuf>,
-    /// auto | vit_b | vit_l | vit_h | vit_t
+    /// auto | vit_b | vit_l | vit_h | vit_t | medsam | litemedsam
     #[arg(long, default_value = "auto")]
     sam_variant: String,
     /// The mined arm's labeler: sam; oracle (the ground-truth objects the prompted boxes touch,

@@ -28,7 +28,8 @@ pub struct MineArgs {
     /// --labeler sam only.
     #[arg(long)]
     sam: Option<PathBuf>,
-    /// auto | vit_b | vit_l | vit_h | vit_t (auto: detected from the checkpoint's keys).
+    /// auto | vit_b | vit_l | vit_h | vit_t | medsam | litemedsam (auto: detected from the
+    /// checkpoint's keys; MedSAM has SAM vit_b's keys and needs `medsam`).
     #[arg(long, default_value = "auto")]
     sam_variant: String,
     /// The U-Net++ whose predictions become the prompts (RUN/best.safetensors).
@@ -37,7 +38,8 @@ pub struct MineArgs {
     /// U-Net++ inference: accurate or fast:L.
     #[arg(long, default_value = "accurate")]
     mode: String,
-    /// box | points | box+points | box+points+mask
+    /// box | points | box+points | box+points+mask (MedSAM / LiteMedSAM: always box, as their
+    /// official code).
     #[arg(long, default_value = "box+points")]
     strategy: String,
     /// SAM rounds per image: 1 = no refinement (the best-scoring round is the pseudo-label).

@@ -12,7 +12,8 @@ pub struct SegmentArgs {
     /// SAM checkpoint (.pth/.pt as published, or .safetensors).
     #[arg(long)]
     sam: PathBuf,
-    /// auto | vit_b | vit_l | vit_h | vit_t (auto: detected from the checkpoint's keys).
+    /// auto | vit_b | vit_l | vit_h | vit_t | medsam | litemedsam (auto: detected from the
+    /// checkpoint's keys; MedSAM has SAM vit_b's keys and needs `medsam`).
     #[arg(long, default_value = "auto")]
     sam_variant: String,
     #[arg(long)]

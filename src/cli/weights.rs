@@ -5,7 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::weights::{self, DownloadEvent, DownloadProgress, FileStatus, Presence, REGISTRY};
+use crate::weights::{
+    self, DownloadEvent, DownloadProgress, FileStatus, Presence, MANUAL, REGISTRY,
+};
 
 #[derive(Subcommand)]
 pub enum WeightsCommand {
@@ -14,7 +16,8 @@ pub enum WeightsCommand {
     /// SHA-256 of the checkpoints in --dir: ok / mismatch / missing / unknown-hash.
     /// Exits non-zero on a mismatch, or when a NAME given explicitly is missing.
     Verify {
-        /// Registry names (vit_b, vit_l, vit_h, vit_t) or file names; default: the registry.
+        /// Registry names (vit_b, vit_l, vit_h, vit_t, medsam, litemedsam) or file names;
+        /// default: all of them.
         names: Vec<String>,
         #[command(flatten)]
         dir: DirArg,
@@ -26,7 +29,8 @@ pub enum WeightsCommand {
     /// Mirror: env MEDMINE_WEIGHTS_URL=BASE fetches BASE/<file>.
     Download {
         /// Registry names (vit_b, vit_l, vit_h, vit_t), or the file name of an unregistered
-        /// file (with --url and --sha256).
+        /// file (with --url and --sha256). medsam / litemedsam are published on Google Drive
+        /// only: download them by hand (or give --url).
         #[arg(required = true)]
         names: Vec<String>,
         #[command(flatten)]
@@ -82,6 +86,16 @@ fn list(dir: &Path) -> Result<()> {
             c.name, c.file, size, present, c.url
         );
     }
+    for c in MANUAL {
+        let present = match weights::presence(dir, c.file) {
+            Presence::Present { .. } => "yes",
+            _ => "no (download by hand)",
+        };
+        println!(
+            "{:<6} {:<22} {:>11} {:<22} {} (no size or SHA-256 published)",
+            c.name, c.file, "?", present, c.page
+        );
+    }
     Ok(())
 }
 
@@ -95,9 +109,11 @@ fn targets(
     }
     let sha256 = sha256.as_deref().map(weights::parse_sha256).transpose()?;
     if names.is_empty() {
+        let manual = MANUAL.iter().map(|c| (c.name.into(), c.file.into(), None));
         return Ok(REGISTRY
             .iter()
             .map(|c| (c.name.into(), c.file.into(), c.sha256.map(Into::into)))
+            .chain(manual)
             .collect());
     }
     let mut rows = Vec::new();
@@ -108,6 +124,10 @@ fn targets(
                 c.file.to_string(),
                 sha256.clone().or(c.sha256.map(Into::into)),
             ),
+            None if weights::find_manual(n).is_some() => {
+                let c = weights::find_manual(n).expect("just found");
+                (c.name.to_string(), c.file.to_string(), sha256.clone())
+            }
             None => {
                 weights::check_file_name(n)?;
                 (n.clone(), n.clone(), sha256.clone())

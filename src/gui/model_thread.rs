@@ -28,9 +28,11 @@ use crate::data::{self, Mask};
 use crate::mining::finetune::finetune_project;
 use crate::mining::labeler::hash::{cached_sha256, hash_cache_in};
 use crate::mining::{mine_project, open_labeler, LabelerKind, MiningSummary};
+use crate::models::sam::cache::embedding_identity;
 use crate::models::sam::cache::EmbeddingCache;
 use crate::models::sam::checkpoint::load_sam;
 use crate::models::sam::predictor::{Embedding, Prompt, SamPredictor};
+use crate::models::sam::Variant;
 use crate::models::sam::LOW_RES_SIZE;
 use crate::models::unetpp::InferenceMode;
 use crate::predict::Predictor;
@@ -273,7 +275,8 @@ impl ModelThread {
                 let mut labeler = open_labeler(
                     labeler,
                     sam.as_deref(),
-                    cfg.sam_variant,
+                    cfg.sam_variant
+                        .or_else(|| sam.as_deref().and_then(Variant::from_file_name)),
                     &self.models.device,
                     Some(&cache),
                 )?;
@@ -452,7 +455,8 @@ impl Models {
     fn quick(&mut self, cmd: ModelCommand, out: &Outbox) -> Result<()> {
         match cmd {
             ModelCommand::LoadSam(path) => {
-                let sam = load_sam(&path, None, &self.device)
+                // the app has no variant flag: a ViT file named like MedSAM runs as MedSAM
+                let sam = load_sam(&path, Variant::from_file_name(&path), &self.device)
                     .with_context(|| format!("loading SAM from {}", path.display()))?;
                 let variant = sam.config().name().to_string();
                 self.sam = Some((path.clone(), SamPredictor::new(sam)));
@@ -565,7 +569,9 @@ impl Models {
             // hashed once per checkpoint file (path, size, modification time), as `mine` does
             let hashes = hash_cache_in(&project.join("cache"));
             let sha256 = cached_sha256(sam_path, Some(&hashes))?;
-            let cache = EmbeddingCache::with_checkpoint_hash(Some(&dir), 8, &sha256)?;
+            let rules = self.sam.as_ref().map(|(_, p)| p.sam.config().rules);
+            let id = embedding_identity(&sha256, rules.unwrap_or_default());
+            let cache = EmbeddingCache::with_checkpoint_hash(Some(&dir), 8, &id)?;
             self.cache = Some((dir.clone(), cache));
         }
         let (_, sam) = self.sam.as_ref().context("no SAM checkpoint is loaded")?;

@@ -2,6 +2,14 @@
 //! pseudo-label ([`best_round`]), and SAM's rounds: U-Net++ prompts -> SAM (one decoder call
 //! per component, batched on one embedding, each component with its own mask prompt) -> union
 //! of the masks -> refinement rounds, each component refined from its own SAM mask.
+//!
+//! MedSAM and LiteMedSAM (box-only [`crate::models::sam::InputRules`]) follow their official
+//! scripts' prompt rules: one box per component (whatever the configured strategy; the stored
+//! prompts say `box`), one mask per box (no multimask), refinement moves only the box. Their
+//! IoU head is not used by the official code and was not trained to be trusted, so their rounds
+//! carry no `sam_iou`: the quality score is the stability score (of the logits of MedSAM's
+//! resized probabilities, i.e. probabilities 0.27 / 0.73), the Dice agreement with U-Net++ and
+//! the component-count factor.
 use candle_core::{IndexOp, Tensor};
 
 use super::quality::{self, STABILITY_OFFSET};
@@ -9,7 +17,7 @@ use super::refine::refinement;
 use super::{MiningConfig, MiningError};
 use crate::data::Mask;
 use crate::models::sam::{Embedding, Prompt, SamPredictor};
-use crate::prompts::{prompts_from_probs, sam_prompt_for, ImagePrompts};
+use crate::prompts::{prompts_from_probs, sam_prompt_for, ImagePrompts, Strategy};
 use crate::store::{quality_score, BoxPrompt, PointPrompt, Prompts};
 
 /// The outcome of one round on one image. A quality field a labeler does not measure is
@@ -118,6 +126,10 @@ struct Frame<'a> {
     unet_fg: Vec<bool>,
     unet_components: usize,
     cfg: &'a MiningConfig,
+    /// The model takes boxes only (MedSAM, LiteMedSAM): see the module docs.
+    box_only: bool,
+    /// The prompt strategy in effect (`box` for the box-only models).
+    strategy: Strategy,
 }
 
 /// Mines one image with SAM: `probs` is the U-Net++ probability map (`width x height`,
@@ -165,6 +177,7 @@ pub(crate) fn sam_rounds(
     }
     let pc = &cfg.prompt;
     let unet_fg: Vec<bool> = probs.iter().map(|&p| p >= pc.threshold).collect();
+    let box_only = sam.sam.config().rules.box_only();
     let frame = Frame {
         name,
         width,
@@ -172,6 +185,8 @@ pub(crate) fn sam_rounds(
         unet_components: quality::component_count(&unet_fg, width, height, pc.min_area),
         unet_fg,
         cfg,
+        box_only,
+        strategy: if box_only { Strategy::Box } else { pc.strategy },
     };
     let device = sam.sam.device();
     let mut states = prompts
@@ -185,7 +200,7 @@ pub(crate) fn sam_rounds(
                 own_fg: (frame.unet_fg.iter().zip(&prompts.owner))
                     .map(|(&f, &o)| f && o == own)
                     .collect(),
-                prompt: sam_prompt_for(c, pc.strategy, device)?,
+                prompt: sam_prompt_for(c, frame.strategy, device)?,
             })
         })
         .collect::<candle_core::Result<Vec<_>>>()
@@ -234,7 +249,7 @@ fn sam_round(
     let err = |e: candle_core::Error| sam_error(f.name, e);
     let batch: Vec<Prompt> = states.iter().map(|s| s.prompt.clone()).collect();
     let preds = sam
-        .predict_batch(emb, &batch, f.cfg.multimask)
+        .predict_batch(emb, &batch, f.cfg.multimask && !f.box_only)
         .map_err(|e| sam_error(f.name, e))?;
     let mut union_logits = vec![f32::NEG_INFINITY; f.width * f.height];
     let mut ious = Vec::with_capacity(preds.len());
@@ -261,13 +276,13 @@ fn sam_round(
     });
     let min_area = f.cfg.prompt.min_area;
     let round = RoundResult {
-        prompts: stored_prompts(&batch, k, &f.cfg.prompt.strategy.to_string()),
+        prompts: stored_prompts(&batch, k, &f.strategy.to_string()),
         mask: Mask {
             width: f.width,
             height: f.height,
             data: union.iter().map(|&v| u8::from(v)).collect(),
         },
-        sam_iou: Some(quality::mean(ious).unwrap_or(0.0).clamp(0.0, 1.0)),
+        sam_iou: (!f.box_only).then(|| quality::mean(ious).unwrap_or(0.0).clamp(0.0, 1.0)),
         stability: Some(quality::stability_score(&union_logits, STABILITY_OFFSET)),
         agreement: Some(quality::dice(&union, &f.unet_fg)),
         unet_components: Some(f.unet_components),
@@ -296,6 +311,9 @@ fn refine_states(states: &mut [ComponentState], per_component: ComponentMasks, f
         );
         let p = &mut state.prompt;
         p.bbox = r.box_in_image.or(p.bbox).or(Some(state.unet_box));
+        if f.box_only {
+            continue; // the box is all these models take
+        }
         for (pt, label) in [(r.positive, 1u8), (r.negative, 0u8)] {
             if let Some((x, y)) = pt {
                 if !p.points.contains(&(x, y, label)) {

@@ -60,6 +60,39 @@ pub const REGISTRY: &[Checkpoint] = &[
     },
 ];
 
+/// A checkpoint published where no program can fetch it: the user downloads it by hand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManualCheckpoint {
+    /// The SAM variant name, as `--sam-variant` spells it.
+    pub name: &'static str,
+    /// File name as published.
+    pub file: &'static str,
+    /// Where the official README points for the download.
+    pub page: &'static str,
+}
+
+/// MedSAM and LiteMedSAM: bowang-lab/MedSAM's READMEs link Google Drive folders and files,
+/// and publish no size or SHA-256 (checked in the repository, branches main and LiteMedSAM).
+/// `weights download` therefore cannot fetch or check them: the user supplies the file (or a
+/// `--url` and `--sha256` of a copy they trust), and `weights verify` prints its hash.
+pub const MANUAL: &[ManualCheckpoint] = &[
+    ManualCheckpoint {
+        name: "medsam",
+        file: "medsam_vit_b.pth",
+        page: "https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN",
+    },
+    ManualCheckpoint {
+        name: "litemedsam",
+        file: "lite_medsam.pth",
+        page: "https://drive.google.com/file/d/18Zed-TUTsmr2zc5CHUWd5Tu13nb6vq6z/view",
+    },
+];
+
+/// The by-hand checkpoint called `name` or published as file `name`.
+pub fn find_manual(name: &str) -> Option<&'static ManualCheckpoint> {
+    MANUAL.iter().find(|c| c.name == name || c.file == name)
+}
+
 /// Environment variable with a mirror's base URL: the file name is appended
 /// (`MEDMINE_WEIGHTS_URL=https://mirror/sam/` fetches `https://mirror/sam/sam_vit_b_01ec64.pth`).
 pub const URL_ENV: &str = "MEDMINE_WEIGHTS_URL";
@@ -69,6 +102,16 @@ pub const URL_ENV: &str = "MEDMINE_WEIGHTS_URL";
 pub enum WeightsError {
     #[error("unknown checkpoint `{name}` (known: {known}); an unregistered file needs --url (or {URL_ENV}) and should have --sha256")]
     Unknown { name: String, known: String },
+    #[error(
+        "{name} ({file}) is published only on Google Drive ({page}), without a size or SHA-256: \
+         download it by hand into the weights folder, or give --url (and --sha256) of a copy \
+         you trust"
+    )]
+    Manual {
+        name: String,
+        file: String,
+        page: String,
+    },
     #[error("`{0}` is not a plain file name")]
     BadName(String),
     #[error("invalid SHA-256 `{0}`: expected 64 hex digits")]
@@ -160,6 +203,23 @@ pub fn resolve(
             sha256: sha256.or(c.sha256.map(str::to_string)),
             size: c.size,
         });
+    }
+    if let Some(c) = find_manual(name) {
+        let url = url.map(str::to_string).or_else(|| mirror(c.file));
+        return match url {
+            Some(url) => Ok(Download {
+                name: c.name.to_string(),
+                url,
+                dest: dir.join(c.file),
+                sha256,
+                size: None,
+            }),
+            None => Err(WeightsError::Manual {
+                name: c.name.to_string(),
+                file: c.file.to_string(),
+                page: c.page.to_string(),
+            }),
+        };
     }
     check_file_name(name)?;
     let url = url
@@ -306,6 +366,20 @@ mod tests {
         assert_eq!(d.dest, Path::new("w/sam_vit_b_01ec64.pth"));
         let e = resolve("other.pth", Path::new("w"), None, None, None).unwrap_err();
         assert!(e.to_string().contains("vit_b, vit_l, vit_h, vit_t"), "{e}");
+        // MedSAM / LiteMedSAM: by hand, unless a URL is given
+        for name in ["medsam", "lite_medsam.pth"] {
+            let e = resolve(name, Path::new("w"), None, None, None).unwrap_err();
+            assert!(matches!(e, WeightsError::Manual { .. }), "{e}");
+            assert!(e.to_string().contains("drive.google.com"), "{e}");
+        }
+        let d = resolve("medsam", Path::new("w"), Some("http://h/m.pth"), None, None).unwrap();
+        assert_eq!(d.dest, Path::new("w/medsam_vit_b.pth"));
+        for c in MANUAL {
+            assert!(crate::models::sam::Variant::parse(c.name)
+                .unwrap()
+                .is_some());
+            assert_eq!(find(c.name), None, "{c:?} is not downloadable");
+        }
         assert_eq!(
             part_path(Path::new("w/a.pth")),
             PathBuf::from("w/a.pth.part")

@@ -185,6 +185,8 @@ fn check_command_reports_every_check_and_fails_when_one_does() {
         "| U-Net++ gradients vs finite differences (f64) | max rel. error |",
         "| SAM vit_b-style embedding vs official |",
         "| SAM vit_t masks vs official | 1 - min IoU |",
+        "| MedSAM masks vs official | 1 - min IoU |",
+        "| LiteMedSAM low-res logits vs official (one box per image) |",
     ] {
         let line = stdout.lines().find(|l| l.starts_with(row));
         assert!(
@@ -196,9 +198,9 @@ fn check_command_reports_every_check_and_fails_when_one_does() {
         .lines()
         .find(|l| l.starts_with("| U-Net++ overfits 4 images (1 steps) |"));
     assert!(overfit.is_some_and(|l| l.ends_with("| FAIL |")), "{stdout}");
-    assert!(stdout.contains("10 of 11 checks passed"), "{stdout}");
+    assert!(stdout.contains("16 of 17 checks passed"), "{stdout}");
     assert!(
-        stderr.contains("1 of 11 checks failed on this device"),
+        stderr.contains("1 of 17 checks failed on this device"),
         "{stderr}"
     );
 }

@@ -20,6 +20,7 @@ mod gui_project;
 mod gui_radiologist;
 mod gui_thread;
 mod gui_weights;
+mod medsam_parity;
 mod mining;
 mod mining_shards;
 mod sam_batch;

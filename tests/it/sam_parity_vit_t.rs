@@ -89,6 +89,7 @@ fn detects_the_tiny_vit_config_from_keys() {
             window_sizes: vec![0, 7, 14, 0],
             mlp_ratio: 4,
             mbconv_expand_ratio: 4,
+            patch_embed_kernel: 3,
         })
     );
     assert_eq!((cfg.prompt_embed_dim, cfg.decoder_mlp_dim), (32, 64));

@@ -483,11 +483,18 @@ fn list_shows_every_checkpoint_and_what_the_folder_has() {
         .skip(2)
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows.len(), weights::REGISTRY.len(), "{out}");
+    let n = weights::REGISTRY.len();
+    assert_eq!(rows.len(), n + weights::MANUAL.len(), "{out}");
     for (row, c) in rows.iter().zip(weights::REGISTRY) {
         assert_eq!((row[0], row[1]), (c.name, c.file), "{out}");
         assert_eq!(*row.last().unwrap(), c.url);
     }
+    // MedSAM and LiteMedSAM: by hand, where from, and that no size or hash is published
+    for (row, c) in rows[n..].iter().zip(weights::MANUAL) {
+        assert_eq!((row[0], row[1], row[2]), (c.name, c.file, "?"), "{out}");
+        assert!(row.contains(&c.page), "{out}");
+    }
+    assert!(out.contains("no size or SHA-256 published"), "{out}");
     assert!(out.contains("partial (3.0 MiB)"), "{out}");
     assert_eq!(rows[0][4], "partial");
     assert_eq!(rows[1][4], "no");

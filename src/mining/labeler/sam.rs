@@ -8,6 +8,7 @@ use super::hash::{cached_sha256, hash_cache_in};
 use super::{LabelInput, Labeler};
 use crate::mining::round::sam_rounds;
 use crate::mining::{MinedImage, MiningConfig, MiningError};
+use crate::models::sam::cache::embedding_identity;
 use crate::models::sam::{load_sam, EmbeddingCache, SamPredictor, Variant};
 use crate::prompts::prompts_from_probs;
 
@@ -39,7 +40,9 @@ impl SamLabeler {
         let sam =
             SamPredictor::new(load_sam(checkpoint, variant, device).map_err(MiningError::LoadSam)?);
         let embeddings = cache_dir.map(|d| d.join("sam-embeddings"));
-        let cache = EmbeddingCache::with_checkpoint_hash(embeddings.as_deref(), 2, &sha256)
+        // MedSAM and SAM vit_b may be one file: the embeddings are keyed by the rules too
+        let id = embedding_identity(&sha256, sam.sam.config().rules);
+        let cache = EmbeddingCache::with_checkpoint_hash(embeddings.as_deref(), 2, &id)
             .map_err(MiningError::LoadSam)?;
         Ok(Self {
             sam,

@@ -10,7 +10,6 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::distributions::{Distribution, Uniform};
 use rand::SeedableRng;
 
-use super::preprocess::postprocess_mask;
 use super::{load_sam, Config, Prompt, Result, Sam, SamError, SamPredictor, Variant, LOW_RES_SIZE};
 
 /// What to benchmark.
@@ -25,7 +24,8 @@ pub struct SamBenchOptions {
     /// Timed encoder runs (no warm-up: one ViT-B run is many seconds).
     pub runs: usize,
     /// Timed decoder runs, after one warm-up; they alternate a box and a point prompt,
-    /// `multimask_output=True` as the official predictor's default.
+    /// `multimask_output=True` as the official predictor's default (MedSAM / LiteMedSAM: two
+    /// boxes, one mask each, as their official scripts).
     pub decoder_runs: usize,
     /// Seed of the random weights.
     pub seed: u64,
@@ -56,8 +56,8 @@ pub struct SamBenchReport {
     pub encoder_s: Vec<f64>,
     /// Milliseconds per `predict` (incl. upscaling to the original size).
     pub decoder_ms: Vec<f64>,
-    /// Milliseconds of the upscaling alone (`postprocess_mask` of the M = 3 low-res masks to the
-    /// original size, on the host), one per decoder run: part of `decoder_ms`.
+    /// Milliseconds of the upscaling alone (the variant's postprocessing of the M low-res masks
+    /// to the original size, on the host), one per decoder run: part of `decoder_ms`.
     pub upscale_ms: Vec<f64>,
     /// Peak resident memory of the process (Linux `VmHWM`), MiB.
     pub peak_rss_mib: Option<f64>,
@@ -229,22 +229,32 @@ pub fn bench_sam(
     let emb = emb.expect("at least one encoder run");
 
     let (fw, fh) = (w as f32, h as f32);
+    let rules = predictor.sam.config().rules;
+    let second = if rules.box_only() {
+        Prompt {
+            bbox: Some([0.4 * fw, 0.3 * fh, 0.6 * fw, 0.6 * fh]),
+            ..Default::default()
+        }
+    } else {
+        Prompt {
+            points: vec![(0.5 * fw, 0.5 * fh, 1)],
+            ..Default::default()
+        }
+    };
     let prompts = [
         Prompt {
             bbox: Some([0.25 * fw, 0.25 * fh, 0.7 * fw, 0.75 * fh]),
             ..Default::default()
         },
-        Prompt {
-            points: vec![(0.5 * fw, 0.5 * fh, 1)],
-            ..Default::default()
-        },
+        second,
     ];
-    predictor.predict(&emb, &prompts[0], true)?; // warm-up
+    let multimask = !rules.box_only();
+    predictor.predict(&emb, &prompts[0], multimask)?; // warm-up
     let mut decoder_ms = Vec::new();
     let mut upscale_ms = Vec::new();
     for i in 0..opts.decoder_runs.max(1) {
         let t = Instant::now();
-        let pred = predictor.predict(&emb, &prompts[i % 2], true)?;
+        let pred = predictor.predict(&emb, &prompts[i % 2], multimask)?;
         pred.masks.device().synchronize()?;
         let ms = 1e3 * t.elapsed().as_secs_f64();
         check_finite("mask logits (upscaled)", &pred.logits)?;
@@ -252,7 +262,7 @@ pub fn bench_sam(
         check_finite_values("low-res mask logits", &low)?;
         let t = Instant::now();
         for plane in low.chunks_exact(LOW_RES_SIZE * LOW_RES_SIZE) {
-            std::hint::black_box(postprocess_mask(plane, emb.input_size, emb.original_size));
+            std::hint::black_box(rules.postprocess(plane, emb.input_size, emb.original_size));
         }
         let up = 1e3 * t.elapsed().as_secs_f64();
         log(format!(

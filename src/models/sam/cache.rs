@@ -103,6 +103,24 @@ impl Lru {
     }
 }
 
+/// The identity the cache keys embeddings by: the checkpoint's SHA-256 for SAM's rules (so
+/// existing caches stay valid), else the SHA-256 of `<checkpoint sha256>+<rules>`: MedSAM and
+/// SAM vit_b can be the same file, and their embeddings of an image differ.
+pub fn embedding_identity(checkpoint_sha256: &str, rules: super::InputRules) -> String {
+    use sha2::{Digest, Sha256};
+    match rules {
+        super::InputRules::Sam => checkpoint_sha256.to_ascii_lowercase(),
+        other => {
+            let tagged = format!(
+                "{}+{}",
+                checkpoint_sha256.to_ascii_lowercase(),
+                other.label()
+            );
+            format!("{:x}", Sha256::digest(tagged.as_bytes()))
+        }
+    }
+}
+
 /// The embedding cache of one checkpoint. `Sync`: [`EmbeddingCache::precompute`] can run on a
 /// background thread while the GUI calls [`EmbeddingCache::get_or_compute`].
 pub struct EmbeddingCache {

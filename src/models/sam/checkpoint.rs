@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::{Config, EncoderConfig, Result, Sam, SamError, TinyVitConfig, Variant, EMBED_SIZE};
+use super::{
+    Config, EncoderConfig, InputRules, Result, Sam, SamError, TinyVitConfig, Variant, EMBED_SIZE,
+};
 
 /// Tensor name -> shape, from either format, without loading the data.
 pub fn read_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
@@ -63,6 +65,11 @@ fn describe(shapes: &HashMap<String, Vec<usize>>) -> String {
 
 /// Reads every size of the model from the tensor shapes (official variants and small custom
 /// configs alike). Decoder heads cannot be seen in the shapes: 8, as in every official model.
+///
+/// The rules follow from the shapes where they can: a TinyViT with a 1x1 patch embedding is
+/// LiteMedSAM (MobileSAM's is 3x3), anything else SAM's. MedSAM has SAM vit_b's tensors to the
+/// last shape, so a MedSAM file is read as vit_b here; [`load_sam`] refuses to guess for a
+/// file named like one (see there).
 pub fn detect_config(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Result<Config> {
     let not_sam = || SamError::NotSam {
         path: path.to_path_buf(),
@@ -78,8 +85,13 @@ pub fn detect_config(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Resul
     let mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0)?;
     let decoder_mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
     let iou_head_hidden_dim = dim("mask_decoder.iou_prediction_head.layers.0.weight", 0)?;
+    let mut rules = InputRules::Sam;
     let encoder = if shapes.contains_key("image_encoder.patch_embed.seq.0.c.weight") {
-        EncoderConfig::TinyVit(detect_tiny_vit(shapes).ok_or_else(not_sam)?)
+        let c = detect_tiny_vit(shapes).ok_or_else(not_sam)?;
+        if c.patch_embed_kernel == 1 {
+            rules = InputRules::LiteMedSam;
+        }
+        EncoderConfig::TinyVit(c)
     } else {
         let embed_dim = dim("image_encoder.patch_embed.proj.weight", 0)?;
         let mut depth = 0;
@@ -112,6 +124,7 @@ pub fn detect_config(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Resul
         decoder_mlp_dim,
         decoder_num_heads: 8,
         iou_head_hidden_dim,
+        rules,
     })
 }
 
@@ -124,6 +137,7 @@ fn detect_tiny_vit(shapes: &HashMap<String, Vec<usize>>) -> Option<TinyVitConfig
             .and_then(|s| s.get(axis).copied())
     };
     let mut embed_dims = vec![dim("patch_embed.seq.2.c.weight".into(), 0)?];
+    let patch_embed_kernel = dim("patch_embed.seq.0.c.weight".into(), 3)?;
     while let Some(out) = dim(
         format!("layers.{}.downsample.conv1.c.weight", embed_dims.len() - 1),
         0,
@@ -161,14 +175,56 @@ fn detect_tiny_vit(shapes: &HashMap<String, Vec<usize>>) -> Option<TinyVitConfig
         window_sizes,
         mlp_ratio,
         mbconv_expand_ratio,
+        patch_embed_kernel,
     })
 }
 
+/// Whether a file's name says MedSAM (`medsam_vit_b.pth`, `MedSAM-....safetensors`, but not
+/// `lite_medsam.pth`).
+pub(crate) fn named_medsam(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    name.contains("medsam") && !name.contains("lite")
+}
+
 /// Loads a SAM checkpoint (`.pth`/`.pt` state dict or `.safetensors`) in f32 on `device`.
-/// `variant: None` detects it from the keys; `Some(v)` forces the official sizes of `v`.
+/// `variant: None` detects it from the keys; `Some(v)` forces the official sizes of `v`,
+/// except `medsam` and `litemedsam`, which apply their rules to the sizes read from the file
+/// (MedSAM's pipeline on any ViT SAM, LiteMedSAM's on a TinyViT with a 1x1 patch embedding;
+/// the small parity fixtures are such files).
+///
+/// Detection cannot tell MedSAM from SAM vit_b (identical tensors). Rather than run a MedSAM
+/// file through SAM's preprocessing (wrong masks, silently), `None` on a ViT checkpoint whose
+/// file name contains `medsam` is an error that asks for `--sam-variant medsam` (or `vit_b`
+/// to use it the SAM way on purpose).
 pub fn load_sam(path: &Path, variant: Option<Variant>, device: &Device) -> Result<Sam> {
     let shapes = read_shapes(path)?;
     let cfg = match variant {
+        Some(v @ (Variant::MedSam | Variant::LiteMedSam)) => {
+            let mut cfg = detect_config(path, &shapes)?;
+            let fits = match (&cfg.encoder, v) {
+                (EncoderConfig::Vit { .. }, Variant::MedSam) => true,
+                (EncoderConfig::TinyVit(c), Variant::LiteMedSam) => c.patch_embed_kernel == 1,
+                _ => false,
+            };
+            if !fits {
+                return Err(SamError::WrongVariant {
+                    path: path.to_path_buf(),
+                    asked: v.name().to_string(),
+                    found: match &cfg.encoder {
+                        EncoderConfig::Vit { .. } => "a ViT SAM (SAM or MedSAM)".to_string(),
+                        EncoderConfig::TinyVit(c) if c.patch_embed_kernel == 1 => {
+                            "LiteMedSAM (TinyViT with a 1x1 patch embedding)".to_string()
+                        }
+                        EncoderConfig::TinyVit(_) => "MobileSAM (TinyViT)".to_string(),
+                    },
+                });
+            }
+            cfg.rules = InputRules::of_variant(v);
+            cfg
+        }
         Some(v) => {
             if !shapes.keys().any(|k| k.starts_with("mask_decoder.")) {
                 return Err(SamError::NotSam {
@@ -178,7 +234,15 @@ pub fn load_sam(path: &Path, variant: Option<Variant>, device: &Device) -> Resul
             }
             Config::of_variant(v)
         }
-        None => detect_config(path, &shapes)?,
+        None => {
+            let cfg = detect_config(path, &shapes)?;
+            if matches!(cfg.encoder, EncoderConfig::Vit { .. }) && named_medsam(path) {
+                return Err(SamError::Ambiguous {
+                    path: path.to_path_buf(),
+                });
+            }
+            cfg
+        }
     };
     let vb = var_builder(path, device)?;
     Sam::new(&cfg, vb).map_err(|source| SamError::Mismatch {

@@ -10,13 +10,16 @@
 pub mod bench;
 pub mod cache;
 pub mod checkpoint;
+pub mod cv_area;
 mod linear;
 pub mod mask_decoder;
 pub mod postprocess;
 pub mod predictor;
 pub mod preprocess;
 pub mod prompt_encoder;
+pub mod rules;
 pub mod segment;
+pub mod skimage;
 pub mod tiny_vit;
 pub mod two_way;
 mod upscaling;
@@ -32,6 +35,7 @@ pub use checkpoint::{detect_config, load_sam};
 pub use mask_decoder::MaskDecoder;
 pub use predictor::{Embedding, Prediction, Prompt, SamPredictor};
 pub use prompt_encoder::PromptEncoder;
+pub use rules::InputRules;
 pub use segment::{segment, SegmentReport, SegmentRequest};
 pub use tiny_vit::TinyVitConfig;
 
@@ -78,10 +82,25 @@ pub enum SamError {
         count: usize,
         total: usize,
     },
+    #[error("{path}: --sam-variant {asked} does not fit this checkpoint, which is {found}")]
+    WrongVariant {
+        path: PathBuf,
+        asked: String,
+        found: String,
+    },
+    #[error(
+        "{path}: the name says MedSAM, but MedSAM and SAM vit_b have identical tensors and need \
+         different pre- and postprocessing, so `auto` cannot choose: pass --sam-variant medsam \
+         (or vit_b to run it the SAM way on purpose)"
+    )]
+    Ambiguous { path: PathBuf },
     /// An image the data layer could not decode (the message names the file).
     #[error(transparent)]
     Image(Box<crate::data::DataError>),
-    #[error("unknown SAM variant `{0}` (expected auto, vit_b, vit_l, vit_h or vit_t)")]
+    #[error(
+        "unknown SAM variant `{0}` (expected auto, vit_b, vit_l, vit_h, vit_t, medsam or \
+         litemedsam)"
+    )]
     UnknownVariant(String),
     #[error("invalid prompt: {0}")]
     Prompt(String),
@@ -111,6 +130,12 @@ pub enum Variant {
     VitH,
     /// MobileSAM (TinyViT-5M encoder).
     VitT,
+    /// MedSAM (bowang-lab): SAM ViT-B fine-tuned on medical images, with its own pre- and
+    /// postprocessing ([`InputRules::MedSam`]). Its tensors are exactly SAM vit_b's, so a
+    /// checkpoint cannot tell: this variant must be asked for.
+    MedSam,
+    /// LiteMedSAM: a TinyViT at 256 px distilled from MedSAM ([`InputRules::LiteMedSam`]).
+    LiteMedSam,
 }
 
 impl Variant {
@@ -120,7 +145,26 @@ impl Variant {
             Variant::VitL => "vit_l",
             Variant::VitH => "vit_h",
             Variant::VitT => "vit_t",
+            Variant::MedSam => "medsam",
+            Variant::LiteMedSam => "litemedsam",
         }
+    }
+
+    /// Every variant, in the order the CLI help lists them.
+    pub const ALL: [Variant; 6] = [
+        Variant::VitB,
+        Variant::VitL,
+        Variant::VitH,
+        Variant::VitT,
+        Variant::MedSam,
+        Variant::LiteMedSam,
+    ];
+
+    /// The variant a file's name asks for where its tensors cannot tell: `medsam` for a name
+    /// containing `medsam` but not `lite` (`medsam_vit_b.pth`), else `None` (detect). The app
+    /// uses this where the command line has `--sam-variant`; detection refuses such a file.
+    pub fn from_file_name(path: &std::path::Path) -> Option<Variant> {
+        checkpoint::named_medsam(path).then_some(Variant::MedSam)
     }
 
     /// `auto` gives `None` (detect from the checkpoint's keys).
@@ -131,6 +175,8 @@ impl Variant {
             "vit_l" => Variant::VitL,
             "vit_h" => Variant::VitH,
             "vit_t" => Variant::VitT,
+            "medsam" => Variant::MedSam,
+            "litemedsam" => Variant::LiteMedSam,
             other => return Err(SamError::UnknownVariant(other.to_string())),
         }))
     }
@@ -162,6 +208,8 @@ pub struct Config {
     pub decoder_mlp_dim: usize,
     pub decoder_num_heads: usize,
     pub iou_head_hidden_dim: usize,
+    /// Whose pre- and postprocessing (SAM's, MedSAM's, LiteMedSAM's).
+    pub rules: InputRules,
 }
 
 impl Config {
@@ -198,7 +246,31 @@ impl Config {
             decoder_mlp_dim: 2048,
             decoder_num_heads: 8,
             iou_head_hidden_dim: 256,
+            rules: InputRules::Sam,
         }
+    }
+
+    /// MedSAM: SAM vit_b's sizes with MedSAM's rules.
+    pub fn medsam() -> Config {
+        Config {
+            rules: InputRules::MedSam,
+            ..Config::vit_b()
+        }
+    }
+
+    /// LiteMedSAM (`CVPR24_LiteMedSAM_infer.py`): TinyViT-5M's widths with a 1x1 patch
+    /// embedding at 256 px, SAM's prompt encoder and decoder sizes.
+    pub fn lite_medsam() -> Config {
+        Config {
+            encoder: EncoderConfig::TinyVit(TinyVitConfig::lite_medsam()),
+            rules: InputRules::LiteMedSam,
+            ..Config::vit_t()
+        }
+    }
+
+    /// Side of the square the encoder sees (1024, LiteMedSAM 256).
+    pub fn image_size(&self) -> usize {
+        self.rules.image_size()
     }
 
     pub fn of_variant(v: Variant) -> Config {
@@ -207,12 +279,14 @@ impl Config {
             Variant::VitL => Config::vit_l(),
             Variant::VitH => Config::vit_h(),
             Variant::VitT => Config::vit_t(),
+            Variant::MedSam => Config::medsam(),
+            Variant::LiteMedSam => Config::lite_medsam(),
         }
     }
 
     /// The official variant with exactly these sizes, if any.
     pub fn variant(&self) -> Option<Variant> {
-        [Variant::VitB, Variant::VitL, Variant::VitH, Variant::VitT]
+        Variant::ALL
             .into_iter()
             .find(|v| Config::of_variant(*v) == *self)
     }
@@ -262,12 +336,14 @@ impl Sam {
             EncoderConfig::TinyVit(c) => ImageEncoder::Tiny(Box::new(tiny_vit::TinyViT::new(
                 c,
                 cfg.prompt_embed_dim,
+                cfg.image_size(),
                 vb_e,
             )?)),
         };
         let prompt_encoder = PromptEncoder::new(
             cfg.prompt_embed_dim,
             cfg.mask_in_chans,
+            cfg.image_size(),
             vb.pp("prompt_encoder"),
         )?;
         let mask_decoder = MaskDecoder::new(cfg, vb.pp("mask_decoder"))?;
@@ -289,7 +365,7 @@ impl Sam {
     }
 
     /// The image encoder on a preprocessed input.
-    /// `[1, 3, 1024, 1024]` (normalised, padded) -> `[1, C, 64, 64]`.
+    /// `[1, 3, S, S]` (S = [`Config::image_size`], normalised, padded) -> `[1, C, 64, 64]`.
     pub fn embed(&self, input: &Tensor) -> candle_core::Result<Tensor> {
         match &self.image_encoder {
             ImageEncoder::Vit(e) => e.forward(input),

@@ -76,7 +76,17 @@ pub fn postprocess_masks_t(
     input: (usize, usize),
     original: (usize, usize),
 ) -> Result<Tensor> {
-    let (low_n, n) = (LOW_RES_SIZE, IMAGE_SIZE);
+    postprocess_masks_t_n(low, IMAGE_SIZE, input, original)
+}
+
+/// [`postprocess_masks_t`] for an input square of side `n`.
+pub fn postprocess_masks_t_n(
+    low: &Tensor,
+    n: usize,
+    input: (usize, usize),
+    original: (usize, usize),
+) -> Result<Tensor> {
+    let low_n = LOW_RES_SIZE;
     let low = low.to_dtype(DType::F32)?;
     // only the crop is needed: [B, M, h', w'] of the 1024 square
     let up = resize_bilinear_t(&low, (low_n, low_n), (n, n), input)?;

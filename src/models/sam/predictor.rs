@@ -4,8 +4,6 @@
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
-use super::postprocess::postprocess_masks_t;
-use super::preprocess::{input_from_image, normalize_pad, postprocess_mask, resize_longest_side};
 use super::{Result, Sam, SamError, LOW_RES_SIZE};
 
 /// An image embedding plus the sizes needed to map prompts and masks (`predictor.features`,
@@ -16,7 +14,7 @@ pub struct Embedding {
     pub features: Tensor,
     /// (H, W) of the original image.
     pub original_size: (usize, usize),
-    /// (h', w') of the resized image inside the 1024 square.
+    /// (h', w') of the resized image inside the input square (MedSAM: the whole 1024x1024).
     pub input_size: (usize, usize),
 }
 
@@ -34,9 +32,10 @@ pub struct Prompt {
 /// The official predictor's outputs, for one prompt with M = 3 (multimask) or 1 masks.
 #[derive(Clone, Debug)]
 pub struct Prediction {
-    /// `[M, H, W]` logits at the original resolution (`return_logits=True`).
+    /// `[M, H, W]` logits at the original resolution (`return_logits=True`; MedSAM: the
+    /// logits of its resized probabilities, see [`super::InputRules`]).
     pub logits: Tensor,
-    /// `[M, H, W]` u8 masks (logits > 0), 0 or 1.
+    /// `[M, H, W]` u8 masks, 0 or 1 (logits > 0; the medical variants: sigmoid > 0.5).
     pub masks: Tensor,
     /// `[M]` predicted IoU.
     pub iou_predictions: Vec<f32>,
@@ -67,11 +66,10 @@ impl SamPredictor {
         Self { sam }
     }
 
-    /// `[1, 3, 1024, 1024]` encoder input of an RGB image, and the resized size (h', w').
+    /// `[1, 3, S, S]` encoder input of an RGB image, and the resized size (h', w'), by the
+    /// model's [`super::InputRules`].
     pub fn preprocess(&self, image: &RgbImage) -> Result<(Tensor, (usize, usize))> {
-        let resized = resize_longest_side(image);
-        let size = (resized.height() as usize, resized.width() as usize);
-        Ok((normalize_pad(&resized, self.sam.device())?, size))
+        self.sam.config().rules.preprocess(image, self.sam.device())
     }
 
     /// Embeds an RGB image (the official `set_image` with `image_format="RGB"`).
@@ -140,6 +138,10 @@ impl SamPredictor {
         multimask: bool,
     ) -> Result<Vec<Prediction>> {
         let dev = self.sam.device();
+        let rules = self.sam.config().rules;
+        for p in prompts {
+            rules.check_prompt(p.points.len(), p.mask_input.is_some(), p.bbox.is_some())?;
+        }
         let pe = &self.sam.prompt_encoder;
         let b = prompts.len();
         let n = prompts[0].points.len();
@@ -155,7 +157,7 @@ impl SamPredictor {
                             "point ({x}, {y}) has label {l}; expected 1 (foreground) or 0 (background)"
                         )));
                     }
-                    let (xi, yi) = input_from_image(x, y, emb.original_size);
+                    let (xi, yi) = rules.point_to_input(x, y, emb.original_size);
                     coords.extend([xi, yi]);
                     labels.push(l as f32);
                 }
@@ -168,10 +170,8 @@ impl SamPredictor {
         let boxes = if prompts[0].bbox.is_some() {
             let mut v = Vec::with_capacity(4 * b);
             for p in prompts {
-                let [x0, y0, x1, y1] = p.bbox.expect("grouped by box presence");
-                let (a, bb) = input_from_image(x0, y0, emb.original_size);
-                let (c, d) = input_from_image(x1, y1, emb.original_size);
-                v.extend([a, bb, c, d]);
+                let bbox = p.bbox.expect("grouped by box presence");
+                v.extend(rules.box_to_input(bbox, emb.original_size));
             }
             Some(Tensor::from_vec(v, (b, 4), dev)?) // [B, 4]
         } else {
@@ -222,8 +222,7 @@ impl SamPredictor {
         let iou = iou.to_vec2::<f32>()?;
         if !crate::ops::fast(&low) {
             // on the masks' device (no host round trip): same values as the CPU code below
-            let logits = postprocess_masks_t(&low, emb.input_size, emb.original_size)?;
-            let masks = logits.gt(0f32)?; // u8, [B, M, H, W]
+            let (logits, masks) = rules.postprocess_t(&low, emb.input_size, emb.original_size)?;
             return iou
                 .into_iter()
                 .enumerate()
@@ -243,11 +242,13 @@ impl SamPredictor {
         let mut preds = Vec::with_capacity(b);
         for (j, iou_predictions) in iou.into_iter().enumerate() {
             let mut logits = Vec::with_capacity(m * h * w);
+            let mut masks = Vec::with_capacity(m * h * w);
             for k in 0..m {
                 let low_k = &low_host[(j * m + k) * plane..][..plane];
-                logits.extend(postprocess_mask(low_k, emb.input_size, emb.original_size));
+                let (l, mk) = rules.postprocess(low_k, emb.input_size, emb.original_size);
+                logits.extend(l);
+                masks.extend(mk);
             }
-            let masks: Vec<u8> = logits.iter().map(|&v| u8::from(v > 0.0)).collect();
             preds.push(Prediction {
                 logits: Tensor::from_vec(logits, (m, h, w), dev)?,
                 masks: Tensor::from_vec(masks, (m, h, w), dev)?,

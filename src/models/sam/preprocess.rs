@@ -220,8 +220,18 @@ pub fn postprocess_mask(
     input: (usize, usize),
     original: (usize, usize),
 ) -> Vec<f32> {
+    postprocess_mask_n(low_res, IMAGE_SIZE, input, original)
+}
+
+/// [`postprocess_mask`] for an input square of side `n` (256 for LiteMedSAM, where the
+/// upscaling is the identity).
+pub fn postprocess_mask_n(
+    low_res: &[f32],
+    n: usize,
+    input: (usize, usize),
+    original: (usize, usize),
+) -> Vec<f32> {
     let low = super::LOW_RES_SIZE;
-    let n = IMAGE_SIZE;
     // only the crop is needed: compute [h', w'] of the 1024 square
     let up = resize_bilinear(low_res, low, (low, low), (n, n), input); // [h', w']
     resize_bilinear(&up, input.1, input, original, original) // [H, W]

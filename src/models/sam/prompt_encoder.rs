@@ -4,12 +4,14 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use candle_transformers::models::segment_anything::LayerNorm2d;
 
-use super::{EMBED_SIZE, IMAGE_SIZE};
+use super::EMBED_SIZE;
 
 /// `PromptEncoder` of the official code (`PositionEmbeddingRandom` included).
 #[derive(Debug)]
 pub struct PromptEncoder {
     embed_dim: usize,
+    /// `input_image_size` (square): 1024, LiteMedSAM 256.
+    image_size: usize,
     /// `[2, C / 2]`
     pe_gaussian: Tensor,
     /// 0: negative point, 1: positive point, 2: box top-left, 3: box bottom-right; each `[1, C]`.
@@ -28,7 +30,12 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    pub fn new(embed_dim: usize, mask_in_chans: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        embed_dim: usize,
+        mask_in_chans: usize,
+        image_size: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let pe_gaussian = vb.get(
             (2, embed_dim / 2),
             "pe_layer.positional_encoding_gaussian_matrix",
@@ -46,6 +53,7 @@ impl PromptEncoder {
         let dense_pe_rows = dense_pe.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         Ok(Self {
             embed_dim,
+            image_size,
             dense_pe,
             dense_pe_rows,
             pe_gaussian,
@@ -89,7 +97,7 @@ impl PromptEncoder {
     /// `[B, N, 2]` pixel coordinates in the input square -> `[B, N, C]` position encodings.
     fn pe_of_pixels(&self, coords: &Tensor) -> Result<Tensor> {
         let coords = (coords + 0.5)?; // the centre of the pixel
-        let coords = (coords / IMAGE_SIZE as f64)?; // input_image_size is square
+        let coords = (coords / self.image_size as f64)?; // input_image_size is square
         self.pe_encoding(&coords)
     }
 

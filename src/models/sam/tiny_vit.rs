@@ -18,7 +18,7 @@ use candle_core::{IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::segment_anything::LayerNorm2d;
 
-use super::{EMBED_SIZE, IMAGE_SIZE};
+use super::EMBED_SIZE;
 
 /// TinyViT's sizes, as the official constructor takes them (`layers.0` is convolutional:
 /// its `num_heads` / `window_sizes` entries are unused and stored as 0, as are those of a
@@ -33,6 +33,10 @@ pub struct TinyVitConfig {
     pub mlp_ratio: usize,
     /// Hidden width of the MBConv blocks over their width (4).
     pub mbconv_expand_ratio: usize,
+    /// Kernel of the two patch-embedding convolutions: 3 (stride 2 each, MobileSAM: the
+    /// image shrinks 4x) or 1 (stride 1, LiteMedSAM's `tiny_vit_sam.py`: the 256 px input keeps
+    /// its size, so layer 0 runs at 256x256 and the embedding is again 64x64).
+    pub patch_embed_kernel: usize,
 }
 
 impl TinyVitConfig {
@@ -45,13 +49,33 @@ impl TinyVitConfig {
             window_sizes: vec![0, 7, 14, 7],
             mlp_ratio: 4,
             mbconv_expand_ratio: 4,
+            patch_embed_kernel: 3,
         }
     }
 
-    /// Input side (in patches of 4 pixels) of layer `i`, as the official constructor computes it.
-    fn resolution(i: usize) -> usize {
+    /// LiteMedSAM's encoder (`CVPR24_LiteMedSAM_infer.py`): TinyViT-5M's widths, depths and
+    /// heads with a 1x1 patch embedding.
+    pub fn lite_medsam() -> Self {
+        Self {
+            patch_embed_kernel: 1,
+            ..Self::mobile_sam()
+        }
+    }
+
+    /// How many times the patch embedding shrinks the image (4 or 1).
+    fn patch_stride(&self) -> usize {
+        if self.patch_embed_kernel == 1 {
+            1
+        } else {
+            4
+        }
+    }
+
+    /// Input side (in patches) of layer `i` for an `image_size` input, as the official
+    /// constructor computes it.
+    fn resolution(&self, image_size: usize, i: usize) -> usize {
         let shift = if i == 3 { i - 1 } else { i };
-        (IMAGE_SIZE / 4) >> shift
+        (image_size / self.patch_stride()) >> shift
     }
 }
 
@@ -120,11 +144,16 @@ struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    fn new(embed_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = conv_cfg(1, 2, 1);
+    /// `kernel` 3: stride 2, padding 1 (MobileSAM); 1: stride 1, no padding (LiteMedSAM).
+    fn new(embed_dim: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = if kernel == 1 {
+            conv_cfg(0, 1, 1)
+        } else {
+            conv_cfg(1, 2, 1)
+        };
         Ok(Self {
-            conv1: Conv2dBN::new(3, embed_dim / 2, 3, cfg, vb.pp("seq.0"))?,
-            conv2: Conv2dBN::new(embed_dim / 2, embed_dim, 3, cfg, vb.pp("seq.2"))?,
+            conv1: Conv2dBN::new(3, embed_dim / 2, kernel, cfg, vb.pp("seq.0"))?,
+            conv2: Conv2dBN::new(embed_dim / 2, embed_dim, kernel, cfg, vb.pp("seq.2"))?,
         })
     }
 }
@@ -396,8 +425,14 @@ pub struct TinyViT {
 }
 
 impl TinyViT {
-    /// `out_chans`: the neck's channels (the prompt embedding's, 256 in MobileSAM).
-    pub fn new(cfg: &TinyVitConfig, out_chans: usize, vb: VarBuilder) -> Result<Self> {
+    /// `out_chans`: the neck's channels (the prompt embedding's, 256 in MobileSAM);
+    /// `image_size`: the input's side (1024, LiteMedSAM 256).
+    pub fn new(
+        cfg: &TinyVitConfig,
+        out_chans: usize,
+        image_size: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let n = cfg.embed_dims.len();
         let sizes_ok = n >= 2
             && [
@@ -408,11 +443,15 @@ impl TinyViT {
         if !sizes_ok {
             candle_core::bail!("TinyViT config with inconsistent lengths: {cfg:?}");
         }
-        let patch_embed = PatchEmbed::new(cfg.embed_dims[0], vb.pp("patch_embed"))?;
+        let patch_embed = PatchEmbed::new(
+            cfg.embed_dims[0],
+            cfg.patch_embed_kernel,
+            vb.pp("patch_embed"),
+        )?;
         let mut layers = Vec::with_capacity(n);
         for i in 0..n {
             let vb_l = vb.pp(format!("layers.{i}"));
-            let (dim, side) = (cfg.embed_dims[i], TinyVitConfig::resolution(i));
+            let (dim, side) = (cfg.embed_dims[i], cfg.resolution(image_size, i));
             let blocks = (0..cfg.depths[i])
                 .map(|j| -> Result<Box<dyn Module + Send + Sync>> {
                     let vb_b = vb_l.pp(format!("blocks.{j}"));
