@@ -31,6 +31,9 @@ pub struct Prefs {
     pub prompts_visible: bool,
     pub brush_radius: f32,
     pub sam_checkpoint: Option<PathBuf>,
+    /// The SAM variant asked for (`medsam`, …); `None`: from the file (its tensors, and a
+    /// name like MedSAM's).
+    pub sam_variant: Option<String>,
     pub advance_after_review: bool,
     /// The SAM weights manager's folder.
     pub weights_dir: Option<PathBuf>,
@@ -58,6 +61,7 @@ impl Default for Prefs {
             prompts_visible: true,
             brush_radius: 8.0,
             sam_checkpoint: None,
+            sam_variant: None,
             advance_after_review: true,
             weights_dir: None,
         }
@@ -336,6 +340,17 @@ impl App {
 
     pub fn sam_loaded(&self) -> bool {
         self.sam.is_some()
+    }
+
+    /// The loaded SAM's variant name (`vit_b`, `medsam`, …).
+    pub fn sam_variant(&self) -> Option<&str> {
+        self.sam.as_ref().map(|(_, v)| v.as_str())
+    }
+
+    /// The SAM variant the next load asks for (the Model panel's "SAM kind").
+    pub(super) fn asked_sam_variant(&self) -> Option<crate::models::sam::Variant> {
+        let name = self.prefs.sam_variant.as_deref()?;
+        crate::models::sam::Variant::parse(name).ok().flatten()
     }
 
     /// Images with a pseudo-label, as the list shows them.

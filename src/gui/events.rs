@@ -229,7 +229,8 @@ impl App {
                     self.send_model(ModelCommand::SetProject { root, model });
                 }
                 if let Some((sam, _)) = self.sam.take() {
-                    self.send_model(ModelCommand::LoadSam(sam));
+                    let v = self.asked_sam_variant();
+                    self.send_model(ModelCommand::LoadSam(sam, v));
                 }
             }
             Event::JobDone {

@@ -97,7 +97,10 @@ impl App {
             Intent::PickNewProject => self.choose(super::worker::Pick::Dataset),
             Intent::PickSam => self.choose(super::worker::Pick::Sam),
             Intent::PickUnet => self.choose(super::worker::Pick::Unet),
-            Intent::LoadSam(p) => self.send_model(ModelCommand::LoadSam(p)),
+            Intent::LoadSam(p) => {
+                let v = self.asked_sam_variant();
+                self.send_model(ModelCommand::LoadSam(p, v))
+            }
             Intent::LoadUnet(p) => self.send_model(ModelCommand::LoadUnet(p)),
             Intent::Finetune => {
                 if let Some(project) = self.project.clone() {

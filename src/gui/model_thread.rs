@@ -73,7 +73,7 @@ pub(super) fn thread_main(
 impl Schedule for ModelCommand {
     fn lane(&self) -> Lane {
         match self {
-            ModelCommand::LoadSam(_)
+            ModelCommand::LoadSam(..)
             | ModelCommand::LoadUnet(_)
             | ModelCommand::SetProject { .. } => Lane::Control,
             ModelCommand::Sam { .. } | ModelCommand::Probability { .. } => Lane::Interactive,
@@ -454,11 +454,19 @@ impl Models {
     /// Runs a control, interactive or prefetch command.
     fn quick(&mut self, cmd: ModelCommand, out: &Outbox) -> Result<()> {
         match cmd {
-            ModelCommand::LoadSam(path) => {
-                // the app has no variant flag: a ViT file named like MedSAM runs as MedSAM
-                let sam = load_sam(&path, Variant::from_file_name(&path), &self.device)
+            ModelCommand::LoadSam(path, asked) => {
+                // the Model panel's "SAM kind", else the file: a ViT named like MedSAM runs
+                // as MedSAM (its tensors are SAM vit_b's)
+                let variant = asked.or_else(|| Variant::from_file_name(&path));
+                let sam = load_sam(&path, variant, &self.device)
                     .with_context(|| format!("loading SAM from {}", path.display()))?;
-                let variant = sam.config().name().to_string();
+                let cfg = sam.config();
+                let variant = match (cfg.variant(), cfg.rules) {
+                    (Some(v), _) => v.name().to_string(),
+                    (None, crate::models::sam::InputRules::Sam) => "custom".to_string(),
+                    // a custom size (the test fixtures) run by MedSAM's or LiteMedSAM's rules
+                    (None, rules) => format!("custom ({rules:?} rules)"),
+                };
                 self.sam = Some((path.clone(), SamPredictor::new(sam)));
                 self.cache = None;
                 out.send(Event::SamLoaded { path, variant });

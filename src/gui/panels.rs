@@ -310,6 +310,7 @@ impl App {
             Some((p, v)) => format!("SAM: {v} ({})", name(p)),
             None => "SAM: not loaded (download one with SAM weights…)".into(),
         });
+        self.sam_kind_ui(ui);
         ui.horizontal_wrapped(|ui| {
             if ui
                 .button("Load U-Net++…")
@@ -477,6 +478,40 @@ impl App {
                 ui.label(format!("Licence: {}", env!("CARGO_PKG_LICENSE")));
             });
         self.show_about = open;
+    }
+
+    /// "SAM kind": which variant a checkpoint is loaded as. MedSAM has SAM vit_b's tensors but
+    /// its own pre- and postprocessing, so only the user can say; the others are read from the
+    /// file. Changing it reloads a loaded checkpoint.
+    fn sam_kind_ui(&mut self, ui: &mut egui::Ui) {
+        use crate::models::sam::Variant;
+        let before = self.prefs.sam_variant.clone();
+        let shown = before
+            .as_deref()
+            .unwrap_or("auto (from the file)")
+            .to_string();
+        egui::ComboBox::from_label("SAM kind")
+            .selected_text(shown)
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut self.prefs.sam_variant, None, "auto (from the file)");
+                for v in Variant::ALL {
+                    ui.selectable_value(
+                        &mut self.prefs.sam_variant,
+                        Some(v.name().to_string()),
+                        v.name(),
+                    );
+                }
+            })
+            .response
+            .on_hover_text(
+                "MedSAM checkpoints have SAM vit_b's tensors: choose medsam for them (a file \
+                 named medsam* is taken as MedSAM on auto)",
+            );
+        if self.prefs.sam_variant != before {
+            if let Some((path, _)) = self.sam.clone() {
+                self.intents.push(Intent::LoadSam(path));
+            }
+        }
     }
 
     /// Toasts in the canvas's bottom-right corner: above the status bar and the first-steps

@@ -131,7 +131,8 @@ pub struct ClickPrompt {
 /// Work for the model thread.
 #[derive(Debug)]
 pub enum ModelCommand {
-    LoadSam(PathBuf),
+    /// A SAM checkpoint, and the variant asked for (`None`: from the file).
+    LoadSam(PathBuf, Option<crate::models::sam::Variant>),
     LoadUnet(PathBuf),
     /// A project was opened: drop the previous project's U-Net++ and SAM embedding cache, and
     /// load the project's own model (`model`, if it has one).

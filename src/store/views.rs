@@ -323,11 +323,13 @@ mod tests {
         let p = project(tmp.path());
         let root = p.root().to_path_buf();
         drop(p);
-        // back to schema v4 (as a project of the previous release): no window/score tables
+        // back to schema v4 (as a project of an earlier release): no window/score tables (v5),
+        // no project id or shard merges (v6)
         let db = root.join(crate::store::DB_FILE);
         let conn = rusqlite::Connection::open(&db).unwrap();
         conn.execute_batch(
-            "DROP TABLE image_windows; DROP TABLE image_scores; PRAGMA user_version = 4;",
+            "DROP TABLE image_windows; DROP TABLE image_scores; DROP TABLE shard_merges; \
+             DELETE FROM meta WHERE key = 'project_id'; PRAGMA user_version = 4;",
         )
         .unwrap();
         drop(conn);
@@ -337,6 +339,12 @@ mod tests {
         p.set_image_window("a.png", Some(&window(40.0))).unwrap();
         assert_eq!(p.image_window("a.png").unwrap(), Some(window(40.0)));
         assert!(p.scores(ScoreSource::Unet).unwrap().is_empty());
+        let id = p.project_id().unwrap();
+        assert!(
+            id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+        assert!(p.shard_merges().unwrap().is_empty());
     }
 
     #[test]

@@ -341,6 +341,29 @@ fn keyboard_review_brush_and_undo_reach_the_store() {
 }
 
 #[test]
+fn sam_kind_loads_a_vit_file_as_medsam() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let sam = common::root().join("tests/fixtures/sam/sam_tiny.pth");
+    // tall enough that the Model section is on screen
+    let mut h = app_harness_sized(&root, Some(sam), [1200.0, 1500.0]);
+    loaded(&mut h);
+    wait_for(&mut h, "SAM to load", |a| a.sam_loaded());
+    assert_eq!(h.state().sam_variant(), Some("custom"), "auto: SAM's rules");
+    // MedSAM has SAM vit_b's tensors: only the user can say; choosing it reloads the file
+    h.get_by_label("SAM kind").click();
+    for _ in 0..3 {
+        h.step();
+    }
+    h.get_by_label("medsam").click();
+    h.step();
+    wait_for(&mut h, "SAM to load as MedSAM", |a| {
+        a.sam_variant() == Some("custom (MedSam rules)")
+    });
+    assert!(h.state().errors().is_empty(), "{:?}", h.state().errors());
+}
+
+#[test]
 fn sam_click_produces_a_mask() {
     let tmp = tempfile::tempdir().unwrap();
     let root = lung_project(tmp.path());

@@ -153,7 +153,7 @@ fn clicks_go_first_and_nothing_between_them_is_dropped() {
     let (project, files) = lung_images(tmp.path(), 40);
     let w = workers();
     let sam = common::root().join("tests/fixtures/sam/sam_tiny.pth");
-    w.model.send(ModelCommand::LoadSam(sam)).unwrap();
+    w.model.send(ModelCommand::LoadSam(sam, None)).unwrap();
     until(&w, "SAM to load", |e| matches!(e, Event::SamLoaded { .. }));
 
     // a click, a job, a newer click, queued behind a running job: the job in between runs,
