@@ -180,15 +180,7 @@ pub fn mine_cmd(a: MineArgs, device: candle_core::Device) -> Result<()> {
     )?;
     bar.finish_and_clear();
     print_summary(&s, a.auto_accept.is_some());
-    if !s.failed.is_empty() {
-        let lines: Vec<String> = s.failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
-        bail!(
-            "{} images could not be mined:\n{}",
-            s.failed.len(),
-            lines.join("\n")
-        );
-    }
-    Ok(())
+    failed_images(&s.failed, "")
 }
 
 fn print_shard_summary(s: &ShardSummary, out: &std::path::Path) -> Result<()> {
@@ -209,15 +201,20 @@ fn print_shard_summary(s: &ShardSummary, out: &std::path::Path) -> Result<()> {
     } else {
         println!("finished: merge with `medmine project merge PROJECT SHARD_DIR...`");
     }
-    if !s.failed.is_empty() {
-        let lines: Vec<String> = s.failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
-        bail!(
-            "{} images could not be mined:\n{}",
-            s.failed.len(),
-            lines.join("\n")
-        );
+    failed_images(&s.failed, "")
+}
+
+/// An error listing the images that could not be mined (`what`: where they were), if any.
+pub(super) fn failed_images(failed: &[(String, String)], what: &str) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let lines: Vec<String> = failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+    bail!(
+        "{} images{what} could not be mined:\n{}",
+        failed.len(),
+        lines.join("\n")
+    )
 }
 
 /// One `name value` line per count (the tests read them by name).

@@ -313,21 +313,13 @@ pub fn mine_project(
     cancel: &AtomicBool,
 ) -> Result<MiningSummary, MiningError> {
     cfg.check()?;
-    let unet = Predictor::load(unet_checkpoint, device, cfg.unet_mode).map_err(|source| {
-        MiningError::LoadUnet {
-            path: unet_checkpoint.to_path_buf(),
-            source,
-        }
-    })?;
-    let hash_cache = labeler::hash::hash_cache_in(&project.cache_dir());
-    let who = Provenance {
-        unet_hash: labeler::hash::cached_sha256(unet_checkpoint, Some(&hash_cache))?,
-        unet_path: unet_checkpoint.display().to_string(),
-        labeler_id: labeler.id().to_string(),
-        labeler_source: labeler
-            .checkpoint()
-            .map_or_else(|| labeler.id().to_string(), |p| p.display().to_string()),
-    };
+    let (unet, who) = load_unet(
+        unet_checkpoint,
+        &*labeler,
+        cfg,
+        device,
+        &project.cache_dir(),
+    )?;
     let (todo, mut summary) = select::select_images(project, cfg.remine, &who, None)?;
     let total = todo.len();
     progress(0, total);
@@ -411,6 +403,33 @@ fn label_one(
         .map(|(k, r)| new_pseudo_label(r, k as i64, who))
         .collect();
     Ok(Labelled::Mined(mined, labels))
+}
+
+/// The pass's U-Net++ and the provenance its pseudo-labels record (the checkpoint's hash is
+/// cached in `cache_dir`).
+fn load_unet(
+    unet_checkpoint: &Path,
+    labeler: &dyn Labeler,
+    cfg: &MiningConfig,
+    device: &Device,
+    cache_dir: &Path,
+) -> Result<(Predictor, Provenance), MiningError> {
+    let unet = Predictor::load(unet_checkpoint, device, cfg.unet_mode).map_err(|source| {
+        MiningError::LoadUnet {
+            path: unet_checkpoint.to_path_buf(),
+            source,
+        }
+    })?;
+    let hash_cache = labeler::hash::hash_cache_in(cache_dir);
+    let who = Provenance {
+        unet_hash: labeler::hash::cached_sha256(unet_checkpoint, Some(&hash_cache))?,
+        unet_path: unet_checkpoint.display().to_string(),
+        labeler_id: labeler.id().to_string(),
+        labeler_source: labeler
+            .checkpoint()
+            .map_or_else(|| labeler.id().to_string(), |p| p.display().to_string()),
+    };
+    Ok((unet, who))
 }
 
 /// Predicts, labels and stores one image.

@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
 
-use super::{label_one, labeler, Labeler, Labelled, MiningConfig, MiningError, Provenance};
-use crate::predict::Predictor;
+use super::{label_one, Labeler, Labelled, MiningConfig, MiningError};
 use crate::store::{MergeWrite, Project, ShardInfo, ShardMark, ShardSpec, ShardStore};
 
 /// What a shard job did (its whole shard, including images mined by an earlier, stopped job).
@@ -63,24 +62,9 @@ pub fn mine_shard(
                 .into(),
         ));
     }
-    let unet = Predictor::load(unet_checkpoint, device, cfg.unet_mode).map_err(|source| {
-        MiningError::LoadUnet {
-            path: unet_checkpoint.to_path_buf(),
-            source,
-        }
-    })?;
+    let (unet, who) =
+        super::load_unet(unet_checkpoint, &*labeler, cfg, device, &out.join("cache"))?;
     let mut store = ShardStore::open_or_create(out)?;
-    let who = Provenance {
-        unet_hash: labeler::hash::cached_sha256(
-            unet_checkpoint,
-            Some(&labeler::hash::hash_cache_in(&out.join("cache"))),
-        )?,
-        unet_path: unet_checkpoint.display().to_string(),
-        labeler_id: labeler.id().to_string(),
-        labeler_source: labeler
-            .checkpoint()
-            .map_or_else(|| labeler.id().to_string(), |p| p.display().to_string()),
-    };
     let project_id = project.project_id()?;
     let settings = settings_text(cfg);
     let mut summary = ShardSummary::default();

@@ -38,19 +38,6 @@ fn harness(project: Option<PathBuf>, sam: &Path) -> Harness<'static, App> {
         .build_eframe(move |cc| App::new(cc, startup, candle_core::Device::Cpu))
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 /// The 4-connected components of a mask with at least `min_area` pixels (pixel indices),
 /// largest first.
 fn components(m: &Mask, min_area: usize) -> Vec<Vec<usize>> {
@@ -178,7 +165,7 @@ fn the_whole_loop_from_a_folder_to_the_next_round_survives_a_restart() {
     let lap = |what: &str| eprintln!("e2e: {what} after {:.1} s", t0.elapsed().as_secs_f64());
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = tmp.path().join("demo data");
-    copy_dir(&common::demo(), &data_dir);
+    crate::common::copy_dir(&common::demo(), &data_dir);
     let sam = common::root().join("tests/fixtures/sam/sam_tiny.pth");
     let mut h = harness(None, &sam);
     h.run_steps(4);

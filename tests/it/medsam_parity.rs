@@ -333,23 +333,8 @@ fn mining_with_medsam_uses_boxes_and_no_iou_head() {
     use medmine::prompts::Strategy;
     let p = medsam();
     let (w, h) = (64usize, 48usize);
-    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
-        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
-    });
+    let (img, probs) = crate::common::two_discs();
     let emb = p.set_image(&img).unwrap();
-    let disc = |cx: f32, cy: f32, r: f32, x: usize, y: usize| {
-        (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2) <= r * r
-    };
-    let probs: Vec<f32> = (0..w * h)
-        .map(|i| {
-            let (x, y) = (i % w, i / w);
-            if disc(16.0, 20.0, 8.0, x, y) || disc(46.0, 26.0, 10.0, x, y) {
-                0.9
-            } else {
-                0.05
-            }
-        })
-        .collect();
     for strategy in [Strategy::BoxPointsMask, Strategy::Points, Strategy::Box] {
         let mut cfg = MiningConfig {
             rounds: 3,

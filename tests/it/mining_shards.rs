@@ -56,19 +56,6 @@ fn labels(p: &Path) -> BTreeMap<String, (ReviewState, Vec<Label>)> {
         .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
 /// The project database's bytes (with its WAL): a shard job must not change them.
 fn db_bytes(p: &Path) -> Vec<Vec<u8>> {
     ["medmine.db", "medmine.db-wal"]
@@ -86,7 +73,7 @@ fn shard_jobs_merged_equal_one_mine_and_a_review_made_meanwhile_survives() {
     // a project opened once by this medmine (it has an id); its copy is mined in one go
     Project::open(&proj).unwrap();
     let single = tmp.path().join("single");
-    copy_dir(&proj, &single);
+    crate::common::copy_dir(&proj, &single);
     // the oracle answers every prompt with the image's own mask (threshold 0: one component
     // per image whatever the barely trained U-Net++ predicts): real, distinct masks
     let common_args = [
@@ -106,6 +93,13 @@ fn shard_jobs_merged_equal_one_mine_and_a_review_made_meanwhile_survives() {
     // three shard jobs; the project is read, never written
     let before = db_bytes(&proj);
     let shard = |k: usize| tmp.path().join(format!("shard-{k}"));
+    // `medmine project merge PROJECT shard-K...` through `run` (ok or fails)
+    let merge = |run: fn(&[&str]) -> String, proj: &Path, ks: &[usize]| {
+        let dirs: Vec<_> = ks.iter().map(|&k| shard(k)).collect();
+        let mut args = vec!["project", "merge", s(proj)];
+        args.extend(dirs.iter().map(|d| s(d)));
+        run(&args)
+    };
     for k in 0..2 {
         let spec = format!("{k}/3");
         let out = ok(&[
@@ -157,14 +151,7 @@ fn shard_jobs_merged_equal_one_mine_and_a_review_made_meanwhile_survives() {
         .unwrap();
         assert!(s1.cancelled && s1.mined == 1, "{s1:?}");
     }
-    let err = fails(&[
-        "project",
-        "merge",
-        s(&proj),
-        s(&shard(0)),
-        s(&shard(1)),
-        s(&shard(2)),
-    ]);
+    let err = merge(fails, &proj, &[0, 1, 2]);
     assert!(
         err.contains("shard-2") && err.contains("not finished"),
         "{err}"
@@ -218,30 +205,16 @@ fn shard_jobs_merged_equal_one_mine_and_a_review_made_meanwhile_survives() {
 
     // a missing shard is named, nothing is merged
     let snap = labels(&proj);
-    let err = fails(&["project", "merge", s(&proj), s(&shard(0)), s(&shard(2))]);
+    let err = merge(fails, &proj, &[0, 2]);
     assert!(err.contains("missing shards: 1/3"), "{err}");
     assert_eq!(labels(&proj), snap);
     // shards of another project are refused
     let stranger = tmp.path().join("stranger");
     demo_project(&stranger);
-    let err = fails(&[
-        "project",
-        "merge",
-        s(&stranger),
-        s(&shard(0)),
-        s(&shard(1)),
-        s(&shard(2)),
-    ]);
+    let err = merge(fails, &stranger, &[0, 1, 2]);
     assert!(err.contains("not of"), "{err}");
 
-    let out = ok(&[
-        "project",
-        "merge",
-        s(&proj),
-        s(&shard(0)),
-        s(&shard(1)),
-        s(&shard(2)),
-    ]);
+    let out = merge(ok, &proj, &[0, 1, 2]);
     assert_eq!(field(&out, "merged"), 8, "{out}");
     assert_eq!(field(&out, "skipped: reviewed meanwhile"), 1, "{out}");
     let merged = labels(&proj);
@@ -263,14 +236,7 @@ fn shard_jobs_merged_equal_one_mine_and_a_review_made_meanwhile_survives() {
     drop(p);
 
     // merging again changes nothing; status says what came from which shard
-    let out = ok(&[
-        "project",
-        "merge",
-        s(&proj),
-        s(&shard(2)),
-        s(&shard(0)),
-        s(&shard(1)),
-    ]);
+    let out = merge(ok, &proj, &[2, 0, 1]);
     assert_eq!(field(&out, "merged"), 0, "{out}");
     assert_eq!(field(&out, "already merged"), 9, "{out}");
     assert_eq!(labels(&proj), merged);

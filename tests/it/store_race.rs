@@ -169,19 +169,6 @@ fn check(proj: &Path, acked: &[Ack], what: &str) -> (usize, usize, usize) {
     (machine, human, overlapped)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 /// A U-Net++ trained for one epoch on the demo (its predictions mean little; a threshold of 0
 /// makes every image one component, so every image is mined).
 fn quick_unet(dir: &Path) -> PathBuf {
@@ -341,7 +328,7 @@ fn mining_never_overwrites_a_reviewer() {
     let mut pass_time = Duration::from_secs(5);
     for it in 0..5u64 {
         let proj = tmp.path().join(format!("p{it}"));
-        copy_dir(&template, &proj);
+        crate::common::copy_dir(&template, &proj);
         let started = Instant::now();
         let (tx, rx) = mpsc::channel();
         let mut mine = spawn(&mine_args(&proj, &unet, &sam), Some(tx));
@@ -382,7 +369,7 @@ fn mining_never_overwrites_a_reviewer() {
         overlapped += o;
         if it == 0 {
             // later passes find the SAM embeddings cached, as a second pass would
-            copy_dir(&proj.join("cache"), &template.join("cache"));
+            crate::common::copy_dir(&proj.join("cache"), &template.join("cache"));
         }
         std::fs::remove_dir_all(&proj).unwrap();
     }
@@ -459,7 +446,7 @@ fn batch_accept_never_overwrites_a_reviewer() {
     let (mut accepted, mut overlapped) = (0, 0);
     for it in 0..6u64 {
         let proj = tmp.path().join(format!("b{it}"));
-        copy_dir(&template, &proj);
+        crate::common::copy_dir(&template, &proj);
         // A person leaving an image pending is no decision: the batch may accept it after.
         let actions = "accept,reject,edit";
         let reviewers: Vec<(String, Running)> = (0..2)

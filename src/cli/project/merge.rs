@@ -1,7 +1,7 @@
 //! `medmine project merge`: mining shards into the project ([`crate::mining::shard`]).
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::mining::shard::merge_shards;
 use crate::store::Project;
@@ -21,13 +21,5 @@ pub fn merge_cmd(dir: &Path, shards: &[PathBuf], partial: bool) -> Result<()> {
     println!("already merged      {}", s.already_merged);
     println!("no component        {}", s.no_component);
     println!("failed              {}", s.failed.len());
-    if !s.failed.is_empty() {
-        let lines: Vec<String> = s.failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
-        bail!(
-            "{} images of the shards could not be mined:\n{}",
-            s.failed.len(),
-            lines.join("\n")
-        );
-    }
-    Ok(())
+    crate::cli::mine::failed_images(&s.failed, " of the shards")
 }

@@ -70,3 +70,40 @@ pub fn field(out: &str, name: &str) -> usize {
         .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap()))
         .unwrap_or_else(|| panic!("no `{name}` line in:\n{out}"))
 }
+
+/// Copies a folder tree (a project, a dataset) for a test.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A 64x48 test image and a U-Net++-like probability map with two discs (0.9 inside, 0.05
+/// outside): two objects to prompt.
+pub fn two_discs() -> (image::RgbImage, Vec<f32>) {
+    let (w, h) = (64usize, 48usize);
+    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+    });
+    let disc = |cx: f32, cy: f32, r: f32, x: usize, y: usize| {
+        (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2) <= r * r
+    };
+    let probs = (0..w * h)
+        .map(|i| {
+            let (x, y) = (i % w, i / w);
+            if disc(16.0, 20.0, 8.0, x, y) || disc(46.0, 26.0, 10.0, x, y) {
+                0.9
+            } else {
+                0.05
+            }
+        })
+        .collect();
+    (img, probs)
+}
