@@ -70,6 +70,32 @@ fn mask_agreement(ours: &[u8], official: &[u8]) -> (usize, f64) {
     (differ, inter as f64 / union.max(1) as f64)
 }
 
+/// The image's embedding and the official box's prediction, with their largest differences
+/// from the fixture `which`'s (embedding, low-res logits).
+fn embed_and_box(
+    p: &SamPredictor,
+    img: &image::RgbImage,
+    which: &str,
+    m: &serde_json::Value,
+    name: &str,
+) -> (medmine::models::sam::Prediction, f32, f32) {
+    let emb = p.set_image(img).unwrap();
+    let d_emb = max_abs_diff(
+        &sub(&emb.features, 4),
+        &npy(which, &format!("{name}_embedding_sub4.npy")),
+    );
+    let prompt = Prompt {
+        bbox: Some(box_of(m, name)),
+        ..Default::default()
+    };
+    let pred = p.predict(&emb, &prompt, false).unwrap();
+    let d_low = max_abs_diff(
+        &sub(&pred.low_res_logits, 4),
+        &npy(which, &format!("{name}_low_sub4.npy")),
+    );
+    (pred, d_emb, d_low)
+}
+
 fn medsam() -> SamPredictor {
     let pth = dir("sam").join("sam_tiny.pth"); // the generator checks: the same tensors
     SamPredictor::new(sam::load_sam(&pth, Some(Variant::MedSam), &Device::Cpu).unwrap())
@@ -129,20 +155,7 @@ fn medsam_end_to_end_matches_the_official_script() {
             &sub(&input.i(0).unwrap(), 16),
             &npy("medsam", &format!("{name}_input_sub16.npy")),
         );
-        let emb = p.set_image(&img).unwrap();
-        let d_emb = max_abs_diff(
-            &sub(&emb.features, 4),
-            &npy("medsam", &format!("{name}_embedding_sub4.npy")),
-        );
-        let prompt = Prompt {
-            bbox: Some(box_of(&m, name)),
-            ..Default::default()
-        };
-        let pred = p.predict(&emb, &prompt, false).unwrap();
-        let d_low = max_abs_diff(
-            &sub(&pred.low_res_logits, 4),
-            &npy("medsam", &format!("{name}_low_sub4.npy")),
-        );
+        let (pred, d_emb, d_low) = embed_and_box(&p, &img, "medsam", &m, name);
         // the probabilities: sigmoid of our logits (the logits of the resized probabilities)
         let prob = candle_nn::ops::sigmoid(&pred.logits.i(0).unwrap()).unwrap();
         let d_prob = max_abs_diff(
@@ -286,20 +299,7 @@ fn litemedsam_end_to_end_matches_the_official_script() {
             .filter(|d| *d != 0)
             .collect();
         let worst = off_by.iter().map(|d| d.abs()).max().unwrap_or(0);
-        let emb = p.set_image(&img).unwrap();
-        let d_emb = max_abs_diff(
-            &sub(&emb.features, 4),
-            &npy("litemedsam", &format!("{name}_embedding_sub4.npy")),
-        );
-        let prompt = Prompt {
-            bbox: Some(box_of(&m, name)),
-            ..Default::default()
-        };
-        let pred = p.predict(&emb, &prompt, false).unwrap();
-        let d_low = max_abs_diff(
-            &sub(&pred.low_res_logits, 4),
-            &npy("litemedsam", &format!("{name}_low_sub4.npy")),
-        );
+        let (pred, d_emb, d_low) = embed_and_box(&p, &img, "litemedsam", &m, name);
         let d_logits = max_abs_diff(
             &sub(&pred.logits.i(0).unwrap(), 8),
             &npy("litemedsam", &format!("{name}_logits_sub8.npy")),
