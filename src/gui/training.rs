@@ -264,6 +264,23 @@ impl App {
         }
     }
 
+    /// What fine-tuning would train and validate on, as the list shows the images:
+    /// (labelled with ground truth, accepted or edited pseudo-labels, validation with ground
+    /// truth), the same rule as [`crate::mining::finetune`].
+    fn training_set(&self) -> (usize, usize, usize) {
+        use crate::store::Role;
+        let (mut labelled, mut pseudo, mut val) = (0, 0, 0);
+        for r in &self.rows {
+            match r.role {
+                Role::Val => val += usize::from(r.ground_truth),
+                Role::Test => {}
+                Role::Labelled if r.ground_truth => labelled += 1,
+                Role::Labelled | Role::Unlabelled => pseudo += usize::from(r.state.is_accepted()),
+            }
+        }
+        (labelled, pseudo, val)
+    }
+
     /// The fine-tuning settings dialog.
     pub(super) fn training_window_ui(&mut self, ctx: &egui::Context) {
         if !self.training.dialog_open {
@@ -272,6 +289,7 @@ impl App {
         let mut open = true;
         let mut start = false;
         let first = self.model.is_none();
+        let set = self.training_set();
         egui::Window::new("Fine-tuning")
             .open(&mut open)
             .collapsible(false)
@@ -303,6 +321,12 @@ impl App {
                     }
                 });
                 t.size = (t.size / 16).max(2) * 16;
+                let (labelled, pseudo, val) = set;
+                ui.label(format!(
+                    "Trains on {labelled} labelled images + {pseudo} accepted pseudo-labels \
+                     (weight {:.2}); validates on {val} images.",
+                    t.pseudo_weight
+                ));
                 if first {
                     ui.label("No model yet: a U-Net++ is trained from scratch.");
                 }

@@ -341,6 +341,28 @@ fn keyboard_review_brush_and_undo_reach_the_store() {
 }
 
 #[test]
+fn the_fine_tuning_dialog_says_what_it_trains_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lung_project(tmp.path());
+    let mut h = app_harness(&root, None);
+    let first = loaded(&mut h);
+    let status = Project::open(&root).unwrap().status().unwrap();
+    let (labelled, val) = (status.roles["labelled"], status.roles["val"]);
+    h.key_press(Key::A);
+    wait_for(&mut h, "accept to be saved", |a| {
+        a.badge(&first) == Some(ReviewState::Accepted) && a.saving() == 0
+    });
+    h.get_by_label("Start fine-tuning…").click();
+    for _ in 0..3 {
+        h.step();
+    }
+    h.get_by_label_contains(&format!(
+        "Trains on {labelled} labelled images + 1 accepted pseudo-labels (weight 0.50); \
+         validates on {val} images."
+    ));
+}
+
+#[test]
 fn sam_kind_loads_a_vit_file_as_medsam() {
     let tmp = tempfile::tempdir().unwrap();
     let root = lung_project(tmp.path());
