@@ -217,6 +217,10 @@ impl App {
             Event::Train(ev) => self.training.train_event(&ev),
             Event::FinetuneDone(r) => {
                 if self.project.as_ref() == Some(&r.project) {
+                    // the project's first model is the model: nothing to choose between
+                    if self.model.is_none() && r.status != crate::train::TrainStatus::Cancelled {
+                        self.send_model(ModelCommand::LoadUnet(r.best.clone()));
+                    }
                     self.training.finished(r);
                 }
             }

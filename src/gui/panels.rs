@@ -74,9 +74,11 @@ impl App {
             ui.separator();
             self.layers_ui(ui);
             ui.separator();
-            self.facts_ui(ui);
-            ui.separator();
+            // the model and training before the image's facts: their buttons stay at one
+            // height whatever the facts of the image on the canvas
             self.model_ui(ui);
+            ui.separator();
+            self.facts_ui(ui);
         });
     }
 

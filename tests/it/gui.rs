@@ -701,6 +701,11 @@ fn mine_next_round_from_the_app_with_self_training() {
         t.base = 4;
     }
     run_training(&mut h, "a fine-tuned model");
+    // the project's first model becomes the app's model without a click
+    let first = h.state().training().result.clone().unwrap().best;
+    wait_for(&mut h, "the first model loaded", |a| {
+        a.model() == Some(&first)
+    });
     // no SAM checkpoint: the Mining dialog's labeler is self-training
     h.state_mut().mining_mut().labeler = medmine::mining::LabelerKind::Unet;
     h.step();
