@@ -74,7 +74,8 @@ impl App {
             return;
         };
         let sam = self.sam.as_ref().map(|(p, _)| p.clone());
-        if self.mining.labeler == LabelerKind::Sam && sam.is_none() {
+        let labeler = self.mining_labeler();
+        if labeler == LabelerKind::Sam && sam.is_none() {
             self.toast(
                 ctx,
                 "the SAM labeler needs a SAM checkpoint: load one, or mine with self-training \
@@ -86,7 +87,7 @@ impl App {
         self.mining.last = None;
         self.send_model(ModelCommand::Mine {
             project,
-            labeler: self.mining.labeler,
+            labeler,
             sam,
             unet,
             cfg: Box::new(self.mining.config()),
@@ -155,14 +156,21 @@ impl App {
     }
 
     /// The mining settings dialog.
+    /// The labeler a pass uses: the chosen one, except SAM without a SAM checkpoint, which is
+    /// self-training (as the Mining dialog shows it), for the dialog and "Mine next round" alike.
+    pub(super) fn mining_labeler(&self) -> LabelerKind {
+        match self.mining.labeler {
+            LabelerKind::Sam if self.sam.is_none() => LabelerKind::Unet,
+            l => l,
+        }
+    }
+
     pub(super) fn mining_window_ui(&mut self, ctx: &egui::Context) {
         if !self.mining.dialog_open {
             return;
         }
         let sam_loaded = self.sam.is_some();
-        if !sam_loaded && self.mining.labeler == LabelerKind::Sam {
-            self.mining.labeler = LabelerKind::Unet;
-        }
+        self.mining.labeler = self.mining_labeler();
         let mut open = true;
         let mut start = false;
         let can_start = self.model.is_some();

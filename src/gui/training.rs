@@ -236,8 +236,7 @@ impl App {
                 {
                     self.intents.push(Intent::LoadUnet(r.best.clone()));
                 }
-                let can_mine =
-                    self.sam.is_some() || self.mining.labeler != crate::mining::LabelerKind::Sam;
+                let can_mine = self.mining_labeler() != crate::mining::LabelerKind::Sam;
                 if ui
                     .add_enabled(
                         can_mine,

@@ -706,8 +706,8 @@ fn mine_next_round_from_the_app_with_self_training() {
     wait_for(&mut h, "the first model loaded", |a| {
         a.model() == Some(&first)
     });
-    // no SAM checkpoint: the Mining dialog's labeler is self-training
-    h.state_mut().mining_mut().labeler = medmine::mining::LabelerKind::Unet;
+    // no SAM checkpoint: "Mine next round" mines with self-training without a visit to the
+    // Mining dialog
     h.step();
     let best = h.state().training().result.clone().unwrap().best;
     h.get_by_label("Mine next round with this model").click();
