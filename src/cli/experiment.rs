@@ -45,9 +45,13 @@ pub struct ExperimentArgs {
     /// Labelled fractions of train.txt, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,1.0")]
     fractions: Vec<f64>,
-    /// Seeds 0..N per fraction.
+    /// Seeds 0..N per fraction (from --first-seed).
     #[arg(long, default_value_t = 3)]
     seeds: u64,
+    /// The first seed: `--first-seed 2 --seeds 1` runs seed 2 alone, exactly as it runs in
+    /// `--seeds 3` (to spread one experiment's seeds over machines or sessions).
+    #[arg(long, default_value_t = 0)]
+    first_seed: u64,
     #[arg(long, default_value_t = 96)]
     size: usize,
     #[arg(long, default_value_t = 16)]
@@ -145,6 +149,7 @@ pub fn experiment_cmd(a: ExperimentArgs, device: candle_core::Device) -> Result<
         split_dir: a.split_dir,
         fractions: a.fractions,
         seeds: a.seeds,
+        first_seed: a.first_seed,
         labeler,
         more_labelers: more_labelers.to_vec(),
         sam: a.sam,

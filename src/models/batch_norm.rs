@@ -55,6 +55,16 @@ impl BatchNorm2d {
         self.forward_impl(x, train, false)
     }
 
+    /// Eval mode as an affine map per channel, `y = x * scale + shift`: `(scale, shift)`, each
+    /// `[C]`, detached (for folding into the convolution before it at inference).
+    pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let mean = self.running_mean.as_tensor().detach();
+        let var = self.running_var.as_tensor().detach();
+        let scale = (self.weight.detach() * (var + self.cfg.eps)?.sqrt()?.recip()?)?;
+        let shift = (self.bias.detach() - (mean * &scale)?)?;
+        Ok((scale, shift))
+    }
+
     /// `relu(forward_t(x))`, as one op in training on the CPU.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_impl(x, train, true)

@@ -62,6 +62,8 @@ pub(super) struct Geom {
     pub(super) cout: usize,
     pub(super) k: usize,
     pub(super) pad: usize,
+    /// 1 but for the forward-only `conv2d_bias` (TinyViT's stride-2 patch embedding).
+    pub(super) stride: usize,
     pub(super) ho: usize,
     pub(super) wo: usize,
 }
@@ -69,6 +71,11 @@ pub(super) struct Geom {
 impl Geom {
     /// `x: [N, Cin, H, W]`, `w: [Cout, Cin, K, K]`.
     pub(super) fn new(x: &[usize], w: &[usize], pad: usize) -> Result<Self> {
+        Self::strided(x, w, pad, 1)
+    }
+
+    /// [`Geom::new`] with a stride (forward im2col only).
+    pub(super) fn strided(x: &[usize], w: &[usize], pad: usize, stride: usize) -> Result<Self> {
         let (&[n, cin, h, wd], &[cout, wcin, k, k2]) = (x, w) else {
             bail!("conv2d: expected [N, Cin, H, W] and [Cout, Cin, K, K], got {x:?} and {w:?}")
         };
@@ -81,7 +88,13 @@ impl Geom {
         if h + 2 * pad < k || wd + 2 * pad < k {
             bail!("conv2d: {k}x{k} kernel larger than padded input {x:?} (padding {pad})")
         }
-        let (ho, wo) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
+        if stride == 0 {
+            bail!("conv2d: stride 0")
+        }
+        let (ho, wo) = (
+            (h + 2 * pad - k) / stride + 1,
+            (wd + 2 * pad - k) / stride + 1,
+        );
         Ok(Self {
             n,
             cin,
@@ -90,6 +103,7 @@ impl Geom {
             cout,
             k,
             pad,
+            stride,
             ho,
             wo,
         })
@@ -102,7 +116,7 @@ impl Geom {
 
     /// 1x1 without padding: the image itself is the im2col matrix.
     fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.pad == 0
+        self.k == 1 && self.pad == 0 && self.stride == 1
     }
 
     /// Output rows per work item: tiles of about `TILE_BYTES` of scratch (`bytes_per_pixel` of
@@ -169,6 +183,9 @@ impl<T> SyncPtr<T> {
 /// is never materialised) -> `col: [Cin*K*K, (y1-y0)*Wo]`, rows ordered `(ci, kh, kw)` like a
 /// flattened `[Cout, Cin, K, K]` kernel. Every element of `col` is written.
 fn im2col_rows<T: Elem>(g: &Geom, img: &[&[T]], y0: usize, y1: usize, col: &mut [T]) {
+    if g.stride != 1 {
+        return im2col_rows_strided(g, img, y0, y1, col);
+    }
     let (k, p, h, w, wo) = (g.k, g.pad, g.h, g.w, g.wo);
     let npix = (y1 - y0) * wo;
     let zero = T::from_f64(0.);
@@ -192,6 +209,38 @@ fn im2col_rows<T: Elem>(g: &Geom, img: &[&[T]], y0: usize, y1: usize, col: &mut 
                     if hi > lo {
                         let sx = iy * w + lo + kw - p;
                         seg[lo..hi].copy_from_slice(&plane[sx..sx + hi - lo]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col_rows`] for a stride above 1: input pixel `(oy s + kh - p, ox s + kw - p)`.
+fn im2col_rows_strided<T: Elem>(g: &Geom, img: &[&[T]], y0: usize, y1: usize, col: &mut [T]) {
+    let (k, p, s, h, w, wo) = (g.k, g.pad, g.stride, g.h, g.w, g.wo);
+    let npix = (y1 - y0) * wo;
+    let zero = T::from_f64(0.);
+    let planes = img.iter().flat_map(|part| part.chunks_exact(h * w));
+    for (ci, plane) in planes.enumerate() {
+        for kh in 0..k {
+            for kw in 0..k {
+                let row = (ci * k + kh) * k + kw;
+                // ox with 0 <= ox s + kw - p < w
+                let lo = p.saturating_sub(kw).div_ceil(s).min(wo);
+                let hi = (w + p).saturating_sub(kw).div_ceil(s).min(wo).max(lo);
+                let dst = &mut col[row * npix..(row + 1) * npix];
+                for (yy, seg) in dst.chunks_exact_mut(wo).enumerate() {
+                    let iy = ((y0 + yy) * s + kh).checked_sub(p).filter(|&iy| iy < h);
+                    let Some(iy) = iy else {
+                        seg.fill(zero);
+                        continue;
+                    };
+                    seg[..lo].fill(zero);
+                    seg[hi..].fill(zero);
+                    let src = &plane[iy * w..(iy + 1) * w];
+                    for (ox, v) in seg.iter_mut().enumerate().take(hi).skip(lo) {
+                        *v = src[ox * s + kw - p];
                     }
                 }
             }
@@ -290,24 +339,40 @@ pub(super) fn run_pass(
 /// along the channels, never built; one block for a plain input), `w: [Cout, Cin*K*K]` ->
 /// `[N, Cout, Ho, Wo]`. 3x3 with padding 1 goes to `conv3x3`.
 pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], w: &[T]) -> Vec<T> {
-    forward_bias(g, x, w, None)
+    forward_bias(g, x, w, None, None)
 }
 
-/// [`forward`] plus a per-channel `bias: [Cout]` (written first, the products accumulated
-/// onto it: no extra pass).
-pub(super) fn forward_bias<T: Elem>(g: &Geom, x: &[&[T]], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+/// What runs on each finished part of an output, while it is in cache:
+/// `(offset in the output, the part)`.
+pub(super) type TileFn<'a, T> = &'a (dyn Fn(usize, &mut [T]) + Sync);
+
+/// [`forward`] plus a per-channel `bias: [Cout]` (written into each tile first, the products
+/// accumulated onto it: no extra pass) and an `epilogue` run on each output channel's rows of
+/// a tile right after its product (the 3x3 path: on each finished output plane).
+pub(super) fn forward_bias<T: Elem>(
+    g: &Geom,
+    x: &[&[T]],
+    w: &[T],
+    bias: Option<&[T]>,
+    epilogue: Option<TileFn<T>>,
+) -> Vec<T> {
     let plane = g.ho * g.wo;
     let mut out = vec![T::from_f64(0.); g.n * g.cout * plane];
-    if let Some(bias) = bias {
-        out.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(i, p)| p.fill(bias[i % g.cout]));
-    }
     if conv3x3::applies(g) {
+        if let Some(bias) = bias {
+            out.par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(i, p)| p.fill(bias[i % g.cout]));
+        }
         let wp = conv3x3::pack_kernel(w, g.cout, g.cin, false);
         conv3x3::forward(g, x, &wp, &mut out, bias.is_some());
+        if let Some(epi) = epilogue {
+            out.par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(i, p)| epi(i * plane, p));
+        }
     } else {
-        forward_im2col(g, x, w, &mut out, bias.is_some());
+        run_im2col(g, x, w, &mut out, false, bias, epilogue);
     }
     out
 }
@@ -320,14 +385,42 @@ pub(super) fn forward_im2col<T: Elem>(
     out: &mut [T],
     accumulate: bool,
 ) {
-    let out_len = g.cout * g.ho * g.wo;
+    run_im2col(g, x, w, out, accumulate, None, None)
+}
+
+/// [`forward_im2col`], each tile's rows first set to `bias` (then accumulated onto) and
+/// finished by `epilogue`.
+fn run_im2col<T: Elem>(
+    g: &Geom,
+    x: &[&[T]],
+    w: &[T],
+    out: &mut [T],
+    accumulate: bool,
+    bias: Option<&[T]>,
+    epilogue: Option<TileFn<T>>,
+) {
+    let plane = g.ho * g.wo;
+    let out_len = g.cout * plane;
     assert_eq!(out.len(), g.n * out_len);
     let (items, rows, par) = plan::<T>(g, g.ckk());
     let tiles = items / g.n;
     let dst = SyncPtr(out.as_mut_ptr());
+    // the rows of every output channel of one tile: disjoint between items
+    let tile_rows = |b: usize, y0: usize, y1: usize, f: &mut dyn FnMut(usize, usize, &mut [T])| {
+        for co in 0..g.cout {
+            let off = b * out_len + co * plane + y0 * g.wo;
+            // SAFETY: out[b, co, y0..y1, :] belongs to this item alone
+            let seg =
+                unsafe { std::slice::from_raw_parts_mut(dst.get().add(off), (y1 - y0) * g.wo) };
+            f(co, off, seg);
+        }
+    };
     (0..items).into_par_iter().for_each(|item| {
         let (b, y0) = (item / tiles, (item % tiles) * rows);
         let y1 = (y0 + rows).min(g.ho);
+        if let Some(bias) = bias {
+            tile_rows(b, y0, y1, &mut |co, _, seg| seg.fill(bias[co]));
+        }
         let img = image(g, x, b);
         with_cols(g, &img, y0, y1, |col, col_rs| {
             // SAFETY: out[b, :, y0..y1, :] is written by this item only; `col` holds
@@ -339,8 +432,8 @@ pub(super) fn forward_im2col<T: Elem>(
                     g.ckk(),
                     dst.get().add(b * out_len + y0 * g.wo),
                     1,
-                    (g.ho * g.wo) as isize,
-                    accumulate,
+                    plane as isize,
+                    accumulate || bias.is_some(),
                     w.as_ptr(),
                     1,
                     g.ckk() as isize,
@@ -355,7 +448,10 @@ pub(super) fn forward_im2col<T: Elem>(
                     par,
                 )
             }
-        })
+        });
+        if let Some(epi) = epilogue {
+            tile_rows(b, y0, y1, &mut |_, off, seg| epi(off, seg));
+        }
     });
 }
 

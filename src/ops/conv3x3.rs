@@ -15,7 +15,7 @@ use super::conv::{image, plan, Elem, Geom, SyncPtr};
 
 /// Whether [`forward`] computes this convolution.
 pub(super) fn applies(g: &Geom) -> bool {
-    g.k == 3 && g.pad == 1
+    g.k == 3 && g.pad == 1 && g.stride == 1
 }
 
 /// A 3x3 kernel `[Cout, Cin, 3, 3]` rearranged as `[kh][Cout][Cin][kw]` (one `[Cout, 3 Cin]`

@@ -8,8 +8,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::conv::{forward, Elem, Geom};
+use super::conv::{forward, forward_bias, Elem, Geom};
 use super::conv_grad::{input_grad, weight_grad};
+use super::epilogue::{Epilogue, FusedEpilogue};
 use super::upsample::{bilinear_planes, Bilinear2x};
 use super::{conv2d, cpu_slice, upsample_bilinear2x};
 
@@ -34,6 +35,76 @@ pub fn conv2d_cat_up(skip: &Tensor, low: &Tensor, w: &Tensor, padding: usize) ->
     }
     skip.contiguous()?
         .apply_op3(&low.contiguous()?, &w.contiguous()?, ConvCatUp { padding })
+}
+
+/// [`conv2d_cat_up`] plus a per-channel `bias: [Cout]` and an [`Epilogue`], forward only
+/// (inference: U-Net++'s eval BatchNorm and ReLU folded into the convolution).
+pub fn conv2d_cat_up_bias(
+    skip: &Tensor,
+    low: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    let (n, cs, h, wd) = skip.dims4()?;
+    let cu = low.dim(1)?;
+    let g = Geom::new(&[n, cs + cu, h, wd], w.dims(), padding)?;
+    if bias.dims() != [g.cout] {
+        bail!(
+            "conv2d_cat_up: bias {:?} for {} channels",
+            bias.dims(),
+            g.cout
+        )
+    }
+    let f32s = [skip.dtype(), low.dtype(), w.dtype(), bias.dtype()] == [DType::F32; 4];
+    if super::fast(skip) && f32s {
+        if let Some(epilogue) = epilogue.fusable(&[g.n, g.cout, g.ho, g.wo])? {
+            let op = ConvCatUpBias {
+                padding,
+                bias: bias.to_vec1()?,
+                epilogue,
+            };
+            return skip
+                .contiguous()?
+                .apply_op3_no_bwd(&low.contiguous()?, &w.contiguous()?, &op);
+        }
+    }
+    let y = conv2d_cat_up(skip, low, w, padding)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+    epilogue.apply_tensor(y)
+}
+
+struct ConvCatUpBias {
+    padding: usize,
+    bias: Vec<f32>,
+    epilogue: FusedEpilogue,
+}
+
+impl CustomOp3 for ConvCatUpBias {
+    fn name(&self) -> &'static str {
+        "medmine-conv2d-cat-up-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cs, cu, h, w) = cat_dims(l1, l2)?;
+        let g = Geom::new(&[n, cs + cu, h, w], l3.dims(), self.padding)?;
+        let what = "conv2d_cat_up";
+        let up = bilinear_planes(cpu_slice::<f32>(s2, l2, what)?, (h / 2, w / 2), false);
+        let x = [cpu_slice::<f32>(s1, l1, what)?, &up];
+        let k = cpu_slice::<f32>(s3, l3, what)?;
+        let y = self
+            .epilogue
+            .with(|epi| forward_bias(&g, &x, k, Some(&self.bias), Some(epi)))?;
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
+    }
 }
 
 /// (N, Cs, Cu, H, W) of the two inputs.

@@ -8,9 +8,12 @@
 //! `conv_transpose2d`) and the kernel gradient is accumulated tile by tile. `conv2d_cat_up`
 //! is a U-Net++ decoder node's first convolution over `cat([skips, up(below)])` without
 //! building or keeping the concatenation. `max_pool2x2`, the bilinear upsampling and the
-//! training BatchNorm are one pass each way. `conv2d_bias`, `depthwise_conv2d`, `gelu_erf`,
-//! `add_layer_norm`, `add_to_rows` and the two attention softmaxes are forward-only (all
-//! threads), for SAM; `fast_math` holds their vectorised `exp`/`erf`.
+//! training BatchNorm are one pass each way. `conv2d_bias`, `depthwise_conv2d`,
+//! `depthwise_tokens`, `linear`, [`WindowAttention`], `gelu_erf`, `add_layer_norm`,
+//! `add_to_rows` and the two attention softmaxes are forward-only (all threads), for SAM;
+//! `conv2d_bias`, `depthwise_conv2d`, `linear` and `conv2d_cat_up_bias` (U-Net++ inference with
+//! its BatchNorms folded) run an [`Epilogue`] (GELU, ReLU, residual) on each output tile while
+//! it is in cache; `fast_math` holds their vectorised `exp`/`erf`.
 //!
 //! Every op takes the CPU fast path only for CPU tensors and only when [`path`] allows it
 //! (`MEDMINE_OPS=generic` or [`force_generic`] send CPU tensors down the device-generic path,
@@ -34,27 +37,35 @@ mod conv_cat_up;
 mod conv_generic;
 mod conv_grad;
 mod depthwise;
+mod depthwise_tokens;
+mod epilogue;
 pub mod fast_math;
 mod gelu;
 mod layer_norm;
+mod linear;
 pub mod path;
 mod pool;
 mod rows;
 mod softmax;
 mod upsample;
+mod window_attention;
 
 pub use batch_norm::{batch_norm_train, channel_stats};
 pub use conv::conv2d;
 pub use conv_bias::conv2d_bias;
-pub use conv_cat_up::conv2d_cat_up;
+pub use conv_cat_up::{conv2d_cat_up, conv2d_cat_up_bias};
 pub use depthwise::depthwise_conv2d;
+pub use depthwise_tokens::depthwise_tokens;
+pub use epilogue::Epilogue;
 pub use gelu::gelu_erf;
 pub use layer_norm::add_layer_norm;
+pub use linear::linear;
 pub use path::{fast, force_generic, generic_forced, path_name};
 pub use pool::max_pool2x2;
 pub use rows::add_to_rows;
 pub use softmax::{softmax_columns_t, softmax_groups};
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
+pub use window_attention::WindowAttention;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

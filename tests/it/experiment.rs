@@ -329,3 +329,36 @@ fn a_relative_out_records_absolute_checkpoints() {
     let ckpt = std::path::PathBuf::from(rec["checkpoint"].as_str().unwrap());
     assert!(ckpt.is_absolute() && ckpt.is_file(), "{}", ckpt.display());
 }
+
+#[test]
+fn first_seed_runs_a_later_seed_alone_and_a_full_run_picks_it_up() {
+    // One experiment's seeds spread over sessions: seed 1 alone first, then seeds 0..2 into the
+    // same folder runs only seed 0 and reports both.
+    let tmp = tempfile::tempdir().unwrap();
+    let splits = tmp.path().join("splits");
+    split_dir(&splits);
+    let out = tmp.path().join("out");
+    let mut args = experiment_args(s(&splits), s(&out), "32");
+    let f = args.iter().position(|a| *a == "0.5,1.0").unwrap();
+    args[f] = "0.5";
+    let mut later = args.clone();
+    later.extend(["--first-seed", "1"]);
+    let first = ok(&later);
+    assert!(first.contains("arms finished: 4/4"), "{first}");
+    assert!(out.join("fraction-0.5-seed-1/baseline.json").is_file());
+    assert!(!out.join("fraction-0.5-seed-0").exists());
+    let alone = results(&out);
+    assert_eq!(alone[0]["seeds"].as_array().unwrap().len(), 1);
+    assert_eq!(alone[0]["seeds"][0]["seed"].as_u64(), Some(1));
+
+    let s_pos = args.iter().position(|a| *a == "--seeds").unwrap();
+    args[s_pos + 1] = "2";
+    let both = ok(&args);
+    assert!(both.contains("4 of 8 arms finished earlier"), "{both}");
+    assert_eq!(both.matches("training epochs").count(), 4, "{both}");
+    let r = results(&out);
+    let seeds = r[0]["seeds"].as_array().unwrap();
+    assert_eq!(seeds.len(), 2);
+    assert_eq!(seeds[0]["seed"].as_u64(), Some(0));
+    assert_eq!(seeds[1], alone[0]["seeds"][0], "seed 1 read back as it was");
+}

@@ -94,7 +94,7 @@ fn generic_bench_depthwise() -> Result<()> {
         };
         let new = || -> Result<()> {
             let _g = ops::force_generic();
-            ops::depthwise_conv2d(&x, &w, &b, s, 1).map(drop)
+            ops::depthwise_conv2d(&x, &w, &b, s, 1, ops::Epilogue::None).map(drop)
         };
         let t = interleaved(&[&old, &new])?;
         println!(

@@ -59,8 +59,11 @@ pub struct ExperimentConfig {
     pub split_dir: PathBuf,
     /// Labelled fractions of `train.txt`, each in `(0, 1]`.
     pub fractions: Vec<f64>,
-    /// Seeds `0..seeds` (labelled split, initialisation, augmentation).
+    /// Seeds `first_seed..first_seed + seeds` (labelled split, initialisation, augmentation).
     pub seeds: u64,
+    /// The first seed (0 unless a run's seeds are spread over machines or sessions: seed 2
+    /// alone is `first_seed: 2, seeds: 1`, with the same results as in a run of seeds 0..3).
+    pub first_seed: u64,
     /// The mined arm's labeler (`sam`, `oracle`, `oracle-box`; `unet` makes the mined arm the
     /// self-training arm).
     pub labeler: LabelerKind,
@@ -198,6 +201,10 @@ impl ExperimentConfig {
             .collect()
     }
 
+    fn seed_range(&self) -> std::ops::Range<u64> {
+        self.first_seed..self.first_seed.saturating_add(self.seeds)
+    }
+
     fn run_dir(&self, fraction: f64, seed: u64) -> PathBuf {
         self.out.join(format!("fraction-{fraction}-seed-{seed}"))
     }
@@ -225,7 +232,7 @@ pub fn run_experiment(
     let mut total = 0;
     let mut done = 0;
     for &fraction in &cfg.fractions {
-        for seed in 0..cfg.seeds {
+        for seed in cfg.seed_range() {
             for arm in cfg.arm_names() {
                 total += 1;
                 done += arms::read_arm(&cfg.run_dir(fraction, seed), &arm)?.is_some() as usize;
@@ -242,7 +249,7 @@ pub fn run_experiment(
     let mut results = Vec::new();
     for &fraction in &cfg.fractions {
         let mut seeds = Vec::new();
-        for seed in 0..cfg.seeds {
+        for seed in cfg.seed_range() {
             let mut run = RunCtx {
                 cfg,
                 fraction,

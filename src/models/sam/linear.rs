@@ -1,8 +1,9 @@
-//! `nn.Linear` for a few rows (prompt tokens, hypernetwork inputs), keys `weight` and `bias` as
-//! the official checkpoints. The weight is kept transposed, `[in, out]` contiguous, so the
-//! product reads it row-major: candle's `Linear` multiplies by a transposed view, and for a
-//! handful of rows the matmul spent its time re-packing that strided weight on every call
-//! (perf: most of the decoder transformer's token-side time).
+//! `nn.Linear`, keys `weight` and `bias` as the official checkpoints. The weight is kept
+//! transposed, `[in, out]` contiguous, so the product reads it row-major: candle's `Linear`
+//! multiplies by a transposed view, and for a handful of rows (prompt tokens, hypernetwork
+//! inputs) the matmul spent its time re-packing that strided weight on every call (perf: most
+//! of the decoder transformer's token-side time). Many rows (TinyViT's tokens) go through
+//! [`crate::ops::linear`], with the bias and an epilogue (GELU, residual) fused.
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -34,6 +35,17 @@ impl TokenLinear {
     /// `[out]`
     pub(super) fn bias(&self) -> &Tensor {
         &self.bias
+    }
+}
+
+impl TokenLinear {
+    /// `epilogue(x W^T + b)`: `[.., in]` -> `[.., out]`, for many rows.
+    pub(super) fn forward_with(
+        &self,
+        x: &Tensor,
+        epilogue: crate::ops::Epilogue,
+    ) -> Result<Tensor> {
+        crate::ops::linear(x, &self.weight_t, &self.bias, epilogue)
     }
 }
 

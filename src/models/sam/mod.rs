@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cv_area;
 mod linear;
 pub mod mask_decoder;
+mod neck;
 pub mod postprocess;
 pub mod predictor;
 pub mod preprocess;

@@ -14,11 +14,13 @@
 //! statistics). Like the official model after `.eval()`, each attention layer adds the
 //! checkpoint's `attention_biases` (see `scripts/sam_fixtures_vit_t.py` for the official
 //! code's trap there).
-use candle_core::{IndexOp, Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::segment_anything::LayerNorm2d;
+use candle_core::{DType, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
+use super::linear::TokenLinear;
+use super::neck::Neck;
 use super::EMBED_SIZE;
+use crate::ops::{Epilogue, WindowAttention};
 
 /// TinyViT's sizes, as the official constructor takes them (`layers.0` is convolutional:
 /// its `num_heads` / `window_sizes` entries are unused and stored as 0, as are those of a
@@ -79,11 +81,6 @@ impl TinyVitConfig {
     }
 }
 
-/// The official `nn.GELU()`.
-fn gelu(x: &Tensor) -> Result<Tensor> {
-    crate::ops::gelu_erf(x)
-}
-
 /// `Conv2d_BN` in inference mode, the BatchNorm's running statistics folded into the
 /// convolution: weight `w * g / sqrt(v + eps)`, bias `b - m * g / sqrt(v + eps)` (one pass over
 /// the activations instead of two). Depthwise ones (`groups` = channels) run on
@@ -113,19 +110,35 @@ impl Conv2dBN {
     }
 }
 
+impl Conv2dBN {
+    /// `epilogue(conv(xs))`, the epilogue fused into the convolution's output tiles.
+    fn forward_with(&self, xs: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (w, b) = (&self.weight, &self.bias);
+        let out = w.dim(0)?;
+        if c.groups > 1 && c.groups == out && w.dim(1)? == 1 && c.dilation == 1 {
+            return crate::ops::depthwise_conv2d(xs, w, b, c.stride, c.padding, epilogue);
+        }
+        if c.groups == 1 && c.dilation == 1 {
+            // the 1x1s: gemm on the image in place, onto the bias; the patch embedding's
+            // stride-2 3x3s: im2col tiles
+            return crate::ops::conv2d_bias(xs, w, b, (c.padding, c.stride), epilogue);
+        }
+        let y = xs
+            .conv2d(w, c.padding, c.stride, c.dilation, c.groups)?
+            .broadcast_add(&b.reshape((1, out, 1, 1))?)?;
+        epilogue.apply_tensor(y)
+    }
+
+    /// `gelu(conv(xs))`
+    fn gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, Epilogue::Gelu)
+    }
+}
+
 impl Module for Conv2dBN {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let c = &self.cfg;
-        let out = self.weight.dim(0)?;
-        if c.groups > 1 && c.groups == out && self.weight.dim(1)? == 1 && c.dilation == 1 {
-            return crate::ops::depthwise_conv2d(xs, &self.weight, &self.bias, c.stride, c.padding);
-        }
-        if c.groups == 1 && c.stride == 1 && c.dilation == 1 {
-            // stride 1 (the 1x1s): gemm on the image in place, onto the bias
-            return crate::ops::conv2d_bias(xs, &self.weight, &self.bias, c.padding);
-        }
-        xs.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
-            .broadcast_add(&self.bias.reshape((1, out, 1, 1))?)
+        self.forward_with(xs, Epilogue::None)
     }
 }
 
@@ -160,7 +173,7 @@ impl PatchEmbed {
 
 impl Module for PatchEmbed {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        gelu(&xs.apply(&self.conv1)?)?.apply(&self.conv2)
+        self.conv2.forward(&self.conv1.gelu(xs)?)
     }
 }
 
@@ -183,9 +196,9 @@ impl MBConv {
 
 impl Module for MBConv {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = gelu(&xs.apply(&self.conv1)?)?;
-        let ys = gelu(&ys.apply(&self.conv2)?)?.apply(&self.conv3)?;
-        gelu(&(ys + xs)?)
+        // gelu(conv3(gelu(conv2(gelu(conv1(x))))) + x), each GELU and the residual fused
+        let ys = self.conv2.gelu(&self.conv1.gelu(xs)?)?;
+        self.conv3.forward_with(&ys, Epilogue::AddGelu(xs))
     }
 }
 
@@ -219,31 +232,32 @@ impl Module for PatchMerging {
         } else {
             xs.clone()
         };
-        let xs = gelu(&xs.apply(&self.conv1)?)?;
-        gelu(&xs.apply(&self.conv2)?)?
-            .apply(&self.conv3)?
-            .flatten_from(2)?
-            .transpose(1, 2)
+        let xs = self.conv2.gelu(&self.conv1.gelu(&xs)?)?;
+        xs.apply(&self.conv3)?.flatten_from(2)?.transpose(1, 2)
     }
 }
 
 struct Mlp {
     norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: TokenLinear,
+    fc2: TokenLinear,
 }
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        gelu(&xs.apply(&self.norm)?.apply(&self.fc1)?)?.apply(&self.fc2)
+impl Mlp {
+    /// `xs + mlp(xs)`: the block's residual update, the GELU and the residual fused.
+    fn residual(&self, xs: &Tensor) -> Result<Tensor> {
+        let hidden = self
+            .fc1
+            .forward_with(&xs.apply(&self.norm)?, Epilogue::Gelu)?;
+        self.fc2.forward_with(&hidden, Epilogue::Add(xs))
     }
 }
 
 /// Window attention with learned relative-position biases (`attn_ratio` 1 in TinyViT blocks).
 struct Attention {
     norm: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
+    qkv: TokenLinear,
+    proj: TokenLinear,
     /// `attention_biases[:, idxs]`: `[heads, N, N]`.
     ab: Tensor,
     key_dim: usize,
@@ -256,8 +270,8 @@ impl Attention {
         let key_dim = dim / num_heads;
         let dh = key_dim * num_heads;
         let norm = candle_nn::layer_norm(dim, 1e-5, vb.pp("norm"))?;
-        let qkv = candle_nn::linear(dim, 3 * dh, vb.pp("qkv"))?;
-        let proj = candle_nn::linear(dh, dim, vb.pp("proj"))?;
+        let qkv = TokenLinear::new(dim, 3 * dh, vb.pp("qkv"))?;
+        let proj = TokenLinear::new(dh, dim, vb.pp("proj"))?;
         // offsets (|dx|, |dy|) numbered in order of first appearance, as the official code does
         let points: Vec<(i64, i64)> = (0..window as i64)
             .flat_map(|x| (0..window as i64).map(move |y| (x, y)))
@@ -291,14 +305,31 @@ impl Attention {
             scale: 1.0 / (key_dim as f64).sqrt(),
         })
     }
+
+    /// The fused CPU kernel's constants for a `side` x `side` grid in `window` tiles.
+    fn fused(&self, side: usize, window: usize) -> Result<WindowAttention> {
+        // a padding token is zero: its qkv row is qkv(norm(0)), the same everywhere
+        let dim = self.norm.weight().dim(0)?;
+        let zero = Tensor::zeros((1, dim), self.ab.dtype(), self.ab.device())?;
+        let pad_qkv = self.qkv.forward(&zero.apply(&self.norm)?)?;
+        Ok(WindowAttention {
+            side,
+            window,
+            heads: self.num_heads,
+            key_dim: self.key_dim,
+            scale: self.scale as f32,
+            bias: self.ab.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            pad_qkv: pad_qkv.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        })
+    }
 }
 
 impl Module for Attention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
-        let qkv = xs
-            .apply(&self.norm)?
-            .apply(&self.qkv)?
+        let qkv = self
+            .qkv
+            .forward_with(&xs.apply(&self.norm)?, Epilogue::None)?
             .reshape((b, n, self.num_heads, ()))?;
         let part = |start: usize| {
             qkv.narrow(D::Minus1, start, self.key_dim)?
@@ -308,15 +339,14 @@ impl Module for Attention {
         let (q, k, v) = (part(0)?, part(self.key_dim)?, part(2 * self.key_dim)?);
         let attn = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(&self.ab)?;
         let attn = candle_nn::ops::softmax_last_dim(&attn)?;
-        attn.matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, ()))?
-            .apply(&self.proj)
+        let ys = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, ()))?;
+        self.proj.forward_with(&ys, Epilogue::None)
     }
 }
 
 struct TinyViTBlock {
     attn: Attention,
+    fused: WindowAttention,
     local_conv: Conv2dBN,
     mlp: Mlp,
     window: usize,
@@ -336,11 +366,13 @@ impl TinyViTBlock {
         let hidden = dim * mlp_ratio;
         let mlp = Mlp {
             norm: candle_nn::layer_norm(dim, 1e-5, vb_m.pp("norm"))?,
-            fc1: candle_nn::linear(dim, hidden, vb_m.pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, dim, vb_m.pp("fc2"))?,
+            fc1: TokenLinear::new(dim, hidden, vb_m.pp("fc1"))?,
+            fc2: TokenLinear::new(hidden, dim, vb_m.pp("fc2"))?,
         };
+        let attn = Attention::new(dim, heads, window, vb.pp("attn"))?;
         Ok(Self {
-            attn: Attention::new(dim, heads, window, vb.pp("attn"))?,
+            fused: attn.fused(side, window)?,
+            attn,
             local_conv: Conv2dBN::new(dim, dim, 3, conv_cfg(1, 1, dim), vb.pp("local_conv"))?,
             mlp,
             window,
@@ -381,17 +413,30 @@ impl TinyViTBlock {
     }
 }
 
+impl TinyViTBlock {
+    /// `xs + attention(xs)`, windowed. On the CPU one fused kernel between the projections
+    /// (`ops::WindowAttention`), the residual fused into the output projection; elsewhere the
+    /// official sequence of candle ops ([`Self::windowed`]).
+    fn attention_residual(&self, xs: &Tensor) -> Result<Tensor> {
+        if crate::ops::fast(xs) && xs.dtype() == DType::F32 {
+            let a = &self.attn;
+            let qkv = a.qkv.forward_with(&xs.apply(&a.norm)?, Epilogue::None)?;
+            let heads = self.fused.forward(&qkv)?;
+            return a.proj.forward_with(&heads, Epilogue::Add(xs));
+        }
+        self.windowed(xs)? + xs
+    }
+}
+
 impl Module for TinyViTBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, l, c) = xs.dims3()?;
-        let xs = (self.windowed(xs)? + xs)?;
-        let xs = xs
-            .transpose(1, 2)?
-            .reshape((b, c, self.side, self.side))?
-            .apply(&self.local_conv)?
-            .reshape((b, c, l))?
-            .transpose(1, 2)?;
-        &xs + self.mlp.forward(&xs)?
+        let xs = xs.contiguous()?;
+        let xs = self.attention_residual(&xs)?;
+        // the depthwise local convolution on the tokens in place (no transposes)
+        let lc = &self.local_conv;
+        let xs =
+            crate::ops::depthwise_tokens(&xs, self.side, &lc.weight, &lc.bias, lc.cfg.padding)?;
+        self.mlp.residual(&xs)
     }
 }
 
@@ -418,10 +463,7 @@ impl Module for Layer {
 pub struct TinyViT {
     patch_embed: PatchEmbed,
     layers: Vec<Layer>,
-    neck_conv1: candle_nn::Conv2d,
-    neck_ln1: LayerNorm2d,
-    neck_conv2: candle_nn::Conv2d,
-    neck_ln2: LayerNorm2d,
+    neck: Neck,
 }
 
 impl TinyViT {
@@ -479,26 +521,10 @@ impl TinyViT {
             layers.push(Layer { blocks, downsample });
         }
         let last = cfg.embed_dims[n - 1];
-        let vb_n = vb.pp("neck");
         Ok(Self {
             patch_embed,
             layers,
-            neck_conv1: candle_nn::conv2d_no_bias(
-                last,
-                out_chans,
-                1,
-                conv_cfg(0, 1, 1),
-                vb_n.pp("0"),
-            )?,
-            neck_ln1: LayerNorm2d::new(out_chans, 1e-6, vb_n.pp("1"))?,
-            neck_conv2: candle_nn::conv2d_no_bias(
-                out_chans,
-                out_chans,
-                3,
-                conv_cfg(1, 1, 1),
-                vb_n.pp("2"),
-            )?,
-            neck_ln2: LayerNorm2d::new(out_chans, 1e-6, vb_n.pp("3"))?,
+            neck: Neck::new(last, out_chans, vb.pp("neck"))?,
         })
     }
 }
@@ -510,11 +536,11 @@ impl Module for TinyViT {
             xs = layer.forward(&xs)?;
         }
         let (b, _, c) = xs.dims3()?;
-        xs.reshape((b, EMBED_SIZE, EMBED_SIZE, c))?
-            .permute((0, 3, 1, 2))?
-            .apply(&self.neck_conv1)?
-            .apply(&self.neck_ln1)?
-            .apply(&self.neck_conv2)?
-            .apply(&self.neck_ln2)
+        self.neck
+            .forward(&xs.reshape((b, EMBED_SIZE, EMBED_SIZE, c))?)
     }
 }
+
+#[cfg(test)]
+#[path = "tiny_vit_tests.rs"]
+mod tests;

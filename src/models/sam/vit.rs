@@ -11,6 +11,8 @@
 use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
+use super::neck::Neck;
+
 /// Bytes of attention scores computed at once (one block of query rows against all keys).
 const MAX_CHUNK_BYTES: usize = 64 << 20;
 
@@ -198,21 +200,13 @@ impl Module for Block {
 }
 
 /// `LayerNorm2d` on channels-last `[B, H, W, C]`: a layer norm over the last axis.
-fn layer_norm_last(xs: &Tensor, (weight, bias): &(Tensor, Tensor)) -> Result<Tensor> {
-    candle_nn::ops::layer_norm(&xs.contiguous()?, weight, bias, 1e-6)
-}
-
 /// SAM's ViT image encoder: `[B, 3, 1024, 1024]` -> `[B, out_chans, 64, 64]`.
 pub struct ImageEncoderViT {
     patch_embed: Conv2d,
     /// `[1, 64, 64, C]`
     pos_embed: Tensor,
     blocks: Vec<Block>,
-    /// `neck.0`, a 1x1 convolution without bias, as a `[C, out]` matrix.
-    neck_conv1: Tensor,
-    neck_ln1: (Tensor, Tensor),
-    neck_conv2: Conv2d,
-    neck_ln2: (Tensor, Tensor),
+    neck: Neck,
 }
 
 impl ImageEncoderViT {
@@ -235,25 +229,11 @@ impl ImageEncoderViT {
                 Block::new(cfg, ws, grid, vb.pp(format!("blocks.{i}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let out = cfg.out_chans;
-        let neck = vb.pp("neck");
-        let ln = |i: usize| -> Result<(Tensor, Tensor)> {
-            let vb = neck.pp(i.to_string());
-            Ok((vb.get(out, "weight")?, vb.get(out, "bias")?))
-        };
-        let conv1 = candle_nn::conv2d_no_bias(dim, out, 1, Default::default(), neck.pp("0"))?;
-        let c3 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Self {
             patch_embed,
             pos_embed: vb.get((1, grid, grid, dim), "pos_embed")?,
             blocks,
-            neck_conv1: conv1.weight().reshape((out, dim))?.t()?.contiguous()?,
-            neck_ln1: ln(1)?,
-            neck_conv2: candle_nn::conv2d_no_bias(out, out, 3, c3, neck.pp("2"))?,
-            neck_ln2: ln(3)?,
+            neck: Neck::new(dim, cfg.out_chans, vb.pp("neck"))?,
         })
     }
 }
@@ -265,16 +245,6 @@ impl Module for ImageEncoderViT {
         for block in &self.blocks {
             xs = block.forward(&xs)?;
         }
-        // the neck, channels-last until the 3x3 convolution
-        let (b, h, w, c) = xs.dims4()?;
-        let out = self.neck_conv1.dim(1)?;
-        let xs = xs.reshape((b * h * w, c))?.matmul(&self.neck_conv1)?; // [BHW, out]
-        let xs = layer_norm_last(&xs, &self.neck_ln1)?
-            .reshape((b, h, w, out))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?
-            .apply(&self.neck_conv2)?; // [B, out, H, W]
-        let xs = layer_norm_last(&xs.permute((0, 2, 3, 1))?, &self.neck_ln2)?;
-        xs.permute((0, 3, 1, 2))?.contiguous()
+        self.neck.forward(&xs) // [B, 64, 64, C] -> [B, out, 64, 64]
     }
 }

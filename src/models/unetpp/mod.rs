@@ -307,6 +307,32 @@ mod tests {
     }
 
     #[test]
+    fn eval_with_batch_norm_folded_equals_the_layers() -> Result<()> {
+        // the CPU folds each eval BatchNorm and ReLU into its convolution; other devices run
+        // conv, BatchNorm, ReLU: the same logits, with running statistics away from (0, 1)
+        let (map, m) = model(4)?;
+        for (name, var) in map.data().lock().unwrap().iter() {
+            let t = if name.ends_with("running_var") {
+                Tensor::rand(0.5f32, 2.0, var.shape(), &Device::Cpu)?
+            } else if name.contains("bn") {
+                Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu)?
+            } else {
+                continue;
+            };
+            var.set(&t)?;
+        }
+        let x = Tensor::randn(0f32, 1., (2, 3, 32, 48), &Device::Cpu)?;
+        let fast = m.infer(&x, InferenceMode::Accurate)?;
+        let generic = {
+            let _g = crate::ops::force_generic();
+            m.infer(&x, InferenceMode::Accurate)?
+        };
+        let d = crate::ops::gradcheck::max_abs_diff(&fast, &generic);
+        assert!(d < 1e-4, "{d}");
+        Ok(())
+    }
+
+    #[test]
     fn parses_modes() {
         assert_eq!("accurate".parse(), Ok(InferenceMode::Accurate));
         assert_eq!("fast:2".parse(), Ok(InferenceMode::Fast(2)));
