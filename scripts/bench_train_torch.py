@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--infer", action="store_true",
                     help="time inference instead (eval mode, no grad, mean of the four heads), "
                          "as `medmine bench infer`")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile(model) (inductor, the default backend) first; the "
+                         "warm-up steps absorb the compilation (use --warmup 2 or more)")
     args = ap.parse_args()
     if args.size % 16 != 0:
         ap.error("--size must be divisible by 16")
@@ -77,6 +80,9 @@ def main() -> None:
 
     if args.infer:
         model.eval()
+    if args.compile:
+        model = torch.compile(model)
+        print("torch.compile: inductor")
 
     def step() -> float:
         if args.infer:
