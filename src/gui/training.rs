@@ -326,6 +326,14 @@ impl App {
                      (weight {:.2}); validates on {val} images.",
                     t.pseudo_weight
                 ));
+                if val == 0 {
+                    // what "the best epoch" then means, before the user starts the run
+                    ui.label(
+                        "No validation images: the epoch with the lowest training loss is \
+                         kept, and whether it beats the current model is not measured. \
+                         Give the project a validation split to keep the best model.",
+                    );
+                }
                 if first {
                     ui.label("No model yet: a U-Net++ is trained from scratch.");
                 }

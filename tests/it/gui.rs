@@ -360,6 +360,11 @@ fn the_fine_tuning_dialog_says_what_it_trains_on() {
         "Trains on {labelled} labelled images + 1 accepted pseudo-labels (weight 0.50); \
          validates on {val} images."
     ));
+    // imported without split lists: no validation images, and the dialog says what it keeps
+    assert_eq!(val, 0);
+    h.get_by_label_contains(
+        "No validation images: the epoch with the lowest training loss is kept",
+    );
 }
 
 #[test]
