@@ -29,8 +29,10 @@ Timing, as the Rust bench (which times `SamPredictor::set_image` and `predict`):
   decoder_ms per click: the prompt's coordinates mapped to the 1024 frame, the decoder session
            (prompt encoding, mask decoder, upscaling of the masks to the original size) and
            the thresholding of the masks (`> 0`, as predict returns boolean masks); one
-           warm-up click, then `--decoder-runs` clicks alternating a box and a point, the same
-           prompts as bench.rs (box [0.25w, 0.25h, 0.7w, 0.75h]; point (0.5w, 0.5h), label 1).
+           warm-up click, then `--decoder-runs` clicks with the prompts of `--prompts`, the same
+           as bench.rs: `alternate` a box [0.25w, 0.25h, 0.7w, 0.75h] and a point (0.5w, 0.5h),
+           label 1; `box` that box; `box-points` the box with a positive point (0.5w, 0.5h) and
+           a negative one (0.3w, 0.3h).
 ONNX Runtime: CPU execution provider, graph optimisation ORT_ENABLE_ALL, intra-op threads = the
 machine's cores (os.cpu_count(); `--threads` to change), one inter-op thread, sequential;
 idle intra-op threads spin, ONNX Runtime's default (`--no-spin`: they block; on a machine
@@ -196,7 +198,9 @@ def main():
                     help="official checkpoint (default: seeded random weights)")
     ap.add_argument("--image", default=None, help="image file (default: synthetic 1024x1024)")
     ap.add_argument("--runs", type=int, default=3, help="timed encoder runs")
-    ap.add_argument("--decoder-runs", type=int, default=20, help="timed decoder runs")
+    ap.add_argument("--decoder-runs", "--clicks", type=int, default=20, help="timed decoder runs")
+    ap.add_argument("--prompts", default="alternate", choices=["alternate", "box", "box-points"],
+                    help="the clicks' prompts, as `medmine bench sam --prompts`")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="ONNX Runtime intra-op threads (default: the machine's cores)")
     ap.add_argument("--no-spin", action="store_true",
@@ -255,7 +259,12 @@ def main():
     # no box: the official prompt encoder pads with one "not a point" (label -1)
     point = (np.array([[0.5 * w, 0.5 * h], [0.0, 0.0]], dtype=np.float32),
              np.array([1, -1], dtype=np.float32))
-    prompts = [box, point]
+    # box + a positive and a negative point (points first, then the box corners, as the
+    # official predictor concatenates them; no padding point with a box)
+    box_points = (np.array([[0.5 * w, 0.5 * h], [0.3 * w, 0.3 * h],
+                            [0.25 * w, 0.25 * h], [0.7 * w, 0.75 * h]], dtype=np.float32),
+                  np.array([1, 0, 2, 3], dtype=np.float32))
+    prompts = {"alternate": [box, point], "box": [box], "box-points": [box_points]}[args.prompts]
     fixed = {
         "image_embeddings": emb,
         "mask_input": np.zeros((1, 1, 256, 256), dtype=np.float32),
@@ -275,7 +284,7 @@ def main():
     dec = []
     for i in range(max(1, args.decoder_runs)):
         t = time.perf_counter()
-        binary, logits = click(prompts[i % 2])
+        binary, logits = click(prompts[i % len(prompts)])
         ms = 1e3 * (time.perf_counter() - t)
         print(f"decoder run {i + 1}: {ms:.2f} ms ({binary.shape[1]} masks of {h}x{w})",
               flush=True)

@@ -49,6 +49,13 @@ pub enum BenchCommand {
         /// Timed encoder runs.
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// Timed decoder runs (clicks), after one warm-up.
+        #[arg(long, default_value_t = 20)]
+        clicks: usize,
+        /// The clicks' prompts: alternate (a box, then a point), box, or box-points (the box
+        /// plus a positive and a negative point).
+        #[arg(long, default_value = "alternate")]
+        prompts: String,
     },
 }
 
@@ -101,8 +108,10 @@ pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
             variant,
             image,
             runs,
+            clicks,
+            prompts,
         } => {
-            use crate::models::sam::bench::{bench_sam, SamBenchOptions};
+            use crate::models::sam::bench::{bench_sam, ClickKind, SamBenchOptions};
             let variant = match variant.as_deref() {
                 Some(v) => crate::models::sam::Variant::parse(v)?,
                 None => None,
@@ -112,6 +121,8 @@ pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
                 checkpoint: sam,
                 image,
                 runs: runs.max(1),
+                decoder_runs: clicks.max(1),
+                clicks: ClickKind::parse(&prompts)?,
                 ..Default::default()
             };
             let report = bench_sam(&opts, &device, &mut |line| println!("{line}"))?;

@@ -167,12 +167,12 @@ elem!(f64, SCRATCH_F64);
 
 /// A raw pointer shared by rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-pub(super) struct SyncPtr<T>(pub(super) *mut T);
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
 // SAFETY: only used for writes to disjoint regions (see the callers).
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 impl<T> SyncPtr<T> {
-    pub(super) fn get(self) -> *mut T {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

@@ -88,6 +88,48 @@ fn gelu_with<M: MulAdd>(x: f32) -> f32 {
     M::mul_add(h, erf_with::<M>(x * std::f32::consts::FRAC_1_SQRT_2), h)
 }
 
+/// `sum_i f(xs[i])` in 16 interleaved partial sums: independent chains the compiler
+/// vectorises (a plain `iter().sum()` is one sequential chain of dependent adds).
+#[inline(always)]
+pub fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum_i a[i] b[i]` over the shorter length, in 8 interleaved partial sums (vectorised, as
+/// [`lane_sum`]).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += x * y;
+        }
+    }
+    let tail = n - n % 8;
+    let rest: f32 = a[tail..].iter().zip(&b[tail..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Mean and `1 / sqrt(var + eps)` of a row (the population variance, two passes), as a
+/// LayerNorm needs them.
+#[inline(always)]
+pub fn mean_inv_std(xs: &[f32], eps: f32) -> (f32, f32) {
+    let n = xs.len().max(1) as f32;
+    let mean = lane_sum(xs, |v| v) / n;
+    let var = lane_sum(xs, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 /// `xs[i] = gelu(xs[i])`, 8 lanes at a time where the CPU has AVX2 and FMA (the build targets
 /// the x86-64 baseline, whose SSE2 gives 4).
 pub fn gelu_slice(xs: &mut [f32]) {
@@ -155,6 +197,24 @@ mod tests {
         assert_eq!(exp(-200.0), exp(-87.3));
         assert!(exp(-87.3) < 1e-37);
         assert_eq!(erf(0.0), 0.0);
+        for n in [0, 3, 8, 35] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| 2.0 - i as f32 * 0.25).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!(
+                (dot(&a, &b) - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{n}"
+            );
+        }
+        // row statistics: any length (with and without a tail), as the plain sums
+        for n in [1, 7, 16, 64, 257] {
+            let xs: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 4.0).collect();
+            let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            let (m, inv) = mean_inv_std(&xs, 1e-5);
+            assert!((m as f64 - mean).abs() < 1e-5, "{n}: {m} {mean}");
+            assert!((inv as f64 - 1.0 / (var + 1e-5).sqrt()).abs() < 1e-4, "{n}");
+        }
         assert_eq!(erf(-3.0), -erf(3.0));
     }
 }

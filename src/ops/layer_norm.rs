@@ -70,9 +70,7 @@ impl CustomOp2 for AddLayerNorm {
                     for (((o, &x), &y), &b) in o.iter_mut().zip(x).zip(y).zip(&self.bias) {
                         *o = x + y + b;
                     }
-                    let mean = o.iter().sum::<f32>() / k as f32;
-                    let var = o.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / k as f32;
-                    let inv = 1.0 / (var + self.eps).sqrt();
+                    let (mean, inv) = super::fast_math::mean_inv_std(o, self.eps);
                     for ((o, &g), &s) in o.iter_mut().zip(&self.weight).zip(&self.shift) {
                         *o = (*o - mean) * inv * g + s;
                     }

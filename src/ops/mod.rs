@@ -52,6 +52,7 @@ mod window_attention;
 
 pub use batch_norm::{batch_norm_train, channel_stats};
 pub use conv::conv2d;
+pub(crate) use conv::SyncPtr;
 pub use conv_bias::conv2d_bias;
 pub use conv_cat_up::{conv2d_cat_up, conv2d_cat_up_bias};
 pub use depthwise::depthwise_conv2d;

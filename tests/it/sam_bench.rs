@@ -44,6 +44,25 @@ fn bench_on_a_checkpoint_reports_every_run() {
 }
 
 #[test]
+fn every_click_kind_runs_and_an_unknown_one_is_refused() {
+    use medmine::models::sam::bench::ClickKind;
+    for name in ["alternate", "box", "box-points"] {
+        let opts = SamBenchOptions {
+            checkpoint: Some(dir().join("sam_tiny.safetensors")),
+            image: Some(dir().join("image.png")),
+            runs: 1,
+            decoder_runs: 3,
+            clicks: ClickKind::parse(name).unwrap(),
+            ..Default::default()
+        };
+        let rep = bench_sam(&opts, &Device::Cpu, &mut |_| ()).unwrap();
+        assert_eq!(rep.decoder_ms.len(), 3, "{name}");
+    }
+    let e = ClickKind::parse("lasso").unwrap_err().to_string();
+    assert!(e.contains("lasso") && e.contains("box-points"), "{e}");
+}
+
+#[test]
 fn random_weights_are_seeded() {
     let path = dir().join("sam_tiny.pth");
     let cfg = sam::detect_config(&path, &sam::checkpoint::read_shapes(&path).unwrap()).unwrap();
@@ -123,7 +142,7 @@ fn bench_from_env() {
         image: env("SAM_BENCH_IMAGE").map(PathBuf::from),
         runs: env("SAM_BENCH_RUNS").map_or(3, |s| s.parse().unwrap()),
         decoder_runs: env("SAM_BENCH_DECODER_RUNS").map_or(20, |s| s.parse().unwrap()),
-        seed: 0,
+        ..Default::default()
     };
     let rep = bench_sam(&opts, &Device::Cpu, &mut |l| println!("{l}")).unwrap();
     println!("upscale_ms {:.3}", median(&rep.upscale_ms));

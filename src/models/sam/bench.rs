@@ -23,10 +23,12 @@ pub struct SamBenchOptions {
     pub image: Option<PathBuf>,
     /// Timed encoder runs (no warm-up: one ViT-B run is many seconds).
     pub runs: usize,
-    /// Timed decoder runs, after one warm-up; they alternate a box and a point prompt,
-    /// `multimask_output=True` as the official predictor's default (MedSAM / LiteMedSAM: two
-    /// boxes, one mask each, as their official scripts).
+    /// Timed decoder runs, after one warm-up, with the prompts of `clicks`;
+    /// `multimask_output=True` as the official predictor's default (MedSAM / LiteMedSAM: one
+    /// mask each, as their official scripts).
     pub decoder_runs: usize,
+    /// The prompts of the decoder runs.
+    pub clicks: ClickKind,
     /// Seed of the random weights.
     pub seed: u64,
 }
@@ -39,8 +41,70 @@ impl Default for SamBenchOptions {
             image: None,
             runs: 3,
             decoder_runs: 20,
+            clicks: ClickKind::Alternate,
             seed: 0,
         }
+    }
+}
+
+/// Which prompts the timed decoder runs use (`scripts/bench_sam_ort.py --clicks` has the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClickKind {
+    /// A box and a point, alternating (MedSAM / LiteMedSAM: two boxes).
+    Alternate,
+    /// The box `[0.25 w, 0.25 h, 0.7 w, 0.75 h]` every time.
+    Box,
+    /// That box plus a positive point at (0.5 w, 0.5 h) and a negative one at (0.3 w, 0.3 h).
+    BoxPoints,
+}
+
+impl ClickKind {
+    /// `alternate` | `box` | `box-points`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "alternate" => Ok(Self::Alternate),
+            "box" => Ok(Self::Box),
+            "box-points" => Ok(Self::BoxPoints),
+            other => Err(SamError::Prompt(format!(
+                "unknown click kind {other:?} (alternate, box or box-points)"
+            ))),
+        }
+    }
+
+    /// The prompts, cycled over the runs, for an image of `w` x `h`.
+    fn prompts(self, w: f32, h: f32, box_only: bool) -> Result<Vec<Prompt>> {
+        let bbox = Some([0.25 * w, 0.25 * h, 0.7 * w, 0.75 * h]);
+        let boxed = Prompt {
+            bbox,
+            ..Default::default()
+        };
+        Ok(match self {
+            Self::Alternate => {
+                let second = if box_only {
+                    Prompt {
+                        bbox: Some([0.4 * w, 0.3 * h, 0.6 * w, 0.6 * h]),
+                        ..Default::default()
+                    }
+                } else {
+                    Prompt {
+                        points: vec![(0.5 * w, 0.5 * h, 1)],
+                        ..Default::default()
+                    }
+                };
+                vec![boxed, second]
+            }
+            Self::Box => vec![boxed],
+            Self::BoxPoints if box_only => {
+                return Err(SamError::Prompt(
+                    "this variant takes boxes only (no box-points clicks)".into(),
+                ))
+            }
+            Self::BoxPoints => vec![Prompt {
+                bbox,
+                points: vec![(0.5 * w, 0.5 * h, 1), (0.3 * w, 0.3 * h, 0)],
+                ..Default::default()
+            }],
+        })
     }
 }
 
@@ -230,31 +294,14 @@ pub fn bench_sam(
 
     let (fw, fh) = (w as f32, h as f32);
     let rules = predictor.sam.config().rules;
-    let second = if rules.box_only() {
-        Prompt {
-            bbox: Some([0.4 * fw, 0.3 * fh, 0.6 * fw, 0.6 * fh]),
-            ..Default::default()
-        }
-    } else {
-        Prompt {
-            points: vec![(0.5 * fw, 0.5 * fh, 1)],
-            ..Default::default()
-        }
-    };
-    let prompts = [
-        Prompt {
-            bbox: Some([0.25 * fw, 0.25 * fh, 0.7 * fw, 0.75 * fh]),
-            ..Default::default()
-        },
-        second,
-    ];
+    let prompts = opts.clicks.prompts(fw, fh, rules.box_only())?;
     let multimask = !rules.box_only();
     predictor.predict(&emb, &prompts[0], multimask)?; // warm-up
     let mut decoder_ms = Vec::new();
     let mut upscale_ms = Vec::new();
     for i in 0..opts.decoder_runs.max(1) {
         let t = Instant::now();
-        let pred = predictor.predict(&emb, &prompts[i % 2], multimask)?;
+        let pred = predictor.predict(&emb, &prompts[i % prompts.len()], multimask)?;
         pred.masks.device().synchronize()?;
         let ms = 1e3 * t.elapsed().as_secs_f64();
         check_finite("mask logits (upscaled)", &pred.logits)?;

@@ -3,6 +3,7 @@
 //! prompts against it ([`SamPredictor::predict`]). Coordinates are original-image pixels.
 use candle_core::{DType, Tensor};
 use image::RgbImage;
+use rayon::prelude::*;
 
 use super::{Result, Sam, SamError, LOW_RES_SIZE};
 
@@ -241,14 +242,16 @@ impl SamPredictor {
         let plane = LOW_RES_SIZE * LOW_RES_SIZE;
         let mut preds = Vec::with_capacity(b);
         for (j, iou_predictions) in iou.into_iter().enumerate() {
-            let mut logits = Vec::with_capacity(m * h * w);
-            let mut masks = Vec::with_capacity(m * h * w);
-            for k in 0..m {
-                let low_k = &low_host[(j * m + k) * plane..][..plane];
-                let (l, mk) = rules.postprocess(low_k, emb.input_size, emb.original_size);
-                logits.extend(l);
-                masks.extend(mk);
-            }
+            // the masks of one prompt side by side (each resize is parallel inside too)
+            let per_mask: Vec<(Vec<f32>, Vec<u8>)> = (0..m)
+                .into_par_iter()
+                .map(|k| {
+                    let low_k = &low_host[(j * m + k) * plane..][..plane];
+                    rules.postprocess(low_k, emb.input_size, emb.original_size)
+                })
+                .collect();
+            let (logits, masks): (Vec<Vec<f32>>, Vec<Vec<u8>>) = per_mask.into_iter().unzip();
+            let (logits, masks) = (logits.concat(), masks.concat());
             preds.push(Prediction {
                 logits: Tensor::from_vec(logits, (m, h, w), dev)?,
                 masks: Tensor::from_vec(masks, (m, h, w), dev)?,

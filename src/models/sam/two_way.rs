@@ -17,7 +17,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
+use super::image_to_tokens::ImageToTokens;
 use super::linear::TokenLinear as Linear;
+use super::tokens_to_image::TokensToImage;
 
 /// The official `Attention` (`q_proj`, `k_proj`, `v_proj`, `out_proj`; the internal width is
 /// `C / downsample_rate`), with per-head views of its weights derived at load.
@@ -118,9 +120,17 @@ impl Attention {
         // every image row, so the softmax over the rows cancels it
         let g = (qh.matmul(&self.wk_heads)? * scale)?; // [H, BT, C]
         let g = self.heads_to_batch(&g, b)?; // [B, HT, C]
-        let scores = x_pe.matmul(&g.t()?)?; // [B, N, HT]
-        let p = crate::ops::softmax_columns_t(&scores)?; // [B, HT, N]
-        let avg = p.matmul(x)?; // [B, HT, C]: attention-weighted image rows per head and token
+        let avg = if crate::ops::fast(x) && x.dtype() == candle_core::DType::F32 {
+            let op = TokensToImage {
+                g_t: g.transpose(1, 2)?.flatten_all()?.to_vec1()?,
+                ht: g.dim(1)?,
+            };
+            x_pe.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &op)?
+        } else {
+            let scores = x_pe.matmul(&g.t()?)?; // [B, N, HT]
+            let p = crate::ops::softmax_columns_t(&scores)?; // [B, HT, N]
+            p.matmul(x)? // [B, HT, C]: attention-weighted image rows per head and token
+        };
         let (_, _, cdim) = avg.dims3()?;
         let h = self.num_heads;
         let avg = avg
@@ -135,24 +145,35 @@ impl Attention {
         self.out_proj.forward(&out)
     }
 
-    /// The image attends to the tokens: image queries with PE `x_pe` `[B, N, C]`, token keys
-    /// `k` (with their PE) and values `v` `[B, T, C]` -> `[B, N, C]`, without `out_proj.bias`
-    /// (the caller adds it with the residual).
-    fn image_to_tokens(&self, x_pe: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// The token side of "the image attends to the tokens": token keys `k` (with their PE) and
+    /// values `v` `[B, T, C]` -> (`m` `[B, HT, C]`, `c` `[B, HT]`, `u` `[B, HT, C]`) such that
+    /// the attention of image queries with PE `x_pe` is `softmax_t(x_pe m^T + c) u` (softmax
+    /// over each head's T tokens), without `out_proj.bias`.
+    fn token_side(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = k.dims3()?;
         let h = self.num_heads;
         let scale = 1.0 / (self.head_dim() as f64).sqrt();
         let kh = self.split_heads(&self.k_proj.forward(k)?)?; // [H, BT, d]
         let vh = self.split_heads(&self.v_proj.forward(v)?)?; // [H, BT, d]
-                                                              // (Wq_h x + bq_h) . k_h = x . (Wq_h^T k_h) + bq_h . k_h
+
+        // (Wq_h x + bq_h) . k_h = x . (Wq_h^T k_h) + bq_h . k_h
         let m = (kh.matmul(&self.wq_heads)? * scale)?; // [H, BT, C]
         let c = (kh.matmul(&self.bq_heads)? * scale)?; // [H, BT, 1]
         let m = self.heads_to_batch(&m, b)?; // [B, HT, C]
         let c = self.heads_to_batch(&c, b)?.reshape((b, h * t))?; // [B, HT]
+                                                                  // the output projection of each head's values: v_h Wo_h^T
+        let u = self.heads_to_batch(&vh.matmul(&self.wo_heads_t)?, b)?; // [B, HT, C]
+        Ok((m, c, u))
+    }
+
+    /// The image attends to the tokens: image queries with PE `x_pe` `[B, N, C]`, token keys
+    /// `k` (with their PE) and values `v` `[B, T, C]` -> `[B, N, C]`, without `out_proj.bias`
+    /// (the caller adds it with the residual).
+    fn image_to_tokens(&self, x_pe: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let t = k.dim(1)?;
+        let (m, c, u) = self.token_side(k, v)?;
         let scores = x_pe.matmul(&m.t()?)?; // [B, N, HT]
         let p = crate::ops::softmax_groups(&scores, &c, t)?; // softmax per head over the tokens
-                                                             // the output projection of each head's values: v_h Wo_h^T
-        let u = self.heads_to_batch(&vh.matmul(&self.wo_heads_t)?, b)?; // [B, HT, C]
         p.matmul(&u) // [B, N, C]
     }
 }
@@ -190,6 +211,10 @@ struct TwoWayAttentionBlock {
     norm3: LayerNorm,
     /// `norm4.{weight, bias}`: applied with the residual by [`crate::ops::add_layer_norm`].
     norm4: (Tensor, Tensor),
+    /// Host copies of `norm4.{weight, bias}` and `cross_attn_image_to_token.out_proj.bias` for
+    /// the fused CPU pass ([`super::image_to_tokens`]).
+    norm4_host: (Vec<f32>, Vec<f32>),
+    out_bias_host: Vec<f32>,
     cross_attn_image_to_token: Attention,
     skip_first_layer_pe: bool,
 }
@@ -203,7 +228,15 @@ impl TwoWayAttentionBlock {
         vb: VarBuilder,
     ) -> Result<Self> {
         let norm = |name: &str| candle_nn::layer_norm(dim, 1e-5, vb.pp(name));
+        let norm4 = (
+            vb.pp("norm4").get(dim, "weight")?,
+            vb.pp("norm4").get(dim, "bias")?,
+        );
+        let cross_attn_image_to_token =
+            Attention::new(dim, num_heads, 2, vb.pp("cross_attn_image_to_token"))?;
         Ok(Self {
+            norm4_host: (norm4.0.to_vec1()?, norm4.1.to_vec1()?),
+            out_bias_host: cross_attn_image_to_token.out_proj.bias().to_vec1()?,
             self_attn: Attention::new(dim, num_heads, 1, vb.pp("self_attn"))?,
             norm1: norm("norm1")?,
             cross_attn_token_to_image: Attention::new(
@@ -215,28 +248,21 @@ impl TwoWayAttentionBlock {
             norm2: norm("norm2")?,
             mlp: MlpBlock::new(dim, mlp_dim, vb.pp("mlp"))?,
             norm3: norm("norm3")?,
-            norm4: (
-                vb.pp("norm4").get(dim, "weight")?,
-                vb.pp("norm4").get(dim, "bias")?,
-            ),
-            cross_attn_image_to_token: Attention::new(
-                dim,
-                num_heads,
-                2,
-                vb.pp("cross_attn_image_to_token"),
-            )?,
+            norm4,
+            cross_attn_image_to_token,
             skip_first_layer_pe,
         })
     }
 
-    /// queries `[B, T, C]`, keys `[B, N, C]`, query_pe `[B, T, C]`, key_pe `[1, N, C]`.
+    /// queries `[B, T, C]`, keys `[B, N, C]` and `keys + key_pe`, query_pe `[B, T, C]`,
+    /// key_pe `[1, N, C]` -> (queries, keys, keys + key_pe).
     fn forward(
         &self,
         queries: &Tensor,
-        keys: &Tensor,
+        (keys, keys_pe): (&Tensor, &Tensor),
         query_pe: &Tensor,
         key_pe: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let queries = if self.skip_first_layer_pe {
             self.self_attn.forward_tokens(queries, queries, queries)?
         } else {
@@ -245,12 +271,10 @@ impl TwoWayAttentionBlock {
         };
         let queries = self.norm1.forward(&queries)?;
 
-        // the keys do not change until the image attends to the tokens: one `keys + key_pe`
-        let keys_pe = add_pe(keys, key_pe)?;
         let q = (&queries + query_pe)?;
         let attn = self
             .cross_attn_token_to_image
-            .tokens_to_image(&q, &keys_pe, keys)?;
+            .tokens_to_image(&q, keys_pe, keys)?;
         let queries = self.norm2.forward(&(queries + attn)?)?;
 
         let queries = self
@@ -258,18 +282,38 @@ impl TwoWayAttentionBlock {
             .forward(&(&queries + self.mlp.forward(&queries)?)?)?;
 
         let q = (&queries + query_pe)?;
-        let attn = self
-            .cross_attn_image_to_token
-            .image_to_tokens(&keys_pe, &q, &queries)?;
+        let att = &self.cross_attn_image_to_token;
+        if crate::ops::fast(keys) && keys.dtype() == candle_core::DType::F32 {
+            let t = q.dim(1)?;
+            let (m, c, u) = att.token_side(&q, &queries)?;
+            let op = ImageToTokens {
+                m_t: m.transpose(1, 2)?.flatten_all()?.to_vec1()?,
+                c: c.flatten_all()?.to_vec1()?,
+                u: u.flatten_all()?.to_vec1()?,
+                t,
+                out_bias: &self.out_bias_host,
+                ln_w: &self.norm4_host.0,
+                ln_b: &self.norm4_host.1,
+                eps: 1e-5,
+            };
+            let both = keys_pe.contiguous()?.apply_op3_no_bwd(
+                &keys.contiguous()?,
+                &key_pe.contiguous()?,
+                &op,
+            )?; // [2, B, N, C]
+            return Ok((queries, both.get(0)?, both.get(1)?));
+        }
+        let attn = att.image_to_tokens(keys_pe, &q, &queries)?;
         let keys = crate::ops::add_layer_norm(
             keys,
             &attn,
-            self.cross_attn_image_to_token.out_proj.bias(),
+            att.out_proj.bias(),
             &self.norm4.0,
             &self.norm4.1,
             1e-5,
         )?;
-        Ok((queries, keys))
+        let keys_pe = add_pe(&keys, key_pe)?;
+        Ok((queries, keys, keys_pe))
     }
 }
 
@@ -315,21 +359,27 @@ impl TwoWayTransformer {
         })
     }
 
-    /// Image tokens `[B, N, C]` and their PE `[1, N, C]` (channels last), prompt tokens
-    /// `[B, T, C]` -> (tokens `[B, T, C]`, image tokens `[B, N, C]`).
+    /// Image tokens `[B, N, C]`, their PE `[1, N, C]` (channels last) and, where the caller
+    /// has it, their sum; prompt tokens `[B, T, C]` -> (tokens `[B, T, C]`, image tokens
+    /// `[B, N, C]`).
     pub fn forward(
         &self,
         image: &Tensor,
         image_pe: &Tensor,
+        image_with_pe: Option<&Tensor>,
         tokens: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let mut queries = tokens.clone();
         let mut keys = image.clone();
+        let mut keys_pe = match image_with_pe {
+            Some(x) => x.clone(),
+            None => add_pe(image, image_pe)?,
+        };
         for layer in &self.layers {
-            (queries, keys) = layer.forward(&queries, &keys, tokens, image_pe)?;
+            (queries, keys, keys_pe) =
+                layer.forward(&queries, (&keys, &keys_pe), tokens, image_pe)?;
         }
         let q = (&queries + tokens)?;
-        let keys_pe = add_pe(&keys, image_pe)?;
         let attn = self
             .final_attn_token_to_image
             .tokens_to_image(&q, &keys_pe, &keys)?;
@@ -364,19 +414,23 @@ mod tests {
         att.out_proj.forward(&out)
     }
 
+    /// Every variable random, std 1/sqrt(fan in), biases and norms included (the builder leaves
+    /// what it reads with `get` at zero; the reassociated forms carry the biases differently).
+    fn randomize(varmap: &candle_nn::VarMap) {
+        for var in varmap.data().lock().unwrap().values() {
+            let fan_in = var.dims().iter().skip(1).product::<usize>().max(1);
+            let std = (1.0 / fan_in as f32).sqrt();
+            var.set(&Tensor::randn(0f32, std, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+
     fn random_attention(dim: usize, heads: usize, rate: usize) -> Attention {
         let dev = Device::Cpu;
         let varmap = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         Attention::new(dim, heads, rate, vb).unwrap();
-        // non-zero biases: the reassociated forms carry them differently
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            if name.ends_with("bias") {
-                let n = var.elem_count();
-                var.set(&(Tensor::randn(0f32, 0.5f32, n, &dev).unwrap()))
-                    .unwrap();
-            }
-        }
+        randomize(&varmap);
         let tensors = crate::models::plain_tensors(&varmap);
         Attention::new(
             dim,
@@ -426,5 +480,44 @@ mod tests {
             "{}",
             max_abs_diff(&got, &want)
         );
+    }
+
+    #[test]
+    fn fused_cpu_passes_equal_the_composed_transformer() {
+        let dev = Device::Cpu;
+        let (dim, heads, mlp) = (32, 4, 64);
+        let varmap = candle_nn::VarMap::new();
+        TwoWayTransformer::new(
+            2,
+            dim,
+            heads,
+            mlp,
+            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        )
+        .unwrap();
+        randomize(&varmap);
+        let tensors = crate::models::plain_tensors(&varmap);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let tr = TwoWayTransformer::new(2, dim, heads, mlp, vb).unwrap();
+        // 300 image rows: a full band of 256 and a short one; two prompts of 6 tokens
+        let (b, t, n) = (2, 6, 300);
+        let image = Tensor::randn(0f32, 1f32, (b, n, dim), &dev).unwrap();
+        let pe = Tensor::randn(0f32, 1f32, (1, n, dim), &dev).unwrap();
+        let tokens = Tensor::randn(0f32, 1f32, (b, t, dim), &dev).unwrap();
+        let (q_fused, k_fused) = tr.forward(&image, &pe, None, &tokens).unwrap();
+        let (q_composed, k_composed) = {
+            let _g = crate::ops::force_generic();
+            tr.forward(&image, &pe, None, &tokens).unwrap()
+        };
+        assert_eq!(q_fused.dims(), &[b, t, dim]);
+        assert_eq!(k_fused.dims(), &[b, n, dim]);
+        let dq = max_abs_diff(&q_fused, &q_composed);
+        let dk = max_abs_diff(&k_fused, &k_composed);
+        assert!(dq < 1e-4 && dk < 1e-4, "queries {dq}, keys {dk}");
+        // the image with its PE given by the caller (the decoder's cache) gives the same
+        let with_pe = image.broadcast_add(&pe).unwrap();
+        let (q, k) = tr.forward(&image, &pe, Some(&with_pe), &tokens).unwrap();
+        assert_eq!(max_abs_diff(&q, &q_fused), 0.0);
+        assert_eq!(max_abs_diff(&k, &k_fused), 0.0);
     }
 }

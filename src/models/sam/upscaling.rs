@@ -8,12 +8,12 @@
 //! last bias + GELU + hypernetwork dot product in another that writes the masks in raster order
 //! (the `[65536, C/8]` activations are never stored), with the vectorised GELU of
 //! [`crate::ops::fast_math`] (within 6e-7 of the libm one). Other devices compose candle ops.
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::ops::cpu_slice;
-use crate::ops::fast_math::gelu_slice;
+use crate::ops::fast_math::{dot, gelu_slice, mean_inv_std};
 
 /// `LayerNorm2d` of the official upscaling.
 const LN_EPS: f64 = 1e-6;
@@ -33,9 +33,8 @@ pub(super) struct Upscaling {
     w2: Tensor,
     /// `output_upscaling.3.bias` `[C/8]`
     b2: Tensor,
-    /// Host copies of the parameters the fused CPU passes read, taken once at load.
-    ln_gelu: BiasLnGelu,
-    b2_host: Vec<f32>,
+    /// Host copies of the parameters the fused CPU pass reads, taken once at load.
+    fused: LnGeluMix,
 }
 
 /// `[C, O, 2, 2]` -> `[C, 4 O]` with the output pixel (u, v) major and the channel minor.
@@ -51,15 +50,17 @@ impl Upscaling {
         let ln_w = vb.pp("1").get(c4, "weight")?;
         let ln_b = vb.pp("1").get(c4, "bias")?;
         let b2 = vb.pp("3").get(c8, "bias")?;
+        let w2 = blocks_last(&vb.pp("3").get((c4, c8, 2, 2), "weight")?)?;
         Ok(Self {
             w1: blocks_last(&vb.pp("0").get((dim, c4, 2, 2), "weight")?)?,
-            w2: blocks_last(&vb.pp("3").get((c4, c8, 2, 2), "weight")?)?,
-            ln_gelu: BiasLnGelu {
-                bias: b1.to_vec1()?,
-                weight: ln_w.to_vec1()?,
-                shift: ln_b.to_vec1()?,
+            fused: LnGeluMix {
+                b1: b1.to_vec1()?,
+                ln_w: ln_w.to_vec1()?,
+                ln_b: ln_b.to_vec1()?,
+                w2: w2.flatten_all()?.to_vec1()?,
+                b2: b2.to_vec1()?,
             },
-            b2_host: b2.to_vec1()?,
+            w2,
             b1,
             ln_w,
             ln_b,
@@ -80,39 +81,29 @@ impl Upscaling {
         let c8 = self.b2.dim(0)?;
         let rows = tokens.contiguous()?.reshape((b * hw, c))?;
         // pixel rows (b, h, w, u1, v1): [BHW * 4, C/4]
-        let y1 = rows.matmul(&self.w1)?.reshape((b * hw * 4, c4))?;
+        let y1 = rows.matmul(&self.w1)?;
+        if crate::ops::fast(&y1) && h == w {
+            let y1 = y1.reshape((b, hw * 4, c4))?;
+            let r = y1.apply_op2_no_bwd(&hyper_in.contiguous()?, &self.fused);
+            return r;
+        }
+        let y1 = y1.reshape((b * hw * 4, c4))?;
         let z1 = self.bias_ln_gelu(&y1)?;
         // pixel rows (b, h, w, u1, v1, u2, v2): [B, HW * 16, C/8]
         let y2 = z1.matmul(&self.w2)?.reshape((b, hw * 16, c8))?;
-        self.gelu_mix(&y2, hyper_in, (h, w))
+        reference_gelu_mix(&y2, &self.b2, hyper_in, (h, w))
     }
 
-    /// `gelu(layer_norm(y + b1))` over the last axis.
+    /// `gelu(layer_norm(y + b1))` over the last axis (the composed form).
     fn bias_ln_gelu(&self, y: &Tensor) -> Result<Tensor> {
-        if crate::ops::fast(y) {
-            return y.apply_op1_no_bwd(&self.ln_gelu);
-        }
         let z =
             candle_nn::ops::layer_norm(&y.broadcast_add(&self.b1)?, &self.ln_w, &self.ln_b, 1e-6)?;
         crate::ops::gelu_erf(&z)
     }
-
-    /// `hyper_in . gelu(y + b2)` per pixel, in raster order: y `[B, HW * 16, C/8]`, hyper
-    /// `[B, M, C/8]` -> `[B, M, 4H, 4W]`.
-    fn gelu_mix(&self, y: &Tensor, hyper: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
-        if crate::ops::fast(y) {
-            let op = GeluMix {
-                bias: &self.b2_host,
-                h,
-                w,
-            };
-            return y.apply_op2_no_bwd(&hyper.contiguous()?, &op);
-        }
-        reference_gelu_mix(y, &self.b2, hyper, (h, w))
-    }
 }
 
-/// The composed-op form of [`Upscaling::gelu_mix`] (other devices; the CPU op's test).
+/// `hyper_in . gelu(y + b2)` per pixel in raster order, composed of candle ops (other devices;
+/// the fused CPU op's test): y `[B, HW * 16, C/8]`, hyper `[B, M, C/8]` -> `[B, M, 4H, 4W]`.
 fn reference_gelu_mix(
     y: &Tensor,
     bias: &Tensor,
@@ -129,63 +120,89 @@ fn reference_gelu_mix(
         .reshape((b, m, 4 * h, 4 * w))
 }
 
-/// Rows per parallel task of [`BiasLnGelu`].
-const ROWS_PER_TASK: usize = 256;
-
-/// `gelu(layer_norm(x + bias) * weight + shift)` over the last axis of `[R, K]`.
+/// Bias + `LayerNorm2d` + GELU, the second transposed convolution, bias + GELU and the
+/// hypernetwork products, per grid row: y1 `[B, HW * 4, C/4]` (the first convolution's pixel
+/// rows), hyper `[B, M, C/8]` -> masks `[B, M, 4H, 4W]`. One task's activations (`4W` rows of
+/// `C/4`, then `16W` of `C/8`: 192 KiB for SAM) stay in cache; the `[B, 16 HW, C/8]` tensor is
+/// never stored.
 #[derive(Debug)]
-struct BiasLnGelu {
-    bias: Vec<f32>,
-    weight: Vec<f32>,
-    shift: Vec<f32>,
+struct LnGeluMix {
+    /// `output_upscaling.0.bias`, `.1.weight`, `.1.bias`: `[C/4]`.
+    b1: Vec<f32>,
+    ln_w: Vec<f32>,
+    ln_b: Vec<f32>,
+    /// `output_upscaling.3.weight` as `[C/4, 4 * C/8]` ((u, v) major), row-major.
+    w2: Vec<f32>,
+    /// `output_upscaling.3.bias` `[C/8]`.
+    b2: Vec<f32>,
 }
 
-impl CustomOp1 for BiasLnGelu {
-    fn name(&self) -> &'static str {
-        "medmine-sam-bias-ln-gelu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_slice::<f32>(s, l, "bias_ln_gelu")?;
-        let k = self.bias.len();
-        if l.dims().last() != Some(&k) {
-            bail!("bias_ln_gelu: last axis {:?}, expected {k}", l.dims());
+impl LnGeluMix {
+    /// One grid row: `y1` `[4W, C/4]` pixel rows (w, u1, v1), `hyper` `[M, C/8]`; writes
+    /// `out(mi, r, col)` for the grid row's 4 output rows r of each mask.
+    fn grid_row(
+        &self,
+        y1: &[f32],
+        hyper: &[f32],
+        w: usize,
+        out: &mut dyn FnMut(usize, usize, usize, f32),
+    ) {
+        let c4 = self.b1.len();
+        let c8 = self.b2.len();
+        let rows1 = 4 * w;
+        let mut z1 = y1.to_vec();
+        for row in z1.chunks_exact_mut(c4) {
+            row.iter_mut().zip(&self.b1).for_each(|(v, b)| *v += b);
+            let (mean, inv) = mean_inv_std(row, LN_EPS as f32);
+            for ((v, &g), &s) in row.iter_mut().zip(&self.ln_w).zip(&self.ln_b) {
+                *v = (*v - mean) * inv * g + s;
+            }
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(k * ROWS_PER_TASK)
-            .zip(x.par_chunks(k * ROWS_PER_TASK))
-            .for_each(|(o, x)| {
-                let mut y = vec![0f32; k];
-                for (o, x) in o.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
-                    for ((y, &x), &b) in y.iter_mut().zip(x).zip(&self.bias) {
-                        *y = x + b;
-                    }
-                    let mean = y.iter().sum::<f32>() / k as f32;
-                    let var = y.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / k as f32;
-                    let inv = 1.0 / (var + LN_EPS as f32).sqrt();
-                    for (((o, &y), &g), &s) in
-                        o.iter_mut().zip(&y).zip(&self.weight).zip(&self.shift)
-                    {
-                        *o = (y - mean) * inv * g + s;
-                    }
-                }
-                gelu_slice(o);
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        gelu_slice(&mut z1);
+        // [4W, C/4] x [C/4, 4 C/8] -> [4W, 4 C/8] = pixel rows (w, u1, v1, u2, v2) of C/8,
+        // each starting from its bias
+        let n = 4 * c8;
+        let mut z2: Vec<f32> = self.b2.iter().copied().cycle().take(rows1 * n).collect();
+        // SAFETY: z2 [rows1, n], z1 [rows1, c4], w2 [c4, n], all row-major and in bounds.
+        unsafe {
+            gemm::gemm(
+                rows1,
+                n,
+                c4,
+                z2.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                z1.as_ptr(),
+                1,
+                c4 as isize,
+                self.w2.as_ptr(),
+                1,
+                n as isize,
+                1f32,
+                1f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+        gelu_slice(&mut z2);
+        for (q, z) in z2.chunks_exact(c8).enumerate() {
+            // q = ((x * 4) + (u1, v1)) * 4 + (u2, v2) within the grid row
+            let (x, uv1, uv2) = (q / 16, (q / 4) % 4, q % 4);
+            let (u1, v1, u2, v2) = (uv1 / 2, uv1 % 2, uv2 / 2, uv2 % 2);
+            let (r, col) = (2 * u1 + u2, 4 * x + 2 * v1 + v2);
+            for (mi, hy) in hyper.chunks_exact(c8).enumerate() {
+                out(mi, r, col, dot(hy, z));
+            }
+        }
     }
 }
 
-/// `out[b, m, pixel] = sum_c hyper[b, m, c] gelu(y[b, p, c] + bias[c])`, with the upscaled pixel
-/// p = (h, w, u1, v1, u2, v2) written at (4h + 2 u1 + u2, 4w + 2 v1 + v2).
-struct GeluMix<'a> {
-    bias: &'a [f32],
-    h: usize,
-    w: usize,
-}
-
-impl CustomOp2 for GeluMix<'_> {
+impl CustomOp2 for LnGeluMix {
     fn name(&self) -> &'static str {
-        "medmine-sam-gelu-mix"
+        "medmine-sam-ln-gelu-mix"
     }
 
     fn cpu_fwd(
@@ -195,57 +212,36 @@ impl CustomOp2 for GeluMix<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = cpu_slice::<f32>(s1, l1, "gelu_mix")?;
-        let hyper = cpu_slice::<f32>(s2, l2, "gelu_mix")?;
-        let (b, p, k) = l1.shape().dims3()?;
-        let (b2, m, k2) = l2.shape().dims3()?;
-        let (h, w) = (self.h, self.w);
-        if b2 != b || k2 != k || k != self.bias.len() || p != h * w * 16 {
+        let y1 = cpu_slice::<f32>(s1, l1, "ln_gelu_mix")?;
+        let hyper = cpu_slice::<f32>(s2, l2, "ln_gelu_mix")?;
+        let (b, p, c4) = l1.shape().dims3()?;
+        let (b2, m, c8) = l2.shape().dims3()?;
+        // the grid is square (SAM's 64 x 64 embedding)
+        let side = ((p / 4) as f64).sqrt().round() as usize;
+        if b2 != b || c4 != self.b1.len() || c8 != self.b2.len() || 4 * side * side != p {
             bail!(
-                "gelu_mix: y {:?}, hyper {:?}, bias {}, grid {h}x{w}",
+                "ln_gelu_mix: y1 {:?}, hyper {:?}, C/4 {}, C/8 {}",
                 l1.dims(),
                 l2.dims(),
-                self.bias.len()
+                self.b1.len(),
+                self.b2.len()
             );
         }
-        // one task per (batch, grid row): its 16 w pixels give 4 output rows of every mask,
-        // written to `rows` as [B, H, M, 4, 4W] and moved to [B, M, 4H, 4W] after
-        let band = m * 16 * w;
-        let mut rows = vec![0f32; b * h * band];
-        rows.par_chunks_mut(band)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let bi = task / h;
-                let hyper = &hyper[bi * m * k..][..m * k];
-                let y = &y[task * 16 * w * k..][..16 * w * k];
-                // the task's pixels: bias + GELU in one vectorised pass, then the products
-                let mut z: Vec<f32> = y.to_vec();
-                for row in z.chunks_exact_mut(k) {
-                    row.iter_mut().zip(self.bias).for_each(|(v, b)| *v += b);
-                }
-                gelu_slice(&mut z);
-                for (q, z) in z.chunks_exact(k).enumerate() {
-                    // q = ((x * 4) + (u1, v1)) * 4 + (u2, v2) within the grid row
-                    let (x, uv1, uv2) = (q / 16, (q / 4) % 4, q % 4);
-                    let (u1, v1, u2, v2) = (uv1 / 2, uv1 % 2, uv2 / 2, uv2 % 2);
-                    let row = 2 * u1 + u2;
-                    let col = 4 * x + 2 * v1 + v2;
-                    for (mi, hy) in hyper.chunks_exact(k).enumerate() {
-                        let dot: f32 = hy.iter().zip(z).map(|(a, b)| a * b).sum();
-                        out[(mi * 4 + row) * 4 * w + col] = dot;
-                    }
-                }
-            });
-        let mut out = vec![0f32; rows.len()];
-        let plane = 16 * w; // 4 output rows of one mask
-        for bi in 0..b {
-            for hi in 0..h {
-                for mi in 0..m {
-                    let src = &rows[((bi * h + hi) * m + mi) * plane..][..plane];
-                    out[((bi * m + mi) * h + hi) * plane..][..plane].copy_from_slice(src);
-                }
-            }
-        }
+        let (h, w) = (side, side);
+        let mut out = vec![0f32; b * m * 16 * h * w];
+        let dst = crate::ops::SyncPtr(out.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each(|task| {
+            let (bi, hi) = (task / h, task % h);
+            let y1 = &y1[task * 4 * w * c4..][..4 * w * c4];
+            let hyper = &hyper[bi * m * c8..][..m * c8];
+            let mut write = |mi: usize, r: usize, col: usize, v: f32| {
+                let i = ((bi * m + mi) * 4 * h + 4 * hi + r) * 4 * w + col;
+                // SAFETY: output rows 4 hi .. 4 hi + 4 of batch bi belong to this task alone,
+                // and i is within [B, M, 4H, 4W]
+                unsafe { *dst.get().add(i) = v };
+            };
+            self.grid_row(y1, hyper, w, &mut write);
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, m, 4 * h, 4 * w))))
     }
 }
@@ -279,20 +275,18 @@ mod tests {
             &Device::Cpu,
         );
         let up = Upscaling::new(c, vb).unwrap();
-        let y = randn(&[b * h * w * 4, c / 4]);
-        let fused = up.bias_ln_gelu(&y).unwrap();
-        let z =
-            candle_nn::ops::layer_norm(&y.broadcast_add(&up.b1).unwrap(), &up.ln_w, &up.ln_b, 1e-6)
-                .unwrap();
-        let composed = crate::ops::gelu_erf(&z).unwrap();
-        assert!(max_abs_diff(&fused, &composed) < 1e-5);
-
-        let y = randn(&[b, h * w * 16, c / 8]);
+        // the fused CPU pass equals the composed ops (the other devices' path)
+        let tokens = randn(&[b, h * h, c]);
         let hyper = randn(&[b, m, c / 8]);
-        let fused = up.gelu_mix(&y, &hyper, (h, w)).unwrap();
-        let composed = reference_gelu_mix(&y, &up.b2, &hyper, (h, w)).unwrap();
-        assert_eq!(fused.dims(), &[b, m, 4 * h, 4 * w]);
-        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        let fused = up.masks(&tokens, &hyper, (h, h)).unwrap();
+        let composed = {
+            let _g = crate::ops::force_generic();
+            up.masks(&tokens, &hyper, (h, h)).unwrap()
+        };
+        assert_eq!(fused.dims(), &[b, m, 4 * h, 4 * h]);
+        assert_eq!(composed.dims(), fused.dims());
+        let d = max_abs_diff(&fused, &composed);
+        assert!(d < 1e-4, "{d}");
 
         // the transposed convolutions as matmuls equal candle's conv_transpose2d
         let x = randn(&[b, c, h, w]);
