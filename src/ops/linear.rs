@@ -47,6 +47,47 @@ pub fn linear(x: &Tensor, w_t: &Tensor, b: &Tensor, epilogue: Epilogue) -> Resul
     epilogue.apply_tensor(y)
 }
 
+/// `dst[rows, n] (+)= lhs rhs` with `dst` row-major, `lhs(i, k)` at
+/// `lhs[i * lhs_rs + k * lhs_cs]` and `rhs(k, j)` at `rhs[k * rhs_rs + j * rhs_cs]` (gemm's
+/// strides, named by row and column); `read_dst`: accumulate onto what `dst` holds.
+///
+/// # Safety
+/// `dst` holds `rows * n` elements and the operands every element their strides address.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows(
+    dst: &mut [f32],
+    read_dst: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (isize, isize),
+    (rows, n, k): (usize, usize, usize),
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= rows * n);
+    gemm::gemm(
+        rows,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        read_dst,
+        lhs.as_ptr(),
+        lhs_cs,
+        lhs_rs,
+        rhs.as_ptr(),
+        rhs_cs,
+        rhs_rs,
+        1f32,
+        1f32,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
 struct Linear {
     epilogue: FusedEpilogue,
 }
@@ -90,28 +131,17 @@ impl CustomOp3 for Linear {
                 for row in seg.chunks_exact_mut(n) {
                     row.copy_from_slice(b);
                 }
-                // SAFETY: dst [r1-r0, n] row-major, lhs x[r0..r1] [r1-r0, k] row-major, rhs
-                // w [k, n] row-major, all in bounds.
+                // SAFETY: seg [r1-r0, n], lhs x[r0..r1] [r1-r0, k], rhs w [k, n], all
+                // row-major and in bounds.
                 unsafe {
-                    gemm::gemm(
-                        r1 - r0,
-                        n,
-                        k,
-                        seg.as_mut_ptr(),
-                        1,
-                        n as isize,
+                    gemm_rows(
+                        seg,
                         true,
-                        x[r0 * k..].as_ptr(),
-                        1,
-                        k as isize,
-                        w.as_ptr(),
-                        1,
-                        n as isize,
-                        1f32,
-                        1f32,
-                        false,
-                        false,
-                        false,
+                        &x[r0 * k..],
+                        (k as isize, 1),
+                        w,
+                        (n as isize, 1),
+                        (r1 - r0, n, k),
                         par,
                     )
                 }

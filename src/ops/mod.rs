@@ -42,7 +42,7 @@ mod epilogue;
 pub mod fast_math;
 mod gelu;
 mod layer_norm;
-mod linear;
+pub(crate) mod linear;
 pub mod path;
 mod pool;
 mod rows;

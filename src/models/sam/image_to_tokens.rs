@@ -12,8 +12,9 @@ use rayon::prelude::*;
 
 use crate::ops::cpu_slice;
 use crate::ops::fast_math::{exp_slice, mean_inv_std};
+use crate::ops::linear::gemm_rows;
 
-/// Image rows per task (64 x 256 f32: 64 KiB per operand band).
+/// Image rows per task (256 x 256 f32: 256 KiB per operand band).
 const ROWS: usize = 256;
 
 /// `keys' = norm4(keys + softmax_g(x_pe m^T + c) u + out_bias)` and `keys' + pe`, with
@@ -32,45 +33,6 @@ pub(super) struct ImageToTokens<'a> {
     pub ln_w: &'a [f32],
     pub ln_b: &'a [f32],
     pub eps: f32,
-}
-
-/// `dst[rows, n] (+)= lhs rhs` on the calling thread, `dst` row-major, `lhs(i, k)` at
-/// `lhs[i * lhs_rs + k * lhs_cs]`, `rhs(k, j)` at `rhs[k * rhs_rs + j * rhs_cs]`.
-///
-/// # Safety
-/// The slices hold every element the strides address.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_into(
-    dst: &mut [f32],
-    read_dst: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (isize, isize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (isize, isize),
-    (rows, n, k): (usize, usize, usize),
-) {
-    debug_assert!(dst.len() >= rows * n);
-    gemm::gemm(
-        rows,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        read_dst,
-        lhs.as_ptr(),
-        lhs_cs,
-        lhs_rs,
-        rhs.as_ptr(),
-        rhs_cs,
-        rhs_rs,
-        1f32,
-        1f32,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
 }
 
 impl ImageToTokens<'_> {
@@ -94,7 +56,7 @@ impl ImageToTokens<'_> {
         let mut p = vec![0f32; rows * ht];
         // SAFETY: p [rows, HT], x_pe [rows, C], m_t [C, HT] row-major.
         unsafe {
-            gemm_into(
+            gemm_rows(
                 &mut p,
                 false,
                 x_pe,
@@ -102,6 +64,7 @@ impl ImageToTokens<'_> {
                 m,
                 (ht as isize, 1),
                 (rows, ht, c),
+                Parallelism::None,
             )
         };
         // softmax over each head's t tokens: the group maxima subtracted, one vectorised exp
@@ -126,7 +89,7 @@ impl ImageToTokens<'_> {
         }
         // SAFETY: out_keys [rows, C], p [rows, HT], u [HT, C] row-major.
         unsafe {
-            gemm_into(
+            gemm_rows(
                 out_keys,
                 true,
                 &p,
@@ -134,6 +97,7 @@ impl ImageToTokens<'_> {
                 u,
                 (c as isize, 1),
                 (rows, c, ht),
+                Parallelism::None,
             )
         };
         for ((o, ope), pe) in out_keys

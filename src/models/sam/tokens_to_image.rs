@@ -11,9 +11,10 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::image_to_tokens::gemm_into;
 use crate::ops::cpu_slice;
 use crate::ops::fast_math::{exp, exp_slice};
+use crate::ops::linear::gemm_rows;
+use gemm::Parallelism;
 
 /// Image rows per band.
 const ROWS: usize = 256;
@@ -40,7 +41,7 @@ impl TokensToImage {
         let mut s = vec![0f32; rows * ht];
         // SAFETY: s [rows, HT], x_pe [rows, C], g_t [C, HT], all row-major.
         unsafe {
-            gemm_into(
+            gemm_rows(
                 &mut s,
                 false,
                 x_pe,
@@ -48,6 +49,7 @@ impl TokensToImage {
                 g_t,
                 (ht as isize, 1),
                 (rows, ht, c),
+                Parallelism::None,
             )
         };
         let mut max = vec![f32::NEG_INFINITY; ht];
@@ -66,7 +68,7 @@ impl TokensToImage {
         let mut acc = vec![0f32; ht * c];
         // SAFETY: acc [HT, C]; s read transposed within its [rows, HT]; x [rows, C].
         unsafe {
-            gemm_into(
+            gemm_rows(
                 &mut acc,
                 false,
                 &s,
@@ -74,6 +76,7 @@ impl TokensToImage {
                 x,
                 (c as isize, 1),
                 (ht, c, rows),
+                Parallelism::None,
             )
         };
         Partial { max, sum, acc }

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::ops::cpu_slice;
 use crate::ops::fast_math::{dot, gelu_slice, mean_inv_std};
+use crate::ops::linear::gemm_rows;
 
 /// `LayerNorm2d` of the official upscaling.
 const LN_EPS: f64 = 1e-6;
@@ -165,25 +166,14 @@ impl LnGeluMix {
         let mut z2: Vec<f32> = self.b2.iter().copied().cycle().take(rows1 * n).collect();
         // SAFETY: z2 [rows1, n], z1 [rows1, c4], w2 [c4, n], all row-major and in bounds.
         unsafe {
-            gemm::gemm(
-                rows1,
-                n,
-                c4,
-                z2.as_mut_ptr(),
-                1,
-                n as isize,
+            gemm_rows(
+                &mut z2,
                 true,
-                z1.as_ptr(),
-                1,
-                c4 as isize,
-                self.w2.as_ptr(),
-                1,
-                n as isize,
-                1f32,
-                1f32,
-                false,
-                false,
-                false,
+                &z1,
+                (c4 as isize, 1),
+                &self.w2,
+                (n as isize, 1),
+                (rows1, n, c4),
                 gemm::Parallelism::None,
             )
         }
