@@ -163,7 +163,10 @@ impl LnGeluMix {
         // [4W, C/4] x [C/4, 4 C/8] -> [4W, 4 C/8] = pixel rows (w, u1, v1, u2, v2) of C/8,
         // each starting from its bias
         let n = 4 * c8;
-        let mut z2: Vec<f32> = self.b2.iter().copied().cycle().take(rows1 * n).collect();
+        let mut z2 = vec![0f32; rows1 * n];
+        for row in z2.chunks_exact_mut(c8) {
+            row.copy_from_slice(&self.b2);
+        }
         // SAFETY: z2 [rows1, n], z1 [rows1, c4], w2 [c4, n], all row-major and in bounds.
         unsafe {
             gemm_rows(
