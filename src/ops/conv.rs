@@ -177,77 +177,6 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// im2col of output rows `y0..y1` of one image.
-///
-/// `img: [Cin, H, W]`, given as consecutive channel blocks (the parts of a concatenation that
-/// is never materialised) -> `col: [Cin*K*K, (y1-y0)*Wo]`, rows ordered `(ci, kh, kw)` like a
-/// flattened `[Cout, Cin, K, K]` kernel. Every element of `col` is written.
-fn im2col_rows<T: Elem>(g: &Geom, img: &[&[T]], y0: usize, y1: usize, col: &mut [T]) {
-    if g.stride != 1 {
-        return im2col_rows_strided(g, img, y0, y1, col);
-    }
-    let (k, p, h, w, wo) = (g.k, g.pad, g.h, g.w, g.wo);
-    let npix = (y1 - y0) * wo;
-    let zero = T::from_f64(0.);
-    let planes = img.iter().flat_map(|part| part.chunks_exact(h * w));
-    for (ci, plane) in planes.enumerate() {
-        for kh in 0..k {
-            for kw in 0..k {
-                let row = (ci * k + kh) * k + kw;
-                // output columns ox whose input column ox + kw - p lies inside the image
-                let lo = p.saturating_sub(kw).min(wo);
-                let hi = (w + p).saturating_sub(kw).min(wo).max(lo);
-                let dst = &mut col[row * npix..(row + 1) * npix];
-                for (yy, seg) in dst.chunks_exact_mut(wo).enumerate() {
-                    let iy = (y0 + yy + kh).checked_sub(p).filter(|&iy| iy < h);
-                    let Some(iy) = iy else {
-                        seg.fill(zero);
-                        continue;
-                    };
-                    seg[..lo].fill(zero);
-                    seg[hi..].fill(zero);
-                    if hi > lo {
-                        let sx = iy * w + lo + kw - p;
-                        seg[lo..hi].copy_from_slice(&plane[sx..sx + hi - lo]);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// [`im2col_rows`] for a stride above 1: input pixel `(oy s + kh - p, ox s + kw - p)`.
-fn im2col_rows_strided<T: Elem>(g: &Geom, img: &[&[T]], y0: usize, y1: usize, col: &mut [T]) {
-    let (k, p, s, h, w, wo) = (g.k, g.pad, g.stride, g.h, g.w, g.wo);
-    let npix = (y1 - y0) * wo;
-    let zero = T::from_f64(0.);
-    let planes = img.iter().flat_map(|part| part.chunks_exact(h * w));
-    for (ci, plane) in planes.enumerate() {
-        for kh in 0..k {
-            for kw in 0..k {
-                let row = (ci * k + kh) * k + kw;
-                // ox with 0 <= ox s + kw - p < w
-                let lo = p.saturating_sub(kw).div_ceil(s).min(wo);
-                let hi = (w + p).saturating_sub(kw).div_ceil(s).min(wo).max(lo);
-                let dst = &mut col[row * npix..(row + 1) * npix];
-                for (yy, seg) in dst.chunks_exact_mut(wo).enumerate() {
-                    let iy = ((y0 + yy) * s + kh).checked_sub(p).filter(|&iy| iy < h);
-                    let Some(iy) = iy else {
-                        seg.fill(zero);
-                        continue;
-                    };
-                    seg[..lo].fill(zero);
-                    seg[hi..].fill(zero);
-                    let src = &plane[iy * w..(iy + 1) * w];
-                    for (ox, v) in seg.iter_mut().enumerate().take(hi).skip(lo) {
-                        *v = src[ox * s + kw - p];
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Runs `f(col_ptr, col_row_stride)` on the im2col tile of rows `y0..y1` of `img`.
 pub(super) fn with_cols<T: Elem, R>(
     g: &Geom,
@@ -261,7 +190,7 @@ pub(super) fn with_cols<T: Elem, R>(
     }
     let npix = (y1 - y0) * g.wo;
     T::with_scratch(g.ckk() * npix, |col| {
-        im2col_rows(g, img, y0, y1, col);
+        super::im2col::im2col_rows(g, img, y0, y1, col);
         f(col.as_ptr(), npix)
     })
 }

@@ -41,6 +41,7 @@ mod depthwise_tokens;
 mod epilogue;
 pub mod fast_math;
 mod gelu;
+mod im2col;
 mod layer_norm;
 pub(crate) mod linear;
 pub mod path;
