@@ -12,8 +12,11 @@
 //!   (v_h Wo_h^T)`: `[N, C] x [C, H T]` scores and `[N, H T] x [H T, C]` output, instead of the
 //!   query and output projections of all N rows.
 //!
-//! Heads are the batch dimension of the small products (`[H, B T, d]`). `tests/it/sam_parity.rs`
-//! checks the decoder against the official PyTorch outputs.
+//! Heads are the batch dimension of the small products (`[H, B T, d]`). On the CPU the image side
+//! of both runs as one fused pass per band of image rows: [`super::tokens_to_image`] (an online
+//! softmax over the bands) and [`super::image_to_tokens`] (with the residual, `norm4` and the
+//! next `+ pe`); other devices compose candle ops, and a test compares the two.
+//! `tests/it/sam_parity.rs` checks the decoder against the official PyTorch outputs.
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 

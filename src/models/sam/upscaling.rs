@@ -3,11 +3,11 @@
 //!
 //! `ConvTranspose2d(kernel 2, stride 2)` has non-overlapping 2x2 output blocks, so it is one
 //! matmul of the pixel rows with the weight laid out `[C, (u, v), O]`: each input pixel's four
-//! output pixels come out as consecutive rows, with no transpose. On the CPU the elementwise
-//! steps are fused: bias + `LayerNorm2d` + GELU over each pixel's channels in one pass, and the
-//! last bias + GELU + hypernetwork dot product in another that writes the masks in raster order
-//! (the `[65536, C/8]` activations are never stored), with the vectorised GELU of
-//! [`crate::ops::fast_math`] (within 6e-7 of the libm one). Other devices compose candle ops.
+//! output pixels come out as consecutive rows, with no transpose. On the CPU everything after
+//! the first product runs per grid row in one pass: bias + `LayerNorm2d` + GELU, the second
+//! transposed convolution, bias + GELU and the hypernetwork dot products, written to the masks
+//! in raster order (the `[65536, C/8]` activations are never stored), with the vectorised GELU
+//! of [`crate::ops::fast_math`] (within 6e-7 of the libm one). Other devices compose candle ops.
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
