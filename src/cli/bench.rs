@@ -98,6 +98,12 @@ pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
                 warmup,
             };
             println!("bench infer: size {size} batch {batch} base {base} steps {steps}");
+            if device.is_cpu() && crate::ops::path_name() == "fast" {
+                println!(
+                    "convolutions: BatchNorm + ReLU folded in; 3x3 with >= 16 input channels by \
+                     Winograd F(2x2, 3x3), the RGB stem by shifted-plane gemms"
+                );
+            }
             let ips =
                 crate::bench::bench_infer(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
             println!("images_per_s {ips:.4}");

@@ -6,7 +6,7 @@
 //! (at 256x256, batch 4, base 32 about a third of the training step's activations), and the
 //! gradient of the concatenation was materialised whole before being split.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::conv::{forward, forward_bias, Elem, Geom};
 use super::conv_grad::{input_grad, weight_grad};
@@ -37,17 +37,34 @@ pub fn conv2d_cat_up(skip: &Tensor, low: &Tensor, w: &Tensor, padding: usize) ->
         .apply_op3(&low.contiguous()?, &w.contiguous()?, ConvCatUp { padding })
 }
 
-/// [`conv2d_cat_up`] plus a per-channel `bias: [Cout]` and an [`Epilogue`], forward only
-/// (inference: U-Net++'s eval BatchNorm and ReLU folded into the convolution).
+/// [`conv2d_cat_up`] on `cat([skips.., up(low)], 1)` plus a per-channel `bias: [Cout]` and an
+/// [`Epilogue`], forward only (inference: U-Net++'s eval BatchNorm and ReLU folded into the
+/// convolution). The skips `[N, C_i, H, W]` are read in place: a decoder node's earlier
+/// nodes are never concatenated either.
 pub fn conv2d_cat_up_bias(
-    skip: &Tensor,
+    skips: &[&Tensor],
     low: &Tensor,
     w: &Tensor,
     bias: &Tensor,
     padding: usize,
     epilogue: Epilogue,
 ) -> Result<Tensor> {
-    let (n, cs, h, wd) = skip.dims4()?;
+    let [first, rest @ ..] = skips else {
+        bail!("conv2d_cat_up: no skip input")
+    };
+    let (n, _, h, wd) = first.dims4()?;
+    let mut cs = 0;
+    for s in skips {
+        let (sn, c, sh, sw) = s.dims4()?;
+        if (sn, sh, sw) != (n, h, wd) {
+            bail!(
+                "conv2d_cat_up: skip {:?} does not match {:?}",
+                s.dims(),
+                first.dims()
+            )
+        }
+        cs += c;
+    }
     let cu = low.dim(1)?;
     let g = Geom::new(&[n, cs + cu, h, wd], w.dims(), padding)?;
     if bias.dims() != [g.cout] {
@@ -57,20 +74,29 @@ pub fn conv2d_cat_up_bias(
             g.cout
         )
     }
-    let f32s = [skip.dtype(), low.dtype(), w.dtype(), bias.dtype()] == [DType::F32; 4];
-    if super::fast(skip) && f32s {
+    let f32s = [low.dtype(), w.dtype(), bias.dtype()] == [DType::F32; 3]
+        && skips
+            .iter()
+            .all(|s| s.dtype() == DType::F32 && super::fast(s));
+    if f32s {
         if let Some(epilogue) = epilogue.fusable(&[g.n, g.cout, g.ho, g.wo])? {
             let op = ConvCatUpBias {
                 padding,
                 bias: bias.to_vec1()?,
                 epilogue,
+                rest: rest.iter().map(|s| s.contiguous()).collect::<Result<_>>()?,
             };
-            return skip
+            return first
                 .contiguous()?
                 .apply_op3_no_bwd(&low.contiguous()?, &w.contiguous()?, &op);
         }
     }
-    let y = conv2d_cat_up(skip, low, w, padding)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+    let skip = match rest {
+        [] => (*first).clone(),
+        _ => Tensor::cat(skips, 1)?,
+    };
+    let y =
+        conv2d_cat_up(&skip, low, w, padding)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
     epilogue.apply_tensor(y)
 }
 
@@ -78,6 +104,8 @@ struct ConvCatUpBias {
     padding: usize,
     bias: Vec<f32>,
     epilogue: FusedEpilogue,
+    /// The skips after the first (contiguous f32 CPU tensors), read in place.
+    rest: Vec<Tensor>,
 }
 
 impl CustomOp3 for ConvCatUpBias {
@@ -95,10 +123,19 @@ impl CustomOp3 for ConvCatUpBias {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cs, cu, h, w) = cat_dims(l1, l2)?;
+        let cs = cs + self.rest.iter().map(|t| t.dim(1)).sum::<Result<usize>>()?;
         let g = Geom::new(&[n, cs + cu, h, w], l3.dims(), self.padding)?;
         let what = "conv2d_cat_up";
         let up = bilinear_planes(cpu_slice::<f32>(s2, l2, what)?, (h / 2, w / 2), false);
-        let x = [cpu_slice::<f32>(s1, l1, what)?, &up];
+        let guards: Vec<_> = self.rest.iter().map(|t| t.storage_and_layout()).collect();
+        let mut x = vec![cpu_slice::<f32>(s1, l1, what)?];
+        for (storage, layout) in &guards {
+            let Storage::Cpu(cpu) = &**storage else {
+                bail!("{what}: a skip input is not on the CPU")
+            };
+            x.push(cpu_slice::<f32>(cpu, layout, what)?);
+        }
+        x.push(&up);
         let k = cpu_slice::<f32>(s3, l3, what)?;
         let y = self
             .epilogue
@@ -310,6 +347,39 @@ mod tests {
                 assert!(max_abs_diff(a, b) < 1e-10, "{:?}", v.dims());
             }
         }
+    }
+
+    /// The inference op with several skips (read in place, never concatenated) equals the
+    /// composition, small channel counts (shifted planes) and large ones (Winograd).
+    #[test]
+    fn bias_op_with_several_skips_equals_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f32, 1., s, &dev);
+        for (n, cs, parts, cu, h, w, co) in [(2, 2, 3, 4, 6, 8, 5), (2, 16, 2, 32, 10, 6, 24)] {
+            let skips = (0..parts)
+                .map(|_| r(&[n, cs, h, w]))
+                .collect::<Result<Vec<_>>>()?;
+            let skips: Vec<&Tensor> = skips.iter().collect();
+            let low = r(&[n, cu, h / 2, w / 2])?;
+            let k = r(&[co, parts * cs + cu, 3, 3])?;
+            let b = r(&[co])?;
+            let fused = conv2d_cat_up_bias(&skips, &low, &k, &b, 1, Epilogue::Relu)?;
+            let mut all = skips.clone();
+            let up = upsample_bilinear2x(&low)?;
+            all.push(&up);
+            let want = Tensor::cat(&all, 1)?
+                .conv2d(&k, 1, 1, 1, 1)?
+                .broadcast_add(&b.reshape((1, co, 1, 1))?)?
+                .relu()?;
+            let d = max_abs_diff(&fused, &want);
+            assert!(d < 1e-4, "{:?}: {d}", (cs, parts, cu, co));
+        }
+        let low = r(&[1, 2, 3, 3])?;
+        let (a, b) = (r(&[1, 2, 6, 6])?, r(&[1, 2, 6, 4])?);
+        let (k, bias) = (r(&[3, 6, 3, 3])?, r(&[3])?);
+        assert!(conv2d_cat_up_bias(&[&a, &b], &low, &k, &bias, 1, Epilogue::None).is_err());
+        assert!(conv2d_cat_up_bias(&[], &low, &k, &bias, 1, Epilogue::None).is_err());
+        Ok(())
     }
 
     #[test]

@@ -47,15 +47,23 @@ impl VggBlock {
         self.rest_t(&x, train)
     }
 
-    /// The block on `cat([skip, up(low)], 1)` (a decoder node: skip connections and the 2x
-    /// bilinear upsampling of the node below) without materialising the concatenation:
-    /// `skip [N, Cs, H, W]`, `low [N, Cu, H/2, W/2]` -> `[N, C_out, H, W]`.
-    pub fn forward_cat_up_t(&self, skip: &Tensor, low: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some((w1, b1)) = self.folded(&self.conv1, &self.bn1, skip, train)? {
-            let x = conv2d_cat_up_bias(skip, low, &w1, &b1, 1, Epilogue::Relu)?;
+    /// The block on `cat([skips.., up(low)], 1)` (a decoder node: the skip connections and the
+    /// 2x bilinear upsampling of the node below) without materialising the upsampled part, nor
+    /// at inference the concatenation: `skips [N, C_i, H, W]`, `low [N, Cu, H/2, W/2]` ->
+    /// `[N, C_out, H, W]`.
+    pub fn forward_cat_up_t(&self, skips: &[&Tensor], low: &Tensor, train: bool) -> Result<Tensor> {
+        let first = skips.first().copied().ok_or_else(|| {
+            candle_core::Error::Msg("U-Net++ decoder node without skip inputs".into())
+        })?;
+        if let Some((w1, b1)) = self.folded(&self.conv1, &self.bn1, first, train)? {
+            let x = conv2d_cat_up_bias(skips, low, &w1, &b1, 1, Epilogue::Relu)?;
             return self.second_folded(&x);
         }
-        let x = conv2d_cat_up(skip, low, self.conv1.weight(), 1)?; // -> [N, C_mid, H, W]
+        let skip = match skips {
+            [one] => (*one).clone(),
+            _ => Tensor::cat(skips, 1)?, // [N, sum C_i, H, W]
+        };
+        let x = conv2d_cat_up(&skip, low, self.conv1.weight(), 1)?; // -> [N, C_mid, H, W]
         self.rest_t(&x, train)
     }
 

@@ -170,13 +170,9 @@ impl UNetPlusPlus {
             for j in 1..=k {
                 let i = k - j;
                 // input cat([X(i, 0..j), up(X(i+1, j-1))]): [N, f_i * j + f_{i+1}, H_i, W_i],
-                // the upsampled part never stored
-                let skip = if j == 1 {
-                    grid[i][0].clone()
-                } else {
-                    Tensor::cat(&grid[i][..j], 1)? // [N, f_i * j, H_i, W_i]
-                };
-                let node = self.nodes[i][j].forward_cat_up_t(&skip, &grid[i + 1][j - 1], train)?;
+                // neither the upsampled part nor (at inference) the concatenation stored
+                let skips: Vec<&Tensor> = grid[i][..j].iter().collect();
+                let node = self.nodes[i][j].forward_cat_up_t(&skips, &grid[i + 1][j - 1], train)?;
                 grid[i].push(node);
             }
         }
