@@ -15,7 +15,10 @@ use crate::train::TrainStatus;
 pub struct Training {
     pub dialog_open: bool,
     pub epochs: usize,
+    /// Fine-tuning an existing model.
     pub lr: f64,
+    /// Training a first model from scratch: a larger step (what `medmine train` uses).
+    pub lr_first: f64,
     pub pseudo_weight: f32,
     /// For a first model (no checkpoint yet).
     pub size: usize,
@@ -43,6 +46,7 @@ impl Default for Training {
             dialog_open: false,
             epochs: 10,
             lr: 1e-4,
+            lr_first: 3e-3,
             pseudo_weight: 0.5,
             size: 64,
             base: 8,
@@ -75,8 +79,8 @@ impl Training {
             base: self.base,
             cfg: FinetuneConfig {
                 epochs: self.epochs,
-                // a first model learns from scratch: a larger step
-                lr: if first { self.lr.max(3e-3) } else { self.lr },
+                // the rate the dialog showed for this case
+                lr: if first { self.lr_first } else { self.lr },
                 pseudo_weight: self.pseudo_weight,
                 batch: 6,
                 ..FinetuneConfig::default()
@@ -299,12 +303,15 @@ impl App {
                     ui.label("Epochs");
                     ui.add(egui::DragValue::new(&mut t.epochs).range(1..=500));
                     ui.end_row();
-                    ui.label("Learning rate");
-                    ui.add(
-                        egui::DragValue::new(&mut t.lr)
-                            .range(1e-6..=1e-1)
-                            .speed(1e-5),
-                    );
+                    // a first model from scratch and a fine-tune want different steps: the
+                    // dialog shows and edits the one this run will use
+                    let (label, lr) = if first {
+                        ("Learning rate (from scratch)", &mut t.lr_first)
+                    } else {
+                        ("Learning rate", &mut t.lr)
+                    };
+                    ui.label(label);
+                    ui.add(egui::DragValue::new(lr).range(1e-6..=1e-1).speed(1e-5));
                     ui.end_row();
                     ui.label("Pseudo-label weight")
                         .on_hover_text("Loss weight of accepted pseudo-labels (ground truth = 1)");
@@ -344,5 +351,26 @@ impl App {
             open = false;
         }
         self.training.dialog_open = open;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_model_and_a_fine_tune_use_the_rate_the_dialog_shows_for_each() {
+        let mut t = Training {
+            lr: 2e-4,
+            lr_first: 5e-3,
+            ..Training::default()
+        };
+        let first = t.job("p".into(), None);
+        assert_eq!(first.cfg.lr, 5e-3);
+        let tune = t.job("p".into(), Some("m.safetensors".into()));
+        assert_eq!(tune.cfg.lr, 2e-4);
+        // the defaults: a larger step from scratch than for fine-tuning
+        let d = Training::default();
+        assert!(d.lr_first > 10. * d.lr);
     }
 }
