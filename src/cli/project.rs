@@ -343,11 +343,14 @@ fn status_cmd(dir: &Path, json: bool) -> Result<()> {
     for (role, n) in &s.roles {
         println!("  {role:<10} {n}");
     }
-    println!("review");
+    println!("review (every image; pending: no decision yet)");
     for (state, n) in &s.review {
         println!("  {state:<10} {n}");
     }
-    println!("pseudo-labelled images {}", s.pseudo_labels);
+    println!(
+        "pseudo-labelled images {} ({} awaiting review)",
+        s.pseudo_labels, s.awaiting_review
+    );
     println!(
         "  component count changed {} (newest label vs the U-Net++ prediction)",
         s.component_count_changed

@@ -37,6 +37,9 @@ pub struct ProjectStatus {
     /// Count per review state (every state present, zeros included).
     pub review: BTreeMap<String, usize>,
     pub pseudo_labels: usize,
+    /// Pseudo-labelled images that no person has decided on yet (the review queue's length;
+    /// `review["pending"]` counts every undecided image, labelled ones included).
+    pub awaiting_review: usize,
     /// Pseudo-labelled images whose newest label has another component count than the
     /// U-Net++ prediction it was mined from.
     pub component_count_changed: usize,
@@ -96,6 +99,7 @@ impl Project {
             .collect();
         let mut images = Vec::with_capacity(rows.len());
         let mut pseudo_labels = 0;
+        let mut awaiting_review = 0;
         let mut component_count_changed = 0;
         let mut missing_files = 0;
         for (mut s, path) in rows {
@@ -105,6 +109,9 @@ impl Project {
             }
             if s.pseudo_label_round.is_some() {
                 pseudo_labels += 1;
+                if s.review == ReviewState::Pending {
+                    awaiting_review += 1;
+                }
                 if let Some(p) = self.latest_pseudo_label(&s.name)? {
                     s.quality = p.quality();
                     s.component_change = p.component_change();
@@ -124,6 +131,7 @@ impl Project {
             roles,
             review,
             pseudo_labels,
+            awaiting_review,
             component_count_changed,
             missing_files,
             shards: self

@@ -127,6 +127,11 @@ fn library_queue_is_least_confident_first() {
     for e in &q {
         assert_eq!(p.review(&e.name).unwrap().state, ReviewState::Pending);
     }
+    // status: the queue's length awaits review (not the accepted one, nor the undecided
+    // images without a pseudo-label that "pending" also counts)
+    let st = p.status().unwrap();
+    assert_eq!((st.pseudo_labels, st.awaiting_review), (7, q.len()));
+    assert!(st.review["pending"] > q.len());
 }
 
 #[test]
