@@ -128,58 +128,7 @@ pub(super) fn forward<T: Elem>(g: &Geom, x: &[&[T]], wp: &[T], out: &mut [T], ac
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A direct 3x3 convolution with padding 1, in f64.
-    fn direct(
-        x: &[f64],
-        w: &[f64],
-        (n, cin, h, wd, cout): (usize, usize, usize, usize, usize),
-    ) -> Vec<f64> {
-        let mut out = vec![0.; n * cout * h * wd];
-        for b in 0..n {
-            for co in 0..cout {
-                for y in 0..h {
-                    for xx in 0..wd {
-                        let mut s = 0.;
-                        for ci in 0..cin {
-                            for kh in 0..3 {
-                                for kw in 0..3 {
-                                    let (iy, ix) = (y + kh, xx + kw);
-                                    if iy < 1 || ix < 1 || iy > h || ix > wd {
-                                        continue;
-                                    }
-                                    let v = x[((b * cin + ci) * h + iy - 1) * wd + ix - 1];
-                                    s += v * w[((co * cin + ci) * 3 + kh) * 3 + kw];
-                                }
-                            }
-                        }
-                        out[((b * cout + co) * h + y) * wd + xx] = s;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0., f64::max)
-    }
-
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-            })
-            .collect()
-    }
+    use crate::ops::conv_reference::{direct3x3, max_abs_diff, values};
 
     #[test]
     fn matches_a_direct_convolution_in_bands_and_channel_blocks() {
@@ -194,7 +143,7 @@ mod tests {
             let x = values(n * cin * h * wd, 1);
             let w = values(cout * cin * 9, 2);
             let g = Geom::new(&[n, cin, h, wd], &[cout, cin, 3, 3], 1).unwrap();
-            let want = direct(&x, &w, (n, cin, h, wd, cout));
+            let want = direct3x3(&x, &w, None, (n, cin, h, wd, cout));
             let run = |parts: &[&[f64]]| {
                 let mut out = vec![0.; want.len()];
                 forward(

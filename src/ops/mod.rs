@@ -73,6 +73,8 @@ pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 pub use window_attention::WindowAttention;
 
 #[cfg(test)]
+mod conv_reference;
+#[cfg(test)]
 pub(crate) mod gradcheck;
 
 /// The values of a contiguous CPU operand of a custom op (`op` names it in the error).
