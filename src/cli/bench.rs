@@ -59,6 +59,16 @@ pub enum BenchCommand {
     },
 }
 
+/// Which kernels U-Net++'s convolutions run on the CPU fast path (`extra`: what else).
+fn conv_kernels(device: &candle_core::Device, extra: &str) {
+    if device.is_cpu() && crate::ops::path_name() == "fast" {
+        println!(
+            "convolutions: {extra}3x3 with >= 16 input channels (forward, input gradient) by \
+             Winograd F(2x2, 3x3), the RGB stem by shifted-plane gemms"
+        );
+    }
+}
+
 pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
     println!("kernels: {}", crate::device::kernels(&device));
     match c {
@@ -78,6 +88,7 @@ pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
                 seed: 0,
             };
             println!("bench train: size {size} batch {batch} base {base} steps {steps}");
+            conv_kernels(&device, "kernel gradients on im2col tiles; ");
             let ips =
                 crate::bench::bench_train(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
             println!("images_per_s {ips:.4}");
@@ -98,12 +109,7 @@ pub fn bench_cmd(c: BenchCommand, device: candle_core::Device) -> Result<()> {
                 warmup,
             };
             println!("bench infer: size {size} batch {batch} base {base} steps {steps}");
-            if device.is_cpu() && crate::ops::path_name() == "fast" {
-                println!(
-                    "convolutions: BatchNorm + ReLU folded in; 3x3 with >= 16 input channels by \
-                     Winograd F(2x2, 3x3), the RGB stem by shifted-plane gemms"
-                );
-            }
+            conv_kernels(&device, "BatchNorm + ReLU folded in; ");
             let ips =
                 crate::bench::bench_infer(&b, &device, |i, s| println!("step {i}: {s:.3} s"))?;
             println!("images_per_s {ips:.4}");

@@ -3,9 +3,9 @@
 //! candle 0.11.1 computes conv2d's input gradient with `conv_transpose2d`, a direct loop on
 //! CPU, and its forward materialises im2col patches pixel by pixel with fresh buffers per
 //! tile. This op keeps candle's semantics but, on CPU for f32/f64:
-//! - forward: 3x3 with padding 1 in `conv3x3` (three gemms over kw-shifted planes), or at
-//!   inference (`forward_bias` with a bias) in `winograd` (F(2x2, 3x3): 16 gemms with 2.25x
-//!   fewer multiplications) once there are 16 input channels; other
+//! - forward: 3x3 with padding 1 in `winograd` (F(2x2, 3x3): 16 gemms with 2.25x fewer
+//!   multiplications) once there are 16 input channels, else in `conv3x3` (three gemms over
+//!   kw-shifted planes); other
 //!   kernels per (image, band of output rows) by an im2col tile built with row copies into a
 //!   per-thread scratch buffer reused across calls, then one `gemm` writing straight into the
 //!   NCHW output (no output transpose, no full im2col matrix);
@@ -290,7 +290,7 @@ pub(super) fn forward_bias<T: Elem>(
 ) -> Vec<T> {
     let plane = g.ho * g.wo;
     let mut out = vec![T::from_f64(0.); g.n * g.cout * plane];
-    if bias.is_some() && winograd::pays(g) {
+    if winograd::pays(g) {
         winograd::forward(g, x, w, bias, epilogue, &mut out);
     } else if conv3x3::applies(g) {
         if let Some(bias) = bias {

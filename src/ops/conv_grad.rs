@@ -13,12 +13,24 @@ use super::conv3x3;
 pub(super) fn forward_adjoint<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> {
     let (cout, cin, k) = (g.cin, g.cout, g.k);
     let mut out = vec![T::from_f64(0.); g.n * g.cout * g.ho * g.wo];
+    if super::winograd::pays(g) {
+        let wt = flipped_transpose(w, cout, cin, k);
+        super::winograd::forward(g, &[grad], &wt, None, None, &mut out);
+        return out;
+    }
     if conv3x3::applies(g) {
         let wp = conv3x3::pack_kernel(w, cout, cin, true);
         conv3x3::forward(g, &[grad], &wp, &mut out, false);
         return out;
     }
-    // [Cout, Cin, K, K] -> [Cin, Cout, K, K], flipped spatially
+    let wt = flipped_transpose(w, cout, cin, k);
+    forward_im2col(g, &[grad], &wt, &mut out, false);
+    out
+}
+
+/// `[Cout, Cin, K, K]` -> `[Cin, Cout, K, K]`, flipped spatially: the kernel of the input
+/// gradient as a forward convolution.
+fn flipped_transpose<T: Copy>(w: &[T], cout: usize, cin: usize, k: usize) -> Vec<T> {
     let mut wt = Vec::with_capacity(w.len());
     for ci in 0..cin {
         for co in 0..cout {
@@ -29,8 +41,7 @@ pub(super) fn forward_adjoint<T: Elem>(g: &Geom, grad: &[T], w: &[T]) -> Vec<T> 
             }
         }
     }
-    forward_im2col(g, &[grad], &wt, &mut out, false);
-    out
+    wt
 }
 
 /// Weight gradient: `x: [N, Cin, H, W]` as channel blocks (see [`forward`]), `grad: [N, Cout,

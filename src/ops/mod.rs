@@ -13,9 +13,10 @@
 //! `add_to_rows` and the two attention softmaxes are forward-only (all threads), for SAM;
 //! `conv2d_bias`, `depthwise_conv2d`, `linear` and `conv2d_cat_up_bias` (U-Net++ inference with
 //! its BatchNorms folded) run an [`Epilogue`] (GELU, ReLU, residual) on each output tile while
-//! it is in cache; `fast_math` holds their vectorised `exp`/`erf`. U-Net++ inference's 3x3
-//! convolutions (all but the RGB stem) run by Winograd F(2x2, 3x3) (`winograd`), and a decoder
-//! node's skip inputs are read in place by `conv2d_cat_up_bias`, never concatenated.
+//! it is in cache; `fast_math` holds their vectorised `exp`/`erf`. U-Net++'s 3x3
+//! convolutions (all but the RGB stem; forward passes and input gradients) run by Winograd
+//! F(2x2, 3x3) (`winograd`), and at inference a decoder node's skip inputs are read in place
+//! by `conv2d_cat_up_bias`, never concatenated.
 //!
 //! Every op takes the CPU fast path only for CPU tensors and only when [`path`] allows it
 //! (`MEDMINE_OPS=generic` or [`force_generic`] send CPU tensors down the device-generic path,

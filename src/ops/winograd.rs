@@ -6,11 +6,13 @@
 //! 16 multiply-adds per 2x2 outputs and channel pair instead of 36: 2.25x fewer FLOPs than
 //! `conv3x3`'s shifted-plane gemms, for a few additions per tile in the transforms.
 //!
-//! Used on the inference path only (`conv::forward_bias` with a bias: U-Net++'s convolutions
-//! with the eval BatchNorm folded in), where it carries U-Net++ inference; training keeps the
-//! shifted planes (their input gradients share the packing). The result differs from the
-//! direct sum only by rounding (the transforms are exact in binary but for the 1/2 of `G`,
-//! itself exact); the tests compare against an f64 direct convolution.
+//! Used for every such convolution with enough channels (`pays`): U-Net++ inference (with the
+//! eval BatchNorm folded in as a bias), the training forward pass, and the input gradient (a
+//! 3x3 convolution of the output gradient with the flipped, transposed kernel, see
+//! `conv_grad::forward_adjoint`); the kernel gradient stays on im2col tiles. The result
+//! differs from the direct sum only by rounding (the coefficients of `B`, `G` and `A` are 0,
+//! ±1 and ±1/2, exact in binary); the tests compare against an f64 direct convolution, and
+//! the gradient checks run through it.
 //!
 //! Work is cut into chunks of whole tile rows (possibly spanning images), sized so that a
 //! chunk's transformed input and output stay near the cache but each gemm still sees enough
