@@ -106,70 +106,122 @@ pub(super) fn forward<T: Elem>(
     assert_eq!(out.len(), g.n * g.cout * g.h * g.w);
     let u = kernel_transform(w, g.cout, g.cin);
     let p = plan::<T>(g);
-    let dst = SyncPtr(out.as_mut_ptr());
+    let job = Job {
+        g,
+        x,
+        u: &u,
+        bias,
+        epilogue,
+        p: &p,
+        dst: SyncPtr(out.as_mut_ptr()),
+    };
     (0..p.chunks).into_par_iter().for_each(|c| {
+        let r0 = c * p.rows;
+        let nt = ((r0 + p.rows).min(g.n * p.tiles_y) - r0) * p.tiles_x;
+        let len = 16 * (g.cin + g.cout) * nt + row_scratch(p.tiles_x);
+        T::with_scratch(len, |s| job.chunk(c, s))
+    });
+}
+
+/// What every chunk of one [`forward`] call shares.
+struct Job<'a, T> {
+    g: &'a Geom,
+    x: &'a [&'a [T]],
+    /// [`kernel_transform`]ed kernel.
+    u: &'a [T],
+    bias: Option<&'a [T]>,
+    epilogue: Option<TileFn<'a, T>>,
+    p: &'a Plan,
+    /// The output.
+    dst: SyncPtr<T>,
+}
+
+impl<T: Elem> Job<'_, T> {
+    /// Chunk `c` (tile rows `c * rows ..`) with scratch `s` for V, M and the transforms' rows.
+    fn chunk(&self, c: usize, s: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { self.chunk_avx2(c, s) };
+            return;
+        }
+        self.chunk_body(c, s)
+    }
+
+    /// The transforms' loops compiled for AVX2 (the build targets the x86-64 baseline).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn chunk_avx2(&self, c: usize, s: &mut [T]) {
+        self.chunk_body(c, s)
+    }
+
+    #[inline(always)]
+    fn chunk_body(&self, c: usize, s: &mut [T]) {
+        let (g, p) = (self.g, self.p);
         let r0 = c * p.rows;
         let r1 = (r0 + p.rows).min(g.n * p.tiles_y);
         let nt = (r1 - r0) * p.tiles_x;
-        let (vlen, mlen) = (16 * g.cin * nt, 16 * g.cout * nt);
-        T::with_scratch(vlen + mlen + row_scratch(p.tiles_x), |s| {
-            let (v, rest) = s.split_at_mut(vlen);
-            let (m, rows) = rest.split_at_mut(mlen);
-            // per image of the chunk, its tile rows ty0..ty1 (from tile t0 of the chunk)
-            let mut gr = r0;
-            while gr < r1 {
-                let (b, ty0) = (gr / p.tiles_y, gr % p.tiles_y);
-                let ty1 = (ty0 + r1 - gr).min(p.tiles_y);
-                let t0 = (gr - r0) * p.tiles_x;
-                input_transform(g, &image(g, x, b), (ty0, ty1), v, nt, t0, rows);
-                gr += ty1 - ty0;
+        let (v, rest) = s.split_at_mut(16 * g.cin * nt);
+        let (m, rows) = rest.split_at_mut(16 * g.cout * nt);
+        // per image of the chunk, its tile rows ty0..ty1 (from tile t0 of the chunk)
+        let mut gr = r0;
+        while gr < r1 {
+            let (b, ty0) = (gr / p.tiles_y, gr % p.tiles_y);
+            let ty1 = (ty0 + r1 - gr).min(p.tiles_y);
+            let t0 = (gr - r0) * p.tiles_x;
+            input_transform(g, &image(g, self.x, b), (ty0, ty1), v, nt, t0, rows);
+            gr += ty1 - ty0;
+        }
+        for xi in 0..16 {
+            // SAFETY: M_xi [Cout, nt], U_xi [Cout, Cin] and V_xi [Cin, nt] are row-major
+            // blocks inside m, u and v.
+            unsafe {
+                gemm::gemm(
+                    g.cout,
+                    nt,
+                    g.cin,
+                    m.as_mut_ptr().add(xi * g.cout * nt),
+                    1,
+                    nt as isize,
+                    false,
+                    self.u.as_ptr().add(xi * g.cout * g.cin),
+                    1,
+                    g.cin as isize,
+                    v.as_ptr().add(xi * g.cin * nt),
+                    1,
+                    nt as isize,
+                    T::from_f64(0.),
+                    T::from_f64(1.),
+                    false,
+                    false,
+                    false,
+                    p.par,
+                )
             }
-            for xi in 0..16 {
-                // SAFETY: M_xi [Cout, nt], U_xi [Cout, Cin] and V_xi [Cin, nt] are row-major
-                // blocks inside m, u and v.
-                unsafe {
-                    gemm::gemm(
-                        g.cout,
-                        nt,
-                        g.cin,
-                        m.as_mut_ptr().add(xi * g.cout * nt),
-                        1,
-                        nt as isize,
-                        false,
-                        u.as_ptr().add(xi * g.cout * g.cin),
-                        1,
-                        g.cin as isize,
-                        v.as_ptr().add(xi * g.cin * nt),
-                        1,
-                        nt as isize,
-                        T::from_f64(0.),
-                        T::from_f64(1.),
-                        false,
-                        false,
-                        false,
-                        p.par,
-                    )
+        }
+        for (k, gr) in (r0..r1).enumerate() {
+            let (b, ty) = (gr / p.tiles_y, gr % p.tiles_y);
+            let tiles = OutTiles {
+                m,
+                nt,
+                t0: k * p.tiles_x,
+            };
+            for co in 0..g.cout {
+                let (y0, y1) = (2 * ty, (2 * ty + 2).min(g.h));
+                let off = (b * g.cout + co) * g.h * g.w + y0 * g.w;
+                // SAFETY: output rows y0..y1 of plane (b, co) belong to tile row gr, which
+                // only this chunk handles.
+                let seg = unsafe {
+                    std::slice::from_raw_parts_mut(self.dst.get().add(off), (y1 - y0) * g.w)
+                };
+                let b0 = self.bias.map_or(T::from_f64(0.), |bias| bias[co]);
+                output_transform(g, &tiles, co, b0, seg, rows);
+                if let Some(epi) = self.epilogue {
+                    epi(off, seg);
                 }
             }
-            for (k, gr) in (r0..r1).enumerate() {
-                let (b, ty) = (gr / p.tiles_y, gr % p.tiles_y);
-                for co in 0..g.cout {
-                    let (y0, y1) = (2 * ty, (2 * ty + 2).min(g.h));
-                    let off = (b * g.cout + co) * g.h * g.w + y0 * g.w;
-                    // SAFETY: output rows y0..y1 of plane (b, co) belong to tile row gr,
-                    // which only this chunk handles.
-                    let seg = unsafe {
-                        std::slice::from_raw_parts_mut(dst.get().add(off), (y1 - y0) * g.w)
-                    };
-                    let b0 = bias.map_or(T::from_f64(0.), |bias| bias[co]);
-                    output_transform(g, m, nt, co, k * p.tiles_x, b0, seg, rows);
-                    if let Some(epi) = epilogue {
-                        epi(off, seg);
-                    }
-                }
-            }
-        })
-    });
+        }
+    }
 }
 
 /// Scratch elements [`input_transform`] and [`output_transform`] need beside V and M.
@@ -185,43 +237,11 @@ fn row_scratch(tiles_x: usize) -> usize {
 /// row (padded column `p` is input column `p - 1`): tile `tx` spans padded columns
 /// `2tx .. 2tx+3`, that is `even[tx], odd[tx], even[tx+1], odd[tx+1]`, so every step below is
 /// a sum of contiguous slices.
-fn input_transform<T: Elem>(
-    g: &Geom,
-    img: &[&[T]],
-    tys: (usize, usize),
-    v: &mut [T],
-    nt: usize,
-    t0: usize,
-    rows: &mut [T],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { input_transform_avx2(g, img, tys, v, nt, t0, rows) };
-        return;
-    }
-    input_transform_body(g, img, tys, v, nt, t0, rows)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn input_transform_avx2<T: Elem>(
-    g: &Geom,
-    img: &[&[T]],
-    tys: (usize, usize),
-    v: &mut [T],
-    nt: usize,
-    t0: usize,
-    rows: &mut [T],
-) {
-    input_transform_body(g, img, tys, v, nt, t0, rows)
-}
-
-/// [`input_transform`] for tile rows `ty0..ty1` of one image (from tile `t0` of the chunk),
-/// each input plane in turn: its rows are then read in order (one stream, which the
+///
+/// Each input plane in turn: its rows are then read in order (one stream, which the
 /// prefetcher follows, rather than one per channel).
 #[inline(always)]
-fn input_transform_body<T: Elem>(
+fn input_transform<T: Elem>(
     g: &Geom,
     img: &[&[T]],
     (ty0, ty1): (usize, usize),
@@ -306,59 +326,29 @@ fn combine<T: Elem>(dst: &mut [T], a: &[T], b: &[T], sub: bool) {
     }
 }
 
+/// `M: [16][Cout][nt]` and the first tile `t0` of one tile row in it.
+#[derive(Clone, Copy)]
+struct OutTiles<'a, T> {
+    m: &'a [T],
+    nt: usize,
+    t0: usize,
+}
+
 /// Output rows `2ty, 2ty+1` (those inside the image) of channel `co` from
 /// `M[xi][co][t0 + tx]`: `A^T M A + bias` with `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`;
 /// `rows`: scratch of [`row_scratch`] elements.
-#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn output_transform<T: Elem>(
     g: &Geom,
-    m: &[T],
-    nt: usize,
+    tiles: &OutTiles<T>,
     co: usize,
-    t0: usize,
-    bias: T,
-    seg: &mut [T],
-    rows: &mut [T],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { output_transform_avx2(g, m, nt, co, t0, bias, seg, rows) };
-        return;
-    }
-    output_transform_body(g, m, nt, co, t0, bias, seg, rows)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_transform_avx2<T: Elem>(
-    g: &Geom,
-    m: &[T],
-    nt: usize,
-    co: usize,
-    t0: usize,
-    bias: T,
-    seg: &mut [T],
-    rows: &mut [T],
-) {
-    output_transform_body(g, m, nt, co, t0, bias, seg, rows)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn output_transform_body<T: Elem>(
-    g: &Geom,
-    m: &[T],
-    nt: usize,
-    co: usize,
-    t0: usize,
     bias: T,
     seg: &mut [T],
     rows: &mut [T],
 ) {
     let w = g.w;
     let tx_n = w.div_ceil(2);
+    let OutTiles { m, nt, t0 } = *tiles;
     let mm = |xi: usize| &m[xi * g.cout * nt + co * nt + t0..][..tx_n];
     // s = A^T m: s[a][j] over the tiles, a = 0, 1 (output row), j = 0..4 (column)
     let s = &mut rows[..8 * tx_n];
