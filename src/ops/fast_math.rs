@@ -134,60 +134,57 @@ pub fn mean_inv_std(xs: &[f32], eps: f32) -> (f32, f32) {
 /// AVX2 on the 2-core EPYC, which splits 512-bit operations in two: fewer instructions), 8 with
 /// AVX2 and FMA (the build targets the x86-64 baseline, whose SSE2 gives 4).
 pub fn gelu_slice(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { gelu_avx512(xs) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { gelu_avx2(xs) };
-        return;
-    }
-    xs.iter_mut().for_each(|v| *v = gelu(*v));
+    map_slice(xs, SliceFn::Gelu)
 }
 
 /// `xs[i] = exp(xs[i])`, vectorised as [`gelu_slice`].
 pub fn exp_slice(xs: &mut [f32]) {
+    map_slice(xs, SliceFn::Exp)
+}
+
+/// The functions [`map_slice`] applies.
+#[derive(Clone, Copy)]
+enum SliceFn {
+    Gelu,
+    Exp,
+}
+
+/// `xs[i] = f(xs[i])` in the widest vectors the CPU has (one dispatch for every function).
+fn map_slice(xs: &mut [f32], f: SliceFn) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-        // SAFETY: as above.
-        unsafe { exp_avx512(xs) };
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { map_avx512(xs, f) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: as above.
-        unsafe { exp_avx2(xs) };
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { map_avx2(xs, f) };
         return;
     }
-    xs.iter_mut().for_each(|v| *v = exp(*v));
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|v| *v = gelu_with::<Fused>(*v));
+    map_with::<Separate>(xs, f)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn gelu_avx512(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|v| *v = gelu_with::<Fused>(*v));
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn exp_avx512(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|v| *v = exp_with::<Fused>(*v));
+unsafe fn map_avx512(xs: &mut [f32], f: SliceFn) {
+    map_with::<Fused>(xs, f)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_avx2(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|v| *v = exp_with::<Fused>(*v));
+unsafe fn map_avx2(xs: &mut [f32], f: SliceFn) {
+    map_with::<Fused>(xs, f)
+}
+
+/// The loop of [`map_slice`], one per function (the match is outside the loop).
+#[inline(always)]
+fn map_with<M: MulAdd>(xs: &mut [f32], f: SliceFn) {
+    match f {
+        SliceFn::Gelu => xs.iter_mut().for_each(|v| *v = gelu_with::<M>(*v)),
+        SliceFn::Exp => xs.iter_mut().for_each(|v| *v = exp_with::<M>(*v)),
+    }
 }
 
 #[cfg(test)]
