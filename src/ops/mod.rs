@@ -69,6 +69,7 @@ pub use linear::linear;
 pub use path::{fast, force_generic, generic_forced, path_name};
 pub use pool::max_pool2x2;
 pub use rows::add_to_rows;
+pub(crate) use softmax::{column_max, column_sum, sub_max_exp};
 pub use softmax::{softmax_columns_t, softmax_groups};
 pub use upsample::{upsample_bilinear2x, upsample_nearest2x};
 pub use window_attention::WindowAttention;

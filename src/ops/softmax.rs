@@ -41,6 +41,32 @@ pub fn softmax_groups(x: &Tensor, bias: &Tensor, t: usize) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&y.reshape((b, n, k / t, t))?)?.reshape((b, n, k))
 }
 
+/// The maxima of the columns of `x: [rows, k]`, row by row (vectorised over the columns).
+pub(crate) fn column_max(x: &[f32], k: usize) -> Vec<f32> {
+    let mut max = vec![f32::NEG_INFINITY; k];
+    for row in x.chunks_exact(k) {
+        max.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
+    }
+    max
+}
+
+/// `x[r, c] = exp(x[r, c] - max[c])` for `x: [rows, k]`, `max: [k]`.
+pub(crate) fn sub_max_exp(x: &mut [f32], max: &[f32]) {
+    for row in x.chunks_exact_mut(max.len()) {
+        row.iter_mut().zip(max).for_each(|(v, m)| *v -= m);
+    }
+    exp_slice(x);
+}
+
+/// The sums of the columns of `x: [rows, k]`.
+pub(crate) fn column_sum(x: &[f32], k: usize) -> Vec<f32> {
+    let mut sum = vec![0f32; k];
+    for row in x.chunks_exact(k) {
+        sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+    }
+    sum
+}
+
 struct ColumnsT;
 
 impl CustomOp1 for ColumnsT {
@@ -53,23 +79,12 @@ impl CustomOp1 for ColumnsT {
         let (b, n, k) = l.shape().dims3()?;
         let mut out = vec![0f32; x.len()];
         for (x, out) in x.chunks_exact(n * k).zip(out.chunks_exact_mut(n * k)) {
-            // column maxima, row by row (vectorised over the columns)
-            let mut max = vec![f32::NEG_INFINITY; k];
-            for row in x.chunks_exact(k) {
-                max.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
-            }
+            let max = column_max(x, k);
             // e = exp(x - max) in row blocks on all threads, then the column sums
             let mut e = x.to_vec();
-            e.par_chunks_mut(k * ROWS_PER_TASK).for_each(|block| {
-                for row in block.chunks_exact_mut(k) {
-                    row.iter_mut().zip(&max).for_each(|(v, m)| *v -= m);
-                }
-                exp_slice(block);
-            });
-            let mut sum = vec![0f32; k];
-            for row in e.chunks_exact(k) {
-                sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
-            }
+            e.par_chunks_mut(k * ROWS_PER_TASK)
+                .for_each(|block| sub_max_exp(block, &max));
+            let sum = column_sum(&e, k);
             // transposed and normalised: out[c, r] = e[r, c] / sum[c]
             out.par_chunks_mut(n).enumerate().for_each(|(c, col)| {
                 let inv = 1.0 / sum[c];

@@ -12,8 +12,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
 use crate::ops::cpu_slice;
-use crate::ops::fast_math::{exp, exp_slice};
+use crate::ops::fast_math::exp;
 use crate::ops::linear::gemm_rows;
+use crate::ops::{column_max, column_sum, sub_max_exp};
 use gemm::Parallelism;
 
 /// Image rows per band.
@@ -52,18 +53,10 @@ impl TokensToImage {
                 Parallelism::None,
             )
         };
-        let mut max = vec![f32::NEG_INFINITY; ht];
-        for row in s.chunks_exact(ht) {
-            max.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
-        }
-        for row in s.chunks_exact_mut(ht) {
-            row.iter_mut().zip(&max).for_each(|(v, m)| *v -= m);
-        }
-        exp_slice(&mut s);
-        let mut sum = vec![0f32; ht];
-        for row in s.chunks_exact(ht) {
-            sum.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
-        }
+        // the band's column softmax statistics (ops::softmax_columns_t's steps)
+        let max = column_max(&s, ht);
+        sub_max_exp(&mut s, &max);
+        let sum = column_sum(&s, ht);
         // acc [HT, C] = s^T [HT, rows] x [rows, C]; s^T(j, r) = s[r HT + j]
         let mut acc = vec![0f32; ht * c];
         // SAFETY: acc [HT, C]; s read transposed within its [rows, HT]; x [rows, C].
