@@ -68,7 +68,7 @@ impl App {
         let (Some(project), Some(unet)) = (self.project.clone(), self.model.clone()) else {
             self.toast(
                 ctx,
-                "mining needs a U-Net++ model: train one (Start fine-tuning…) or load one",
+                "mining needs a U-Net++ model: train one (Train a first model…) or load one",
                 true,
             );
             return;

@@ -11,6 +11,11 @@ use crate::mining::finetune::FinetuneConfig;
 use crate::progress::TrainEvent;
 use crate::train::TrainStatus;
 
+/// The training button's label while a model is loaded.
+pub const FINETUNE: &str = "Start fine-tuning…";
+/// The training button's label while there is no model yet.
+pub const TRAIN_FIRST: &str = "Train a first model…";
+
 /// The training panel's state: settings, the running job, its curves and the last result.
 pub struct Training {
     pub dialog_open: bool,
@@ -163,15 +168,22 @@ impl App {
                 r.state.is_accepted() || (r.role == crate::store::Role::Labelled && r.ground_truth)
             });
         ui.horizontal(|ui| {
-            let b = ui
-                .add_enabled(
-                    can_train && !running,
-                    egui::Button::new("Start fine-tuning…"),
+            // without a model there is nothing to fine-tune: say what the button does
+            let (label, hover) = if self.model.is_none() {
+                (
+                    TRAIN_FIRST,
+                    "Train a U-Net++ from scratch on the labelled images (and any accepted \
+                     pseudo-labels)",
                 )
-                .on_hover_text(
-                    "Fine-tune the U-Net++ on labelled images + accepted pseudo-labels \
-                     (a first model is trained from scratch)",
-                );
+            } else {
+                (
+                    FINETUNE,
+                    "Fine-tune the U-Net++ on labelled images + accepted pseudo-labels",
+                )
+            };
+            let b = ui
+                .add_enabled(can_train && !running, egui::Button::new(label))
+                .on_hover_text(hover);
             if b.clicked() {
                 self.training.dialog_open = true;
             }
@@ -293,59 +305,63 @@ impl App {
         let mut start = false;
         let first = self.model.is_none();
         let set = self.training_set();
-        egui::Window::new("Fine-tuning")
-            .open(&mut open)
-            .collapsible(false)
-            .resizable(false)
-            .show(ctx, |ui| {
-                let t = &mut self.training;
-                egui::Grid::new("finetune-settings").show(ui, |ui| {
-                    ui.label("Epochs");
-                    ui.add(egui::DragValue::new(&mut t.epochs).range(1..=500));
+        egui::Window::new(if first {
+            "Train a first model"
+        } else {
+            "Fine-tuning"
+        })
+        .open(&mut open)
+        .collapsible(false)
+        .resizable(false)
+        .show(ctx, |ui| {
+            let t = &mut self.training;
+            egui::Grid::new("finetune-settings").show(ui, |ui| {
+                ui.label("Epochs");
+                ui.add(egui::DragValue::new(&mut t.epochs).range(1..=500));
+                ui.end_row();
+                // a first model from scratch and a fine-tune want different steps: the
+                // dialog shows and edits the one this run will use
+                let (label, lr) = if first {
+                    ("Learning rate (from scratch)", &mut t.lr_first)
+                } else {
+                    ("Learning rate", &mut t.lr)
+                };
+                ui.label(label);
+                ui.add(egui::DragValue::new(lr).range(1e-6..=1e-1).speed(1e-5));
+                ui.end_row();
+                ui.label("Pseudo-label weight")
+                    .on_hover_text("Loss weight of accepted pseudo-labels (ground truth = 1)");
+                ui.add(egui::Slider::new(&mut t.pseudo_weight, 0.0..=1.0));
+                ui.end_row();
+                if first {
+                    ui.label("Input size (first model)");
+                    ui.add(egui::DragValue::new(&mut t.size).range(32..=1024).speed(16));
                     ui.end_row();
-                    // a first model from scratch and a fine-tune want different steps: the
-                    // dialog shows and edits the one this run will use
-                    let (label, lr) = if first {
-                        ("Learning rate (from scratch)", &mut t.lr_first)
-                    } else {
-                        ("Learning rate", &mut t.lr)
-                    };
-                    ui.label(label);
-                    ui.add(egui::DragValue::new(lr).range(1e-6..=1e-1).speed(1e-5));
+                    ui.label("Width (base channels)");
+                    ui.add(egui::DragValue::new(&mut t.base).range(4..=64));
                     ui.end_row();
-                    ui.label("Pseudo-label weight")
-                        .on_hover_text("Loss weight of accepted pseudo-labels (ground truth = 1)");
-                    ui.add(egui::Slider::new(&mut t.pseudo_weight, 0.0..=1.0));
-                    ui.end_row();
-                    if first {
-                        ui.label("Input size (first model)");
-                        ui.add(egui::DragValue::new(&mut t.size).range(32..=1024).speed(16));
-                        ui.end_row();
-                        ui.label("Width (base channels)");
-                        ui.add(egui::DragValue::new(&mut t.base).range(4..=64));
-                        ui.end_row();
-                    }
-                });
-                t.size = (t.size / 16).max(2) * 16;
-                let (labelled, pseudo, val) = set;
-                ui.label(format!(
-                    "Trains on {labelled} labelled images + {pseudo} accepted pseudo-labels \
+                }
+            });
+            t.size = (t.size / 16).max(2) * 16;
+            let (labelled, pseudo, val) = set;
+            ui.label(format!(
+                "Trains on {labelled} labelled images + {pseudo} accepted pseudo-labels \
                      (weight {:.2}); validates on {val} images.",
-                    t.pseudo_weight
-                ));
-                if val == 0 {
-                    // what "the best epoch" then means, before the user starts the run
-                    ui.label(
-                        "No validation images: the epoch with the lowest training loss is \
+                t.pseudo_weight
+            ));
+            if val == 0 {
+                // what "the best epoch" then means, before the user starts the run
+                ui.label(
+                    "No validation images: the epoch with the lowest training loss is \
                          kept, and whether it beats the current model is not measured. \
                          Give the project a validation split to keep the best model.",
-                    );
-                }
-                if first {
-                    ui.label("No model yet: a U-Net++ is trained from scratch.");
-                }
-                start = ui.button("Start").clicked();
-            });
+                );
+            }
+            if first {
+                ui.label("No model yet: a U-Net++ is trained from scratch.");
+            }
+            start = ui.button("Start").clicked();
+        });
         if start {
             self.intents.push(Intent::Finetune);
             open = false;

@@ -14,6 +14,7 @@ use egui_kittest::Harness;
 use medmine::data::{self, Mask};
 use medmine::gui::canvas::{canvas_ui, CanvasInput, Pointer, Tool, View};
 use medmine::gui::overlay::{self, CanvasData, OverlayUniform};
+use medmine::gui::training::{FINETUNE, TRAIN_FIRST};
 use medmine::gui::{App, Startup};
 use medmine::store::{
     BoxPrompt, ImportOptions, NewPseudoLabel, Project, Prompts, ReviewState, Role,
@@ -134,10 +135,15 @@ pub(crate) fn wait_for(h: &mut Harness<'static, App>, what: &str, cond: impl Fn(
     h.step();
 }
 
-/// Starts training from the inspector ("Start fine-tuning…", then "Start") with the settings
-/// already on the training state, and waits for its result.
+/// Starts training from the inspector ("Train a first model…" without a model, else "Start
+/// fine-tuning…"; then "Start") with the settings already on the training state, and waits
+/// for its result.
 pub(crate) fn run_training(h: &mut Harness<'static, App>, what: &str) {
-    h.get_by_label("Start fine-tuning…").click();
+    let label = match h.state().model() {
+        None => TRAIN_FIRST,
+        Some(_) => FINETUNE,
+    };
+    h.get_by_label(label).click();
     h.step();
     h.step();
     h.get_by_label("Start").click();
@@ -352,10 +358,14 @@ fn the_fine_tuning_dialog_says_what_it_trains_on() {
     wait_for(&mut h, "accept to be saved", |a| {
         a.badge(&first) == Some(ReviewState::Accepted) && a.saving() == 0
     });
-    h.get_by_label("Start fine-tuning…").click();
+    // no model yet: the button and the dialog say a first model is trained
+    assert!(h.query_by_label(FINETUNE).is_none());
+    h.get_by_label(TRAIN_FIRST).click();
     for _ in 0..3 {
         h.step();
     }
+    h.get_by_label("Train a first model");
+    h.get_by_label("No model yet: a U-Net++ is trained from scratch.");
     h.get_by_label_contains(&format!(
         "Trains on {labelled} labelled images + 1 accepted pseudo-labels (weight 0.50); \
          validates on {val} images."
@@ -523,7 +533,7 @@ fn finetune_button_plots_progress_and_cancel_stops_it() {
         t.size = 32;
         t.base = 4;
     }
-    h.get_by_label("Start fine-tuning…").click();
+    h.get_by_label(TRAIN_FIRST).click();
     h.step();
     h.step();
     h.get_by_label("Start").click();
