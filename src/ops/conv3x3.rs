@@ -1,5 +1,5 @@
-//! The forward pass of a 3x3 convolution with padding 1 (every convolution of U-Net++'s VGG
-//! blocks, and their input gradients) without the 9x im2col copy.
+//! The forward pass of a 3x3 convolution with padding 1 without the 9x im2col copy, for those
+//! with too few channels for `winograd` (U-Net++'s RGB stem and its input gradient).
 //!
 //! For a band of output rows `y0..y1`, three copies of the input shifted by one column, zero
 //! at the borders, `x3[(ci, kw), r, x] = x[ci, y0 - 1 + r, x + kw - 1]` (r in `0..y1-y0+2`),
